@@ -1,0 +1,107 @@
+"""Attention dispatch on ``ModelConfig.attention_impl``: 'xla' (reference) | 'cudnn' | 'pallas'.
+
+Conventions shared by every implementation (and by ``gptjax.kernels``):
+- q is [B, L, H, D], k and v are [B, S, K, D] with H % K == 0 (grouped-query attention: query head h reads
+  kv head h // (H // K)).
+- causal masking is bottom-right aligned when L != S: query i sees keys j <= i + (S - L).
+- segment ids (int, 0 = padding) restrict attention to keys of the same segment; a query row with no visible
+  key outputs zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla", "cudnn", "pallas")
+
+
+def attention_mask(
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    q_segment_ids_BL: jax.Array | None = None,
+    kv_segment_ids_BS: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask [B or 1, L, S]: True where query may attend to key."""
+    mask_LS = jnp.ones((q_len, kv_len), dtype=bool)
+    if causal:
+        q_idx = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        mask_LS = q_idx >= jnp.arange(kv_len)[None, :]
+    mask_BLS = mask_LS[None]
+    if q_segment_ids_BL is not None:
+        if kv_segment_ids_BS is None:
+            kv_segment_ids_BS = q_segment_ids_BL
+        same_BLS = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
+        mask_BLS = mask_BLS & same_BLS
+    return mask_BLS
+
+
+def xla_attention(
+    q_BLHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    mask_BLS: jax.Array,
+    softmax_scale: float | None = None,
+) -> jax.Array:
+    """Plain-jnp grouped-query attention with an explicit mask; fp32 softmax. Output dtype = q dtype."""
+    B, L, H, D = q_BLHD.shape
+    K = k_BSKD.shape[2]
+    G = H // K
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    q_BLKGD = q_BLHD.reshape(B, L, K, G, D)
+    scores_BKGLS = jnp.einsum(
+        "blkgd,bskd->bkgls", q_BLKGD, k_BSKD, preferred_element_type=jnp.float32
+    ) * scale
+    mask_B11LS = mask_BLS[:, None, None, :, :]
+    scores_BKGLS = jnp.where(mask_B11LS, scores_BKGLS, -jnp.inf)
+    max_BKGL1 = jnp.max(scores_BKGLS, axis=-1, keepdims=True)
+    max_BKGL1 = jnp.where(jnp.isfinite(max_BKGL1), max_BKGL1, 0.0)
+    p_BKGLS = jnp.exp(scores_BKGLS - max_BKGL1)
+    denom_BKGL1 = jnp.sum(p_BKGLS, axis=-1, keepdims=True)
+    p_BKGLS = p_BKGLS / jnp.where(denom_BKGL1 == 0.0, 1.0, denom_BKGL1)
+    out_BLKGD = jnp.einsum(
+        "bkgls,bskd->blkgd", p_BKGLS.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32
+    )
+    return out_BLKGD.reshape(B, L, H, D).astype(q_BLHD.dtype)
+
+
+def attention(
+    q_BLHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    *,
+    impl: str = "xla",
+    causal: bool = True,
+    segment_ids_BL: jax.Array | None = None,
+    kv_segment_ids_BS: jax.Array | None = None,
+    softmax_scale: float | None = None,
+) -> jax.Array:
+    """Self/cross attention over full sequences (training and prefill)."""
+    if impl == "xla":
+        mask_BLS = attention_mask(
+            q_BLHD.shape[1], k_BSKD.shape[1], causal, segment_ids_BL, kv_segment_ids_BS
+        )
+        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale)
+    raise ValueError(
+        f"attention_impl={impl!r} is not available; choose one of {IMPLS} ('xla' always works)"
+    )
+
+
+def cached_attention(
+    q_BLHD: jax.Array,
+    k_cache_BSKD: jax.Array,
+    v_cache_BSKD: jax.Array,
+    q_positions_BL: jax.Array,
+    *,
+    impl: str = "xla",
+    softmax_scale: float | None = None,
+) -> jax.Array:
+    """Queries at absolute cache slots ``q_positions_BL`` attend to cache slots <= their own slot.
+
+    The cache holds keys in slot order, so this is causal attention by slot index; slots past a row's
+    current position are never read (they hold stale or zero entries).
+    """
+    S = k_cache_BSKD.shape[1]
+    mask_BLS = q_positions_BL[:, :, None] >= jnp.arange(S)[None, None, :]
+    return xla_attention(q_BLHD, k_cache_BSKD, v_cache_BSKD, mask_BLS, softmax_scale)

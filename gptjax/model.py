@@ -1,0 +1,437 @@
+"""GPT decoder in Flax NNX: GPT-2 family and LLaMA family, LM head or scalar head, KV-cache decode path.
+
+Outside this module a model is a config plus a params pytree (a nested dict of arrays):
+
+    params = init(cfg, rng, mesh=None)
+    logits_BLV = apply(cfg, params, tokens_BL)          # scalar head: values_BL
+
+Layers are stacked on a leading 'layers' axis and run with ``jax.lax.scan`` (one compiled layer body).
+Every parameter carries logical axis names (``logical_axes(cfg)``); ``gptjax.sharding`` maps them to the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax import attention as attn_lib
+
+Params = dict[str, Any]
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics. Use ``ModelConfig.gpt2(...)`` / ``ModelConfig.llama(...)`` presets."""
+
+    family: str = "gpt2"  # 'gpt2' | 'llama' | 'opt': which HF architecture hf.save writes
+    vocab_size: int = 259
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (multi-head); fewer = grouped-query attention
+    head_dim: int | None = None  # None = d_model // n_heads
+    d_ff: int | None = None  # None = 4 * d_model
+    max_len: int = 256
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # 'gelu' (tanh approx, GPT-2) | 'gelu_exact' | 'relu' (OPT) | 'swiglu' (LLaMA)
+    pos: str = "learned"  # 'learned' | 'rope'
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    head: str = "lm"  # 'lm' -> logits_BLV | 'scalar' -> values_BL
+    scalar_head_init: str = "zero"  # 'zero' | 'normal'
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # see REMAT_POLICIES
+    attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'pallas'
+
+    def __post_init__(self):
+        checks = [
+            (self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'"),
+            (self.mlp in ("gelu", "gelu_exact", "relu", "swiglu"), f"mlp={self.mlp!r} is unknown"),
+            (self.pos in ("learned", "rope"), f"pos={self.pos!r}: use 'learned' or 'rope'"),
+            (self.head in ("lm", "scalar"), f"head={self.head!r}: use 'lm' or 'scalar'"),
+            (self.remat in REMAT_POLICIES, f"remat={self.remat!r}: use one of {REMAT_POLICIES}"),
+            (self.attention_impl in attn_lib.IMPLS, f"attention_impl={self.attention_impl!r}"),
+            (self.n_heads % self.kv_heads == 0, f"n_heads={self.n_heads} not a multiple of n_kv_heads"),
+            (self.pos != "rope" or self.dim_head % 2 == 0, "rope needs an even head_dim"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def dim_ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def gpt2(cls, **kw) -> "ModelConfig":
+        base = dict(family="gpt2", norm="layernorm", mlp="gelu", pos="learned", tie_embeddings=True,
+                    qkv_bias=True, out_bias=True, mlp_bias=True, norm_eps=1e-5)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def llama(cls, **kw) -> "ModelConfig":
+        base = dict(family="llama", norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False,
+                    qkv_bias=False, out_bias=False, mlp_bias=False, norm_eps=1e-5)
+        return cls(**{**base, **kw})
+
+
+def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
+    shapes = jax.tree.leaves(param_shapes(cfg))
+    total = sum(int(jnp.prod(jnp.array(s.shape))) for s in shapes)
+    if not embeddings:
+        total -= cfg.vocab_size * cfg.d_model + (cfg.max_len * cfg.d_model if cfg.pos == "learned" else 0)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6N plus causal attention scores.
+
+    N counts non-embedding matmul params and the LM head; attention adds 2 matmuls of L*D per layer,
+    halved for causal masking, times 3 for the backward pass.
+    """
+    n = num_params(cfg, embeddings=False)
+    if cfg.head == "lm":
+        n += cfg.vocab_size * cfg.d_model
+    attn = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len / 2
+    return 6.0 * n + 3.0 * attn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:
+    if std is None:
+        value = jnp.zeros(shape, dtype)
+    elif std == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class Norm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.scale = _param(rngs, (cfg.d_model,), ("embed",), "ones", pd)
+        if cfg.norm == "layernorm":
+            self.bias = _param(rngs, (cfg.d_model,), ("embed",), None, pd)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        x = x_BLD.astype(jnp.float32)
+        if self.cfg.norm == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.cfg.norm == "layernorm":
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(x_BLD.dtype)
+
+
+def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention)."""
+    D = x_BLHD.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
+    cos_BL1D = jnp.cos(jnp.concatenate([angles_BLd, angles_BLd], -1))[:, :, None, :]
+    sin_BL1D = jnp.sin(jnp.concatenate([angles_BLd, angles_BLd], -1))[:, :, None, :]
+    x = x_BLHD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos_BL1D + rotated * sin_BL1D).astype(x_BLHD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2: residual projections scaled by depth
+        self.wq = _param(rngs, (D, H, E), ("embed", "heads", "head_dim"), std, pd)
+        self.wk = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wv = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wo = _param(rngs, (H, E, D), ("heads", "head_dim", "embed"), out_std, pd)
+        if cfg.qkv_bias:
+            self.bq = _param(rngs, (H, E), ("heads", "head_dim"), None, pd)
+            self.bk = _param(rngs, (K, E), ("kv_heads", "head_dim"), None, pd)
+            self.bv = _param(rngs, (K, E), ("kv_heads", "head_dim"), None, pd)
+        if cfg.out_bias:
+            self.bo = _param(rngs, (D,), ("embed",), None, pd)
+
+    def _proj(self, x_BLD, w, b):
+        dt = x_BLD.dtype
+        y = jnp.einsum("bld,dhe->blhe", x_BLD, w[...].astype(dt))
+        return y if b is None else y + b[...].astype(dt)
+
+    def qkv(self, x_BLD, positions_BL):
+        cfg = self.cfg
+        q_BLHD = self._proj(x_BLD, self.wq, getattr(self, "bq", None))
+        k_BLKD = self._proj(x_BLD, self.wk, getattr(self, "bk", None))
+        v_BLKD = self._proj(x_BLD, self.wv, getattr(self, "bv", None))
+        if cfg.pos == "rope":
+            q_BLHD = rope(q_BLHD, positions_BL, cfg.rope_theta)
+            k_BLKD = rope(k_BLKD, positions_BL, cfg.rope_theta)
+        return q_BLHD, k_BLKD, v_BLKD
+
+    def out(self, o_BLHD):
+        dt = o_BLHD.dtype
+        y_BLD = jnp.einsum("blhe,hed->bld", o_BLHD, self.wo[...].astype(dt))
+        return y_BLD + self.bo[...].astype(dt) if self.cfg.out_bias else y_BLD
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, F = cfg.d_model, cfg.dim_ff
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.w_in = _param(rngs, (D, F), ("embed", "mlp"), std, pd)
+        if cfg.mlp == "swiglu":
+            self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), std, pd)
+        self.w_out = _param(rngs, (F, D), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd)
+        if cfg.mlp_bias:
+            self.b_in = _param(rngs, (F,), ("mlp",), None, pd)
+            self.b_out = _param(rngs, (D,), ("embed",), None, pd)
+
+    def __call__(self, x_BLD):
+        cfg, dt = self.cfg, x_BLD.dtype
+        h_BLF = x_BLD @ self.w_in[...].astype(dt)
+        if cfg.mlp_bias:
+            h_BLF = h_BLF + self.b_in[...].astype(dt)
+        if cfg.mlp == "swiglu":
+            h_BLF = jax.nn.silu(x_BLD @ self.w_gate[...].astype(dt)) * h_BLF
+        elif cfg.mlp == "relu":
+            h_BLF = jax.nn.relu(h_BLF)
+        else:
+            h_BLF = jax.nn.gelu(h_BLF, approximate=cfg.mlp == "gelu")
+        y_BLD = h_BLF @ self.w_out[...].astype(dt)
+        return y_BLD + self.b_out[...].astype(dt) if cfg.mlp_bias else y_BLD
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
+        o_BLHD = attn_lib.attention(q, k, v, impl=self.cfg.attention_impl, causal=True,
+                                    segment_ids_BL=segment_ids_BL)
+        x_BLD = x_BLD + self.attn.out(o_BLHD)
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD))
+
+    def decode(self, x_BLD, positions_BL, k_cache_BSKD, v_cache_BSKD):
+        """Write this chunk's K/V at slots ``positions_BL`` and attend to the cache up to each slot."""
+        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
+        write = jax.vmap(lambda c, new, pos: c.at[pos].set(new.astype(c.dtype)))
+        k_cache_BSKD = write(k_cache_BSKD, k, positions_BL)
+        v_cache_BSKD = write(v_cache_BSKD, v, positions_BL)
+        o_BLHD = attn_lib.cached_attention(q, k_cache_BSKD, v_cache_BSKD, positions_BL,
+                                           impl=self.cfg.attention_impl)
+        x_BLD = x_BLD + self.attn.out(o_BLHD)
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache_BSKD, v_cache_BSKD
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std, pd)
+        if cfg.pos == "learned":
+            self.pos_embed = _param(rngs, (cfg.max_len, cfg.d_model), ("pos", "embed"), std / 2, pd)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg, rngs)
+        if cfg.head == "lm" and not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std, pd)
+        if cfg.head == "scalar":
+            head_std = None if cfg.scalar_head_init == "zero" else 1.0 / (cfg.d_model + 1) ** 0.5
+            self.value_head = _param(rngs, (cfg.d_model,), ("embed",), head_std, pd)
+            self.value_bias = _param(rngs, (), (), None, pd)
+
+    def embed_tokens(self, tokens_BL, positions_BL):
+        dt = jnp.dtype(self.cfg.dtype)
+        x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(dt)
+        if self.cfg.pos == "learned":
+            x_BLD = x_BLD + jnp.take(self.pos_embed[...], positions_BL, axis=0).astype(dt)
+        return x_BLD
+
+    def head_out(self, x_BLD):
+        cfg = self.cfg
+        x_BLD = self.final_norm(x_BLD)
+        if cfg.head == "scalar":
+            w_D = self.value_head[...].astype(jnp.float32)
+            return x_BLD.astype(jnp.float32) @ w_D + self.value_bias[...].astype(jnp.float32)
+        w_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False):
+        x_BLD = self.embed_tokens(tokens_BL, positions_BL)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x_BLD, layer_params):
+            return nnx.merge(graphdef, layer_params)(x_BLD, positions_BL, segment_ids_BL), None
+
+        x_BLD, _ = jax.lax.scan(_remat(body, self.cfg.remat), x_BLD, stacked)
+        out = self.head_out(x_BLD)
+        return (out, x_BLD) if return_hidden else out
+
+    def decode(self, tokens_BL, positions_BL, cache):
+        x_BLD = self.embed_tokens(tokens_BL, positions_BL)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x_BLD, xs):
+            layer_params, k_BSKD, v_BSKD = xs
+            x_BLD, k_BSKD, v_BSKD = nnx.merge(graphdef, layer_params).decode(x_BLD, positions_BL, k_BSKD, v_BSKD)
+            return x_BLD, (k_BSKD, v_BSKD)
+
+        x_BLD, (k_NBSKD, v_NBSKD) = jax.lax.scan(body, x_BLD, (stacked, cache["k"], cache["v"]))
+        return self.head_out(x_BLD), {"k": k_NBSKD, "v": v_NBSKD}
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functional API
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract(cfg: ModelConfig):
+    model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Params pytree of jax.ShapeDtypeStruct, without allocating anything."""
+    return nnx.to_pure_dict(_abstract(cfg)[1])
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """Params-shaped pytree of logical axis-name tuples; stacked layer params lead with 'layers'."""
+    state = _abstract(cfg)[1]
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def axes_of(path, var):
+        axes = tuple(var.get_metadata()["axes"])
+        return ("layers", *axes) if path[0] == "blocks" else axes
+
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0]
+    out: Params = {}
+    for path, var in flat:
+        keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = axes_of(keys, var)
+    return out
+
+
+def init(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Random params; with a mesh, every array is created directly in its sharded layout."""
+
+    def make(rng):
+        return nnx.to_pure_dict(nnx.state(GPT(cfg, nnx.Rngs(params=rng))))
+
+    if mesh is None:
+        return jax.jit(make)(rng)
+    from gptjax import sharding
+
+    return jax.jit(make, out_shardings=sharding.param_shardings(cfg, mesh))(rng)
+
+
+def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at each new segment (packed sequences)."""
+    L = segment_ids_BL.shape[1]
+    idx_BL = jnp.broadcast_to(jnp.arange(L), segment_ids_BL.shape)
+    starts_BL = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BL[:, :1], bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], 1
+    )
+    start_idx_BL = jax.lax.cummax(jnp.where(starts_BL, idx_BL, 0), axis=1)
+    return idx_BL - start_idx_BL
+
+
+def apply(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array | None = None,
+    segment_ids_BL: jax.Array | None = None,
+    *,
+    return_hidden: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Forward pass: logits_BLV (fp32) for LM heads, values_BL (fp32) for scalar heads.
+
+    ``segment_ids_BL`` (0 = padding) keeps packed documents from attending to each other; positions default
+    to 0.. per segment. ``return_hidden`` also returns the final pre-norm hidden states hidden_BLD.
+    """
+    if positions_BL is None:
+        positions_BL = (
+            jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+            if segment_ids_BL is None
+            else positions_from_segments(segment_ids_BL)
+        )
+    model = nnx.merge(_abstract(cfg)[0], params)
+    return model(tokens_BL, positions_BL, segment_ids_BL, return_hidden=return_hidden)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    """Empty KV cache: k, v of shape [N, B, S, K, D]."""
+    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_head)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def decode(
+    cfg: ModelConfig, params: Params, tokens_BL: jax.Array, positions_BL: jax.Array, cache: dict
+) -> tuple[jax.Array, dict]:
+    """Run tokens at cache slots ``positions_BL`` (prefill: a whole prompt; decode: one token per row).
+
+    Positions are both the rotary/learned positions and the cache slots, so rows of a batch may sit at
+    different lengths (right-padded prompts). Returns (logits_BLV or values_BL, updated cache).
+    """
+    model = nnx.merge(_abstract(cfg)[0], params)
+    return model.decode(tokens_BL, positions_BL, cache)
