@@ -3,7 +3,4 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# TensorFlow (seqio, tfds) must never grab an accelerator that JAX wants.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
