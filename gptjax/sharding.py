@@ -1,0 +1,143 @@
+"""Device mesh, the one logical-axis -> mesh-axis table, sharded params and batches, multi-host init."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes). The only place sharding policy is written down.
+# Params are sharded FSDP-style on 'embed' and Megatron-style on heads / mlp / vocab; the batch is split
+# over both data-parallel axes.
+RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "pos": None,
+    "lora_rank": None,
+    "length": None,
+}
+
+
+def maybe_initialize_distributed() -> None:
+    """Call jax.distributed.initialize() when launched as one process of a multi-host job.
+
+    Detects an explicit coordinator (JAX_COORDINATOR_ADDRESS), SLURM with several tasks, Open MPI, or a
+    multi-worker Cloud TPU slice; single-process runs are left alone.
+    """
+    env = os.environ
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        logging.info("multi-host: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def make_mesh(mesh_cfg: Any = None, devices: list | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor) from a mapping like {data: 1, fsdp: -1, tensor: 1}.
+
+    One axis may be -1: it takes the rest of the devices.
+    """
+    mesh_cfg = dict(mesh_cfg or {"data": 1, "fsdp": -1, "tensor": 1})
+    unknown = set(mesh_cfg) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}"
+        )
+    try:
+        dev_array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+    except Exception:  # CPU and odd topologies: plain reshape is fine
+        dev_array = np.asarray(devices).reshape(sizes)
+    return Mesh(dev_array, MESH_AXES)
+
+
+def _mesh_size(mesh: Mesh, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
+    """PartitionSpec for one array; a dim that the mesh axis does not divide is replicated."""
+    spec, used = [], set()
+    for name, dim in zip(axes, shape):
+        if name not in RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in gptjax.sharding.RULES")
+        target = RULES[name]
+        flat = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        flat = tuple(a for a in flat if a not in used and mesh.shape.get(a, 1) > 1)
+        if flat and dim % _mesh_size(mesh, flat) == 0:
+            spec.append(flat[0] if len(flat) == 1 else flat)
+            used.update(flat)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def shardings_for(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree given its logical axes and shapes (ShapeDtypeStructs or arrays)."""
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)  # noqa: E731
+    return jax.tree.map(
+        lambda axes, s: NamedSharding(mesh, logical_to_spec(axes, tuple(s.shape), mesh)),
+        axes_tree,
+        shapes_tree,
+        is_leaf=is_axes,
+    )
+
+
+def param_shardings(cfg, mesh: Mesh) -> Any:
+    """Params-shaped pytree of NamedSharding for a model config."""
+    from gptjax import model
+
+    return shardings_for(model.logical_axes(cfg), model.param_shapes(cfg), mesh)
+
+
+def batch_spec(ndim: int) -> P:
+    return P(RULES["batch"], *([None] * (ndim - 1)))
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x))), batch)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax arrays split over the batch axes (multi-host aware)."""
+
+    def put(x):
+        sharding = NamedSharding(mesh, batch_spec(x.ndim))
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
