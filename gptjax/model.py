@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from gptjax import attention as attn_lib
 Params = dict[str, Any]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out")  # projections that can carry adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # see REMAT_POLICIES
     attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'pallas'
+    # LoRA adapters (gptjax.lora): y = x @ W + (dropout(x) @ A) @ B * (lora_alpha / lora_rank); 0 = off
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("wq", "wv")
 
     def __post_init__(self):
         checks = [
@@ -66,10 +73,18 @@ class ModelConfig:
             (self.attention_impl in attn_lib.IMPLS, f"attention_impl={self.attention_impl!r}"),
             (self.n_heads % self.kv_heads == 0, f"n_heads={self.n_heads} not a multiple of n_kv_heads"),
             (self.pos != "rope" or self.dim_head % 2 == 0, "rope needs an even head_dim"),
+            (self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
+            (isinstance(self.lora_targets, (tuple, list)) and set(self.lora_targets) <= set(LORA_TARGETS),
+             f"lora_targets={self.lora_targets!r}: choose from {LORA_TARGETS}"),
+            (self.mlp == "swiglu" or "w_gate" not in self.lora_targets or self.lora_rank == 0,
+             f"lora_targets has 'w_gate' but mlp={self.mlp!r} has no gate projection"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
+        if isinstance(self.lora_targets, list):  # hashable, so configs can key caches
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @property
     def kv_heads(self) -> int:
@@ -134,6 +149,42 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:
     return nnx.Param(value, axes=axes)
 
 
+def _add_lora(module, cfg: ModelConfig, rngs: nnx.Rngs, name: str, in_axes: tuple, out_axes: tuple):
+    """Adapter pair next to weight ``name`` when it is a LoRA target: A [in..., R] normal, B [R, out...] zero.
+
+    B starts at zero so a fresh adapter leaves the model unchanged; A is fan-in scaled so x @ A is O(1).
+    """
+    if cfg.lora_rank == 0 or name not in cfg.lora_targets:
+        return
+    pd, R = jnp.dtype(cfg.param_dtype), cfg.lora_rank
+    shape = dict(zip(("embed", "heads", "kv_heads", "head_dim", "mlp"),
+                     (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.dim_ff)))
+    in_shape, out_shape = tuple(shape[a] for a in in_axes), tuple(shape[a] for a in out_axes)
+    fan_in = math.prod(in_shape)
+    setattr(module, f"{name}_lora_a", _param(rngs, (*in_shape, R), (*in_axes, "lora_rank"), fan_in**-0.5, pd))
+    setattr(module, f"{name}_lora_b", _param(rngs, (R, *out_shape), ("lora_rank", *out_axes), None, pd))
+
+
+def _lora_delta(module, name: str, x: jax.Array, n_in: int, key: jax.Array | None) -> jax.Array | None:
+    """(dropout(x) @ A) @ B * alpha / r for weight ``name``; x's last ``n_in`` dims are its inputs."""
+    cfg = module.cfg
+    if cfg.lora_rank == 0 or name not in cfg.lora_targets:
+        return None
+    dt = x.dtype
+    if key is not None and cfg.lora_dropout > 0.0:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, LORA_TARGETS.index(name)), 1.0 - cfg.lora_dropout,
+                                    x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(dt)
+    a = getattr(module, f"{name}_lora_a")[...].astype(dt)
+    b = getattr(module, f"{name}_lora_b")[...].astype(dt)
+    return jnp.tensordot(jnp.tensordot(x, a, axes=n_in), b, axes=1) * jnp.asarray(
+        cfg.lora_alpha / cfg.lora_rank, dt)
+
+
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    return y if delta is None else y + delta
+
+
 class Norm(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -182,25 +233,31 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, (K, E), ("kv_heads", "head_dim"), None, pd)
         if cfg.out_bias:
             self.bo = _param(rngs, (D,), ("embed",), None, pd)
+        _add_lora(self, cfg, rngs, "wq", ("embed",), ("heads", "head_dim"))
+        _add_lora(self, cfg, rngs, "wk", ("embed",), ("kv_heads", "head_dim"))
+        _add_lora(self, cfg, rngs, "wv", ("embed",), ("kv_heads", "head_dim"))
+        _add_lora(self, cfg, rngs, "wo", ("heads", "head_dim"), ("embed",))
 
-    def _proj(self, x_BLD, w, b):
+    def _proj(self, x_BLD, w, b, name=None, lora_key=None):
         dt = x_BLD.dtype
         y = jnp.einsum("bld,dhe->blhe", x_BLD, w[...].astype(dt))
+        y = _plus(y, _lora_delta(self, name, x_BLD, 1, lora_key))
         return y if b is None else y + b[...].astype(dt)
 
-    def qkv(self, x_BLD, positions_BL):
+    def qkv(self, x_BLD, positions_BL, lora_key=None):
         cfg = self.cfg
-        q_BLHD = self._proj(x_BLD, self.wq, getattr(self, "bq", None))
-        k_BLKD = self._proj(x_BLD, self.wk, getattr(self, "bk", None))
-        v_BLKD = self._proj(x_BLD, self.wv, getattr(self, "bv", None))
+        q_BLHD = self._proj(x_BLD, self.wq, getattr(self, "bq", None), "wq", lora_key)
+        k_BLKD = self._proj(x_BLD, self.wk, getattr(self, "bk", None), "wk", lora_key)
+        v_BLKD = self._proj(x_BLD, self.wv, getattr(self, "bv", None), "wv", lora_key)
         if cfg.pos == "rope":
             q_BLHD = rope(q_BLHD, positions_BL, cfg.rope_theta)
             k_BLKD = rope(k_BLKD, positions_BL, cfg.rope_theta)
         return q_BLHD, k_BLKD, v_BLKD
 
-    def out(self, o_BLHD):
+    def out(self, o_BLHD, lora_key=None):
         dt = o_BLHD.dtype
         y_BLD = jnp.einsum("blhe,hed->bld", o_BLHD, self.wo[...].astype(dt))
+        y_BLD = _plus(y_BLD, _lora_delta(self, "wo", o_BLHD, 2, lora_key))
         return y_BLD + self.bo[...].astype(dt) if self.cfg.out_bias else y_BLD
 
 
@@ -216,19 +273,25 @@ class MLP(nnx.Module):
         if cfg.mlp_bias:
             self.b_in = _param(rngs, (F,), ("mlp",), None, pd)
             self.b_out = _param(rngs, (D,), ("embed",), None, pd)
+        _add_lora(self, cfg, rngs, "w_in", ("embed",), ("mlp",))
+        if cfg.mlp == "swiglu":
+            _add_lora(self, cfg, rngs, "w_gate", ("embed",), ("mlp",))
+        _add_lora(self, cfg, rngs, "w_out", ("mlp",), ("embed",))
 
-    def __call__(self, x_BLD):
+    def __call__(self, x_BLD, lora_key=None):
         cfg, dt = self.cfg, x_BLD.dtype
-        h_BLF = x_BLD @ self.w_in[...].astype(dt)
+        h_BLF = _plus(x_BLD @ self.w_in[...].astype(dt), _lora_delta(self, "w_in", x_BLD, 1, lora_key))
         if cfg.mlp_bias:
             h_BLF = h_BLF + self.b_in[...].astype(dt)
         if cfg.mlp == "swiglu":
-            h_BLF = jax.nn.silu(x_BLD @ self.w_gate[...].astype(dt)) * h_BLF
+            gate_BLF = x_BLD @ self.w_gate[...].astype(dt)
+            gate_BLF = _plus(gate_BLF, _lora_delta(self, "w_gate", x_BLD, 1, lora_key))
+            h_BLF = jax.nn.silu(gate_BLF) * h_BLF
         elif cfg.mlp == "relu":
             h_BLF = jax.nn.relu(h_BLF)
         else:
             h_BLF = jax.nn.gelu(h_BLF, approximate=cfg.mlp == "gelu")
-        y_BLD = h_BLF @ self.w_out[...].astype(dt)
+        y_BLD = _plus(h_BLF @ self.w_out[...].astype(dt), _lora_delta(self, "w_out", h_BLF, 1, lora_key))
         return y_BLD + self.b_out[...].astype(dt) if cfg.mlp_bias else y_BLD
 
 
@@ -242,12 +305,12 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL):
-        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, lora_key=None):
+        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL, lora_key)
         o_BLHD = attn_lib.attention(q, k, v, impl=self.cfg.attention_impl, causal=True,
                                     segment_ids_BL=segment_ids_BL)
-        x_BLD = x_BLD + self.attn.out(o_BLHD)
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        x_BLD = x_BLD + self.attn.out(o_BLHD, lora_key)
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD), lora_key)
 
     def decode(self, x_BLD, positions_BL, k_cache_BSKD, v_cache_BSKD):
         """Write this chunk's K/V at slots ``positions_BL`` and attend to the cache up to each slot."""
@@ -300,14 +363,17 @@ class GPT(nnx.Module):
         return jnp.einsum("bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype),
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False):
+    def __call__(self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False, dropout_rng=None):
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
         graphdef, stacked = nnx.split(self.blocks)
+        use_dropout = dropout_rng is not None and self.cfg.lora_rank > 0 and self.cfg.lora_dropout > 0
+        keys_N = jax.random.split(dropout_rng, self.cfg.n_layers) if use_dropout else None
 
-        def body(x_BLD, layer_params):
-            return nnx.merge(graphdef, layer_params)(x_BLD, positions_BL, segment_ids_BL), None
+        def body(x_BLD, xs):
+            layer_params, key = xs
+            return nnx.merge(graphdef, layer_params)(x_BLD, positions_BL, segment_ids_BL, key), None
 
-        x_BLD, _ = jax.lax.scan(_remat(body, self.cfg.remat), x_BLD, stacked)
+        x_BLD, _ = jax.lax.scan(_remat(body, self.cfg.remat), x_BLD, (stacked, keys_N))
         out = self.head_out(x_BLD)
         return (out, x_BLD) if return_hidden else out
 
@@ -402,11 +468,13 @@ def apply(
     segment_ids_BL: jax.Array | None = None,
     *,
     return_hidden: bool = False,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Forward pass: logits_BLV (fp32) for LM heads, values_BL (fp32) for scalar heads.
 
     ``segment_ids_BL`` (0 = padding) keeps packed documents from attending to each other; positions default
     to 0.. per segment. ``return_hidden`` also returns the final pre-norm hidden states hidden_BLD.
+    ``dropout_rng`` turns on LoRA dropout (cfg.lora_dropout); None = deterministic.
     """
     if positions_BL is None:
         positions_BL = (
@@ -415,7 +483,8 @@ def apply(
             else positions_from_segments(segment_ids_BL)
         )
     model = nnx.merge(_abstract(cfg)[0], params)
-    return model(tokens_BL, positions_BL, segment_ids_BL, return_hidden=return_hidden)
+    return model(tokens_BL, positions_BL, segment_ids_BL, return_hidden=return_hidden,
+                 dropout_rng=dropout_rng)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
