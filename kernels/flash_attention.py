@@ -1,0 +1,258 @@
+"""Fused flash attention for training: forward + custom-VJP backward Pallas kernels, and a plain-jnp reference.
+
+    out_BLHD = flash_attention(q_BLHD, k_BSKD, v_BSKD, causal=True, segment_ids_BL=None)
+
+Conventions (shared with ``gptjax.attention``): H % K == 0 and query head h reads kv head h // (H // K);
+causal masking is bottom-right aligned (query i sees key j <= i + S - L); segment ids are ints with 0 (or
+any id <= 0) meaning padding, which attends to nothing and is never attended to; a query row with no
+visible key outputs zeros and gets zero gradients. Any L, S and head dim (multiple of 16 up to 256 is the
+tuned range) work: the wrapper pads to block multiples and a power-of-two head dim itself.
+
+Backends: GPU lowers through Pallas' Triton backend (compiler params passed explicitly); TPU uses jax's
+splash attention kernel behind the same function (``flash_tpu.py``); CPU, or ``interpret=True``, runs the
+same kernels in the Pallas interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from gptjax.kernels import _compat
+from gptjax.kernels import flash_kernels as fk
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the three kernels (powers of two >= 16) and Triton launch parameters."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dkv: int = 64
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    num_warps: int | None = None  # None: 4 for head dim <= 64, else 8
+    num_stages: int = 2
+
+    @classmethod
+    def default(cls, backend: str, head_dim: int) -> "BlockSizes":
+        if backend == "gpu":
+            if head_dim > 128:  # register pressure: smaller tiles for head dims up to 256
+                return cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=2)
+            if head_dim <= 64:
+                return cls(128, 128, 64, 128, 128, 64, num_warps=4, num_stages=3)
+            return cls(128, 64, 64, 64, 64, 64, num_warps=8, num_stages=3)
+        # Interpreter: large tiles mean fewer grid steps; they are clamped to the sequence below.
+        return cls(128, 128, 128, 128, 128, 128, num_warps=4, num_stages=1)
+
+
+def flash_attention_reference(
+    q_BLHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    causal: bool = True,
+    segment_ids_BL: jax.Array | None = None,
+    softmax_scale: float | None = None,
+    kv_segment_ids_BS: jax.Array | None = None,
+    precision=jax.lax.Precision.HIGHEST,
+) -> jax.Array:
+    """Plain-jnp attention with the same semantics (materialises the [B, H, L, S] scores)."""
+    B, L, H, D = q_BLHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    mask_BLS = jnp.ones((1, L, S), bool)
+    if causal:
+        mask_BLS = (jnp.arange(L)[:, None] + (S - L) >= jnp.arange(S)[None, :])[None]
+    if segment_ids_BL is not None:
+        kv_seg = segment_ids_BL if kv_segment_ids_BS is None else kv_segment_ids_BS
+        same_BLS = segment_ids_BL[:, :, None] == kv_seg[:, None, :]
+        mask_BLS = mask_BLS & same_BLS & (segment_ids_BL[:, :, None] > 0) & (kv_seg[:, None, :] > 0)
+    q_BLKGD = q_BLHD.reshape(B, L, K, H // K, D)
+    s = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD, precision=precision,
+                   preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask_BLS[:, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    o = jnp.einsum("bkgls,bskd->blkgd", p.astype(v_BSKD.dtype), v_BSKD, precision=precision,
+                   preferred_element_type=jnp.float32)
+    return o.reshape(B, L, H, D).astype(q_BLHD.dtype)
+
+
+def block_ranges(
+    *, n_rows: int, n_cols: int, br: int, bc: int, nr: int, nc: int, rows_are_q: bool, causal: bool,
+    offset: int, row_seg=None, col_seg=None,
+) -> jax.Array:
+    """Per row block, the column blocks to visit as int32 (lo, a, b, hi), flattened to [Bs * nr * 4].
+
+    Blocks outside [lo, hi) hold no visible pair (causal or segment ranges disjoint); blocks in [a, b)
+    are visible for every pair, so they need no mask. Segment ids here are internal (padding < 0).
+    """
+    i = jnp.arange(nr)[:, None]
+    j = jnp.arange(nc)[None, :]
+    r0, r1 = i * br, jnp.minimum(i * br + br, n_rows) - 1
+    c0, c1 = j * bc, jnp.minimum(j * bc + bc, n_cols) - 1
+    vis = (r0 < n_rows) & (c0 < n_cols)
+    full = c0 + bc <= n_cols
+    if causal:
+        if rows_are_q:
+            vis = vis & (r1 + offset >= c0)
+            full = full & (r0 + offset >= c0 + bc - 1)
+        else:
+            vis = vis & (c1 + offset >= r0)
+            full = full & (c0 + offset >= r0 + br - 1)
+    vis, full = vis[None], (full & vis)[None]
+    if row_seg is not None:
+        rmin, rmax, runi = _block_minmax(row_seg, nr, br)
+        cmin, cmax, cuni = _block_minmax(col_seg, nc, bc)
+        vis = vis & (rmin[:, :, None] <= cmax[:, None, :]) & (cmin[:, None, :] <= rmax[:, :, None])
+        full = full & runi[:, :, None] & cuni[:, None, :] & (rmin[:, :, None] == cmin[:, None, :])
+    idx = jnp.arange(nc)
+    has = vis.any(-1)
+    lo = jnp.where(has, jnp.argmax(vis, -1), 0)
+    hi = jnp.where(has, nc - jnp.argmax(vis[..., ::-1], -1), 0)
+    has_full = full.any(-1)
+    a = jnp.where(has_full, jnp.argmax(full, -1), lo)
+    after = ~full & (idx >= a[..., None])
+    b = jnp.where(has_full, jnp.where(after.any(-1), jnp.argmax(after, -1), nc), lo)
+    return jnp.stack([lo, a, b, hi], -1).astype(jnp.int32).reshape(-1)
+
+
+def _block_minmax(seg_BN, n_blocks: int, bs: int):
+    s = seg_BN.reshape(seg_BN.shape[0], n_blocks, bs)
+    valid = s >= 0
+    big = jnp.iinfo(jnp.int32).max
+    mn = jnp.where(valid, s, big).min(-1)
+    mx = jnp.where(valid, s, -1).max(-1)
+    return mn, mx, valid.all(-1) & (mn == mx)
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _check_block(name: str, b: int):
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"flash_attention: {name}={b} must be a power of two >= 16")
+
+
+def flash_attention(
+    q_BLHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    causal: bool = True,
+    segment_ids_BL: jax.Array | None = None,
+    softmax_scale: float | None = None,
+    interpret: bool = False,
+    *,
+    kv_segment_ids_BS: jax.Array | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Fused attention [B, L, H, D] x [B, S, K, D] -> [B, L, H, D] (q dtype), differentiable in q, k, v."""
+    if q_BLHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
+        raise ValueError(
+            f"flash_attention: expected q [B, L, H, D] and k, v [B, S, K, D] of one shape, got "
+            f"q {q_BLHD.shape}, k {k_BSKD.shape}, v {v_BSKD.shape}"
+        )
+    B, L, H, D = q_BLHD.shape
+    _, S, K, Dk = k_BSKD.shape
+    if k_BSKD.shape[0] != B or Dk != D or H % K:
+        raise ValueError(
+            f"flash_attention: q {q_BLHD.shape} and k/v {k_BSKD.shape} disagree (batch, head dim, or "
+            f"{H} query heads not a multiple of {K} kv heads)"
+        )
+    if D > 256:
+        raise ValueError(f"flash_attention: head dim {D} > 256 is not supported (tiles live in registers)")
+    if kv_segment_ids_BS is not None and segment_ids_BL is None:
+        raise ValueError("flash_attention: kv_segment_ids_BS needs segment_ids_BL for the queries")
+    if segment_ids_BL is not None:
+        if kv_segment_ids_BS is None:
+            if L != S:
+                raise ValueError(
+                    f"flash_attention: q length {L} != kv length {S}: pass kv_segment_ids_BS too"
+                )
+            kv_segment_ids_BS = segment_ids_BL
+        if segment_ids_BL.shape != (B, L) or kv_segment_ids_BS.shape != (B, S):
+            raise ValueError(
+                f"flash_attention: segment ids {segment_ids_BL.shape} / {kv_segment_ids_BS.shape} "
+                f"should be [B, L] = {(B, L)} / [B, S] = {(B, S)}"
+            )
+    scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
+    backend = _compat.backend()
+    if backend == "tpu" and not interpret:
+        from gptjax.kernels import flash_tpu
+
+        return flash_tpu.splash_attention(
+            q_BLHD, k_BSKD, v_BSKD, causal, segment_ids_BL, kv_segment_ids_BS, scale
+        )
+    interp = _compat.use_interpret(interpret)
+    Dp = max(16, _compat.next_pow2(D))
+    bs = block_sizes or BlockSizes.default("gpu" if not interp else "cpu", Dp)
+    for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+        _check_block(name, getattr(bs, name))
+    # Clamp tiles to the (power-of-two rounded) sequence so tiny inputs do not pad to a full tile.
+    lq, lk = max(16, _compat.next_pow2(L)), max(16, _compat.next_pow2(S))
+    bq, bq_dkv, bq_dq = min(bs.block_q, lq), min(bs.block_q_dkv, lq), min(bs.block_q_dq, lq)
+    bk, bk_dkv, bk_dq = min(bs.block_k, lk), min(bs.block_k_dkv, lk), min(bs.block_k_dq, lk)
+    Lp = -(-L // max(bq, bq_dkv, bq_dq)) * max(bq, bq_dkv, bq_dq)
+    Sp = -(-S // max(bk, bk_dkv, bk_dq)) * max(bk, bk_dkv, bk_dq)
+    c = fk.Static(
+        B=B, L=L, S=S, H=H, K=K, D=D, Lp=Lp, Sp=Sp, Dp=Dp, causal=bool(causal),
+        has_seg=segment_ids_BL is not None, scale=scale,
+        block_q=bq, block_k=bk, block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=bq_dq, block_k_dq=bk_dq,
+        num_warps=bs.num_warps or (4 if Dp <= 64 else 8), num_stages=bs.num_stages, interpret=interp,
+    )
+    q = _pad_axis(_pad_axis(q_BLHD, 3, Dp), 1, Lp)
+    k = _pad_axis(_pad_axis(k_BSKD, 3, Dp), 1, Sp)
+    v = _pad_axis(_pad_axis(v_BSKD, 3, Dp), 1, Sp)
+    q_seg = k_seg = None
+    if c.has_seg:
+        # Internal ids: padding never matches anything (queries -1, keys -2).
+        q_seg = _pad_axis(jnp.where(segment_ids_BL > 0, segment_ids_BL, -1).astype(jnp.int32), 1, Lp, -1)
+        k_seg = _pad_axis(jnp.where(kv_segment_ids_BS > 0, kv_segment_ids_BS, -2).astype(jnp.int32), 1, Sp, -2)
+    ranges = _all_ranges(c, q_seg, k_seg)
+    out = _flash(c, q, k, v, q_seg, k_seg, *ranges)
+    return out[:, :L, :, :D]
+
+
+def _all_ranges(c: fk.Static, q_seg, k_seg):
+    common = dict(causal=c.causal, offset=c.offset)
+    fwd = block_ranges(n_rows=c.L, n_cols=c.S, br=c.block_q, bc=c.block_k, nr=c.Lp // c.block_q,
+                       nc=c.Sp // c.block_k, rows_are_q=True, row_seg=q_seg, col_seg=k_seg, **common)
+    dq = block_ranges(n_rows=c.L, n_cols=c.S, br=c.block_q_dq, bc=c.block_k_dq, nr=c.Lp // c.block_q_dq,
+                      nc=c.Sp // c.block_k_dq, rows_are_q=True, row_seg=q_seg, col_seg=k_seg, **common)
+    dkdv = block_ranges(n_rows=c.S, n_cols=c.L, br=c.block_k_dkv, bc=c.block_q_dkv,
+                        nr=c.Sp // c.block_k_dkv, nc=c.Lp // c.block_q_dkv, rows_are_q=False,
+                        row_seg=k_seg, col_seg=q_seg, **common)
+    return fwd, dq, dkdv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(c, q, k, v, q_seg, k_seg, r_fwd, r_dq, r_dkdv):
+    return fk.forward(c, q, k, v, q_seg, k_seg, r_fwd)[0]
+
+
+def _flash_fwd(c, q, k, v, q_seg, k_seg, r_fwd, r_dq, r_dkdv):
+    o, lse = fk.forward(c, q, k, v, q_seg, k_seg, r_fwd)
+    return o, (q, k, v, q_seg, k_seg, r_dq, r_dkdv, o, lse)
+
+
+def _flash_bwd(c, res, do):
+    q, k, v, q_seg, k_seg, r_dq, r_dkdv, o, lse = res
+    do = do.astype(q.dtype)
+    delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+    dq = fk.backward_dq(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dq)
+    dk, dv = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
