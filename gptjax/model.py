@@ -75,10 +75,14 @@ class ModelConfig:
             (self.pos != "rope" or self.dim_head % 2 == 0, "rope needs an even head_dim"),
             (self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
-            (isinstance(self.lora_targets, (tuple, list)) and set(self.lora_targets) <= set(LORA_TARGETS),
-             f"lora_targets={self.lora_targets!r}: choose from {LORA_TARGETS}"),
-            (self.mlp == "swiglu" or "w_gate" not in self.lora_targets or self.lora_rank == 0,
-             f"lora_targets has 'w_gate' but mlp={self.mlp!r} has no gate projection"),
+            (
+                isinstance(self.lora_targets, (tuple, list)) and set(self.lora_targets) <= set(LORA_TARGETS),
+                f"lora_targets={self.lora_targets!r}: choose from {LORA_TARGETS}",
+            ),
+            (
+                self.mlp == "swiglu" or "w_gate" not in self.lora_targets or self.lora_rank == 0,
+                f"lora_targets has 'w_gate' but mlp={self.mlp!r} has no gate projection",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -103,14 +107,32 @@ class ModelConfig:
 
     @classmethod
     def gpt2(cls, **kw) -> "ModelConfig":
-        base = dict(family="gpt2", norm="layernorm", mlp="gelu", pos="learned", tie_embeddings=True,
-                    qkv_bias=True, out_bias=True, mlp_bias=True, norm_eps=1e-5)
+        base = dict(
+            family="gpt2",
+            norm="layernorm",
+            mlp="gelu",
+            pos="learned",
+            tie_embeddings=True,
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            norm_eps=1e-5,
+        )
         return cls(**{**base, **kw})
 
     @classmethod
     def llama(cls, **kw) -> "ModelConfig":
-        base = dict(family="llama", norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False,
-                    qkv_bias=False, out_bias=False, mlp_bias=False, norm_eps=1e-5)
+        base = dict(
+            family="llama",
+            norm="rmsnorm",
+            mlp="swiglu",
+            pos="rope",
+            tie_embeddings=False,
+            qkv_bias=False,
+            out_bias=False,
+            mlp_bias=False,
+            norm_eps=1e-5,
+        )
         return cls(**{**base, **kw})
 
 
@@ -157,8 +179,12 @@ def _add_lora(module, cfg: ModelConfig, rngs: nnx.Rngs, name: str, in_axes: tupl
     if cfg.lora_rank == 0 or name not in cfg.lora_targets:
         return
     pd, R = jnp.dtype(cfg.param_dtype), cfg.lora_rank
-    shape = dict(zip(("embed", "heads", "kv_heads", "head_dim", "mlp"),
-                     (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.dim_ff)))
+    shape = dict(
+        zip(
+            ("embed", "heads", "kv_heads", "head_dim", "mlp"),
+            (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.dim_ff),
+        )
+    )
     in_shape, out_shape = tuple(shape[a] for a in in_axes), tuple(shape[a] for a in out_axes)
     fan_in = math.prod(in_shape)
     setattr(module, f"{name}_lora_a", _param(rngs, (*in_shape, R), (*in_axes, "lora_rank"), fan_in**-0.5, pd))
@@ -172,13 +198,15 @@ def _lora_delta(module, name: str, x: jax.Array, n_in: int, key: jax.Array | Non
         return None
     dt = x.dtype
     if key is not None and cfg.lora_dropout > 0.0:
-        keep = jax.random.bernoulli(jax.random.fold_in(key, LORA_TARGETS.index(name)), 1.0 - cfg.lora_dropout,
-                                    x.shape)
+        keep = jax.random.bernoulli(
+            jax.random.fold_in(key, LORA_TARGETS.index(name)), 1.0 - cfg.lora_dropout, x.shape
+        )
         x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(dt)
     a = getattr(module, f"{name}_lora_a")[...].astype(dt)
     b = getattr(module, f"{name}_lora_b")[...].astype(dt)
     return jnp.tensordot(jnp.tensordot(x, a, axes=n_in), b, axes=1) * jnp.asarray(
-        cfg.lora_alpha / cfg.lora_rank, dt)
+        cfg.lora_alpha / cfg.lora_rank, dt
+    )
 
 
 def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
@@ -307,8 +335,9 @@ class Block(nnx.Module):
 
     def __call__(self, x_BLD, positions_BL, segment_ids_BL, lora_key=None):
         q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL, lora_key)
-        o_BLHD = attn_lib.attention(q, k, v, impl=self.cfg.attention_impl, causal=True,
-                                    segment_ids_BL=segment_ids_BL)
+        o_BLHD = attn_lib.attention(
+            q, k, v, impl=self.cfg.attention_impl, causal=True, segment_ids_BL=segment_ids_BL
+        )
         x_BLD = x_BLD + self.attn.out(o_BLHD, lora_key)
         return x_BLD + self.mlp(self.mlp_norm(x_BLD), lora_key)
 
@@ -318,8 +347,9 @@ class Block(nnx.Module):
         write = jax.vmap(lambda c, new, pos: c.at[pos].set(new.astype(c.dtype)))
         k_cache_BSKD = write(k_cache_BSKD, k, positions_BL)
         v_cache_BSKD = write(v_cache_BSKD, v, positions_BL)
-        o_BLHD = attn_lib.cached_attention(q, k_cache_BSKD, v_cache_BSKD, positions_BL,
-                                           impl=self.cfg.attention_impl)
+        o_BLHD = attn_lib.cached_attention(
+            q, k_cache_BSKD, v_cache_BSKD, positions_BL, impl=self.cfg.attention_impl
+        )
         x_BLD = x_BLD + self.attn.out(o_BLHD)
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache_BSKD, v_cache_BSKD
 
@@ -360,8 +390,7 @@ class GPT(nnx.Module):
             w_D = self.value_head[...].astype(jnp.float32)
             return x_BLD.astype(jnp.float32) @ w_D + self.value_bias[...].astype(jnp.float32)
         w_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum("bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False, dropout_rng=None):
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
@@ -383,7 +412,9 @@ class GPT(nnx.Module):
 
         def body(x_BLD, xs):
             layer_params, k_BSKD, v_BSKD = xs
-            x_BLD, k_BSKD, v_BSKD = nnx.merge(graphdef, layer_params).decode(x_BLD, positions_BL, k_BSKD, v_BSKD)
+            x_BLD, k_BSKD, v_BSKD = nnx.merge(graphdef, layer_params).decode(
+                x_BLD, positions_BL, k_BSKD, v_BSKD
+            )
             return x_BLD, (k_BSKD, v_BSKD)
 
         x_BLD, (k_NBSKD, v_NBSKD) = jax.lax.scan(body, x_BLD, (stacked, cache["k"], cache["v"]))
@@ -483,8 +514,9 @@ def apply(
             else positions_from_segments(segment_ids_BL)
         )
     model = nnx.merge(_abstract(cfg)[0], params)
-    return model(tokens_BL, positions_BL, segment_ids_BL, return_hidden=return_hidden,
-                 dropout_rng=dropout_rng)
+    return model(
+        tokens_BL, positions_BL, segment_ids_BL, return_hidden=return_hidden, dropout_rng=dropout_rng
+    )
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:

@@ -1,0 +1,63 @@
+"""Config sections every stage shares (configs/*.py start from these), and the config-arg parser."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+from gptjax.model import ModelConfig
+
+
+def model_section(cfg: ModelConfig) -> ConfigDict:
+    return ConfigDict({k: v for k, v in dataclasses.asdict(cfg).items()})
+
+
+def base_config(stage: str) -> ConfigDict:
+    c = ConfigDict()
+    c.stage = stage
+    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.loss = ConfigDict({"name": "lm"})
+    c.train = ConfigDict(
+        {
+            "steps": 100,
+            "batch_size": 32,  # global, in sequences
+            "micro_batches": 1,  # gradient accumulation: batch_size / micro_batches per forward pass
+            "seq_len": 128,
+            "seed": 0,
+            "log_every": 10,
+            "eval_every": 0,  # 0 = no eval during training
+            "eval_steps": 4,
+            "checkpoint_every": 100,
+            "keep_checkpoints": 3,
+            "init_from": "",  # workdir of an earlier stage whose params start this one
+        }
+    )
+    c.optim = ConfigDict(
+        {
+            "lr": 3e-4,
+            "warmup_steps": 10,
+            "schedule": "cosine",  # cosine | linear | constant
+            "min_lr_ratio": 0.1,
+            "b1": 0.9,  # InstructGPT Adam betas
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "clip_norm": 1.0,
+            "ema_decay": 0.0,  # > 0 keeps an EMA of the params (InstructGPT PPO: 0.992)
+        }
+    )
+    return c
+
+
+def parse_arg(arg: str | None, defaults: dict) -> dict:
+    """'stage=sft,size=small' -> dict, checked against the defaults' keys."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"config arg {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        if k not in defaults:
+            raise ValueError(f"config arg {k!r} is unknown; known: {sorted(defaults)}")
+        out[k] = v
+    return out

@@ -1,0 +1,158 @@
+"""THE train step and the eval step, built once from a pure loss function.
+
+A loss has one signature::
+
+    loss_sum, metrics = loss_fn(params, batch, rng, ctx)
+
+``loss_sum`` is a SUM over the batch (tokens, pairs, ...) and ``metrics`` maps names to ``(sum, count)`` pairs;
+``metrics["loss"]`` must be ``(loss_sum, count)``. The step adds sums and counts over micro-batches and divides
+once, so gradient accumulation is exactly the big-batch gradient of ``sum / count``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptjax.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array, "Ctx"], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class Ctx:
+    """What a loss needs besides the trained params: configs (static) and frozen models' params.
+
+    ``frozen`` holds e.g. the reference policy ('ref'), the reward model ('rm') or, when only LoRA adapters
+    are trained, the frozen base weights ('base', combined with the adapters before the loss sees them).
+    """
+
+    model_cfg: Any = flax.struct.field(pytree_node=False)
+    loss_cfg: Any = flax.struct.field(pytree_node=False, default=None)  # hashable (FrozenConfigDict)
+    frozen: dict = flax.struct.field(default_factory=dict)
+    frozen_cfgs: tuple = flax.struct.field(pytree_node=False, default=())  # ((name, ModelConfig), ...)
+
+    def cfg_of(self, name: str):
+        return dict(self.frozen_cfgs)[name]
+
+
+def full_params(params: Any, ctx: Ctx) -> Any:
+    """Trained params plus frozen base weights when only adapters are trained."""
+    base = ctx.frozen.get("base")
+    if base is None:
+        return params
+    from gptjax import lora
+
+    return lora.combine(params, base)
+
+
+def split_micro_batches(batch: dict, micro_batches: int) -> dict:
+    """[B, ...] -> [M, B/M, ...]; micro-batch i takes rows i, i+M, ... so each device keeps its own rows."""
+
+    def split(x):
+        B = x.shape[0]
+        if B % micro_batches:
+            raise ValueError(f"batch size {B} is not divisible by micro_batches={micro_batches}")
+        return jnp.moveaxis(x.reshape(B // micro_batches, micro_batches, *x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def grads_and_metrics(
+    loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array, ctx: Ctx, micro_batches: int = 1
+) -> tuple[Any, dict]:
+    """Summed gradients and (sum, count) metrics over micro-batches (fp32 accumulation)."""
+
+    def loss_of(p, mb, r):
+        return loss_fn(full_params(p, ctx), mb, r, ctx)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if micro_batches == 1:
+        (_, metrics), grads = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+        return grads, metrics
+
+    mbs = split_micro_batches(batch, micro_batches)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    _, metrics_shape = jax.eval_shape(loss_of, params, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (params, metrics_shape))
+
+    def body(carry, xs):
+        i, mb = xs
+        (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, (g, m)), None
+
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(micro_batches), mbs))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return grads, metrics
+
+
+def reduce_metrics(metrics: dict) -> dict:
+    """{name: (sum, count)} -> {name: sum / count}."""
+    return {k: s / jnp.maximum(c, 1e-9) for k, (s, c) in metrics.items()}
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    micro_batches: int = 1,
+    ema_decay: float = 0.0,
+    lr_schedule: optax.Schedule | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: Any = None,
+    batch_shardings: Any = None,
+    ctx_shardings: Any = None,
+) -> Callable[[TrainState, dict, jax.Array, Ctx], tuple[TrainState, dict]]:
+    """Jitted ``train_step(state, batch, rng, ctx) -> (state, metrics)``; the state is donated.
+
+    With a mesh, the state/batch/ctx shardings are the explicit in/out shardings of the one compiled step
+    (rng and metrics are replicated).
+    """
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array, ctx: Ctx):
+        rng = jax.random.fold_in(rng, state.step)
+        grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, ctx, micro_batches)
+        count = jnp.maximum(metrics["loss"][1], 1e-9)
+        grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        out = reduce_metrics(metrics)
+        out.update(
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(params),
+            update_norm=optax.global_norm(updates),
+            tokens=metrics["loss"][1],
+        )
+        if lr_schedule is not None:
+            out["lr"] = lr_schedule(state.step)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        return new_state, out
+
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_shardings, replicated, ctx_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[Any, dict, jax.Array, Ctx], dict]:
+    """Jitted ``eval_step(params, batch, rng, ctx) -> {name: (sum, count)}``; add over batches, then reduce."""
+
+    def eval_step(params, batch, rng, ctx):
+        _, metrics = loss_fn(full_params(params, ctx), batch, rng, ctx)
+        return metrics
+
+    return jax.jit(eval_step)

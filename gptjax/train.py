@@ -1,0 +1,278 @@
+"""``run(config, workdir)``: the one training loop for every stage.
+
+Reads top to bottom: mesh -> model config -> data -> params (fresh, resumed or ``init_from``) -> one jitted
+step -> loop (dispatch step t+1 before fetching step t's metrics) -> eval, checkpoints, logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict, FrozenConfigDict
+
+from gptjax import checkpoint, model, optim, sharding
+from gptjax import state as state_lib
+from gptjax import step as step_lib
+
+# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 197e12),  # v5e reports "TPU v5 lite"
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    for key, flops in PEAK_FLOPS:
+        if key in device.device_kind:
+            return flops
+    return None
+
+
+def model_config(model_section: ConfigDict) -> model.ModelConfig:
+    """ModelConfig from the config's ``model`` section; an unknown key fails with its name."""
+    fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
+    values = model_section.to_dict()
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"config.model: unknown key(s) {unknown}; known: {sorted(fields)}")
+    return model.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None:
+    t = config.train
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    problems = []
+    if t.steps <= 0:
+        problems.append(f"train.steps={t.steps} must be > 0")
+    if t.batch_size % (t.micro_batches * dp):
+        problems.append(
+            f"train.batch_size={t.batch_size} must be divisible by train.micro_batches ({t.micro_batches}) "
+            f"x data-parallel devices ({dp})"
+        )
+    if t.seq_len > model_cfg.max_len and model_cfg.pos == "learned":
+        problems.append(f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+class MetricLog:
+    """Console (progress bar), TensorBoard and metrics.jsonl in the workdir; process 0 only."""
+
+    def __init__(self, workdir: str, total: int, initial: int):
+        self.enabled = jax.process_index() == 0
+        self.writer, self.bar, self.file = None, None, None
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+    def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.file.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+        self.file.flush()
+        text = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+        if self.bar.disable:
+            logging.info("[%s] step %d %s", prefix, step, text)
+        else:
+            self.bar.write(f"[{prefix}] step {step} {text}")
+
+    def advance(self, loss: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix_str(f"loss={loss:.4f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.file.close()
+
+
+def evaluate(eval_step, params, ctx, config: ConfigDict, mesh, rng) -> dict[str, float]:
+    from gptjax import data
+
+    it = data.make_iterator(
+        config.data,
+        stage=config.stage,
+        batch_size=config.train.batch_size // jax.process_count(),
+        seq_len=config.train.seq_len,
+        seed=config.train.seed,
+        split="validation",
+    )
+    totals: dict[str, Any] = {}
+    for i in range(config.train.eval_steps):
+        m = eval_step(params, sharding.shard_batch(next(it), mesh), jax.random.fold_in(rng, i), ctx)
+        totals = m if not totals else jax.tree.map(jnp.add, totals, m)
+    return {k: float(v) for k, v in jax.device_get(step_lib.reduce_metrics(totals)).items()}
+
+
+def init_params(config: ConfigDict, model_cfg: model.ModelConfig, mesh, rng) -> tuple[Any, dict]:
+    """(trained params, frozen dict): fresh or ``train.init_from``; with LoRA only adapters are trained."""
+    params = model.init(model_cfg, rng, mesh)
+    lora_on = getattr(model_cfg, "lora_rank", 0) > 0
+    frozen: dict = {}
+    if lora_on:
+        from gptjax import lora
+
+        adapters, base = lora.split(params)
+        params, frozen = adapters, {"base": base}
+    if config.train.init_from:
+        target = frozen["base"] if lora_on else params
+        # A scalar-head model (reward / value) starts from an LM: the LM head is dropped and the scalar
+        # head keeps its fresh (zero) init.
+        allow_missing = ("value_head", "value_bias") if model_cfg.head == "scalar" else ()
+        allow_extra = ("lm_head",) if model_cfg.head == "scalar" else ()
+        loaded = checkpoint.load_params(
+            config.train.init_from, target, allow_missing=allow_missing, allow_extra=allow_extra
+        )
+        if lora_on:
+            frozen["base"] = loaded
+        else:
+            params = loaded
+    return params, frozen
+
+
+def run(config: ConfigDict, workdir: str) -> dict[str, float]:
+    """Train one stage; resumes from ``workdir`` if it holds a checkpoint. Returns the last train metrics."""
+    from gptjax import data
+
+    sharding.maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    model_cfg = model_config(config.model)
+    check_config(config, model_cfg, mesh)
+    t = config.train
+
+    vocab = data.get_vocabulary(config.data)
+    if vocab.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the vocabulary "
+            f"({vocab.vocab_size} ids): raise model.vocab_size"
+        )
+    loss_fn = importlib.import_module(f"gptjax.losses.{config.loss.name}").loss_fn
+    optimizer = optim.make_optimizer(config.optim, t.steps)
+    schedule = optim.make_schedule(config.optim, t.steps)
+
+    rng = jax.random.key(t.seed)
+    init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
+    params, frozen = init_params(config, model_cfg, mesh, init_rng)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    ema = config.optim.ema_decay > 0
+    train_state = state_lib.create(params, optimizer, ema=ema, param_shardings=param_shardings, mesh=mesh)
+    del params
+
+    train_iter = data.make_iterator(
+        config.data,
+        stage=config.stage,
+        batch_size=t.batch_size // jax.process_count(),
+        seq_len=t.seq_len,
+        seed=t.seed,
+    )
+    mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
+    meta = checkpoint.meta_for(model_cfg, config.stage, config=config.to_json_best_effort())
+    if mngr.latest_step() is not None:
+        train_state, data_state = checkpoint.restore(mngr, train_state)
+        train_iter.set_state(data_state)
+        logging.info("resumed from %s at step %d", workdir, int(train_state.step))
+
+    ctx = step_lib.Ctx(model_cfg=model_cfg, loss_cfg=FrozenConfigDict(config.loss), frozen=frozen)
+    state_shardings = state_lib.state_shardings(train_state, param_shardings, mesh)
+    first = next(train_iter)  # its shapes fix the batch shardings; it is still the first step's batch
+    batch_shardings = sharding.batch_shardings(first, mesh)
+    train_step = step_lib.make_train_step(
+        loss_fn,
+        optimizer,
+        micro_batches=t.micro_batches,
+        ema_decay=config.optim.ema_decay,
+        lr_schedule=schedule,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        batch_shardings=batch_shardings,
+        ctx_shardings=jax.tree.map(lambda x: x.sharding, ctx),
+    )
+    eval_step = step_lib.make_eval_step(loss_fn)
+
+    start = int(jax.device_get(train_state.step))
+    log = MetricLog(workdir, t.steps, start)
+    speed = Speed(
+        model.flops_per_token(model_cfg, t.seq_len),
+        peak_flops(jax.devices()[0]),
+        batch_tokens(first) * jax.process_count(),
+    )
+    pending, last = None, {}
+    for step in range(start, t.steps):
+        batch, first = (first, None) if first is not None else (next(train_iter), None)
+        train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
+        if pending is not None:  # fetch step t-1's metrics only after step t is dispatched
+            last = _flush(log, speed, *pending, t)
+        pending = (step, metrics)
+        if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+            log.write(step + 1, evaluate(eval_step, train_state.params, ctx, config, mesh, eval_rng), "eval")
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+            checkpoint.save(mngr, train_state, data_state=train_iter.get_state(), meta=meta)
+    if pending is not None:
+        last = _flush(log, speed, *pending, t)
+    mngr.wait_until_finished()
+    log.close()
+    return last
+
+
+def batch_tokens(batch: dict) -> int:
+    for key in ("inputs_BL", "tokens_BKL", "prompt_BP"):
+        if key in batch:
+            return int(np.prod(batch[key].shape))
+    raise KeyError(f"cannot count tokens in a batch with keys {sorted(batch)}")
+
+
+@dataclasses.dataclass
+class Speed:
+    """tokens/s and MFU over the steps between two logged steps."""
+
+    flops_per_token: float
+    peak: float | None
+    tokens_per_step: int
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: int = 0
+
+    def measure(self) -> dict[str, float]:
+        now = time.perf_counter()
+        tps = self.tokens_per_step * self.steps / max(now - self.since, 1e-9)
+        self.since, self.steps = now, 0
+        out = {"tokens_per_s": tps}
+        if self.peak:
+            out["mfu"] = self.flops_per_token * tps / (self.peak * jax.device_count())
+        return out
+
+
+def _flush(log: MetricLog, speed: Speed, step: int, metrics: dict, t: ConfigDict) -> dict[str, float]:
+    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    speed.steps += 1
+    log.advance(loss=out.get("loss"))
+    if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+        out.update(speed.measure())
+        log.write(step + 1, out)
+    return out
