@@ -1,0 +1,151 @@
+"""LoRA adapters as pure functions over a params pytree.
+
+The adapters live inside the model: ``ModelConfig.lora_rank > 0`` gives every targeted projection ``W`` a pair
+``W_lora_a`` [in..., R] and ``W_lora_b`` [R, out...], and the forward pass adds ``(x @ A) @ B * alpha / r``.
+
+    adapters, base = split(params)          # train `adapters`, hold `base` frozen, save only `adapters`
+    params = combine(adapters, base)
+    cfg0, params0 = merge(cfg, params)      # fold adapters into W: a plain model again (e.g. for hf.save)
+    params = add_adapters(cfg, params0, rng)  # fresh adapters on loaded base weights (HF, earlier stage)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gptjax import model
+
+Params = dict[str, Any]
+_SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def _key_name(k: Any) -> str:
+    return str(getattr(k, "key", getattr(k, "name", k)))
+
+
+def is_adapter(path: Any) -> bool:
+    """True for the path of an adapter leaf (a tuple of keys or jax key-path entries)."""
+    path = (path,) if isinstance(path, str) else tuple(path)
+    return bool(path) and _key_name(path[-1]).endswith(_SUFFIXES)
+
+
+def adapter_mask(params: Params) -> Any:
+    """Params-shaped pytree of bools, True on adapters (e.g. for ``optax.masked``)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_adapter(path), params)
+
+
+def _partition(tree: Params, keep_adapters: bool, path: tuple = ()) -> Params:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = _partition(v, keep_adapters, (*path, k))
+            if sub:
+                out[k] = sub
+        elif is_adapter((*path, k)) == keep_adapters:
+            out[k] = v
+    return out
+
+
+def split(params: Params) -> tuple[Params, Params]:
+    """(adapters, base): two disjoint nested dicts; together they hold every leaf of ``params``."""
+    return _partition(params, True), _partition(params, False)
+
+
+def combine(adapters: Params, base: Params) -> Params:
+    """Inverse of ``split``: a nested union of the two trees (a key present in both must be a subtree)."""
+    out = dict(base)
+    for k, v in adapters.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = combine(v, out[k])
+        else:
+            raise ValueError(f"lora.combine: key {k!r} is a leaf in both adapters and base")
+    return out
+
+
+def _fold(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, stacked: bool) -> jax.Array:
+    """W + A @ B * scale in fp32, cast back to W's dtype; A [N?, in..., R], B [N?, R, out...]."""
+    lead = a.shape[:1] if stacked else ()
+    r = a.shape[-1]
+    a2 = a.reshape(*lead, -1, r).astype(jnp.float32)
+    b2 = b.reshape(*lead, r, -1).astype(jnp.float32)
+    delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
+    return (w.astype(jnp.float32) + delta * scale).astype(w.dtype)
+
+
+def merge(cfg: model.ModelConfig, params: Params) -> tuple[model.ModelConfig, Params]:
+    """Fold every adapter into its base weight: (cfg with lora_rank=0, params without adapters).
+
+    The merged model computes the same function as the unmerged one (dropout off), up to float rounding.
+    """
+    base_cfg = cfg.replace(lora_rank=0)
+    if cfg.lora_rank == 0:
+        return base_cfg, params
+    scale = cfg.lora_alpha / cfg.lora_rank
+
+    def walk(tree: Params, path: tuple) -> Params:
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out[k] = walk(v, (*path, k))
+            elif is_adapter((k,)):
+                continue
+            elif f"{k}_lora_a" in tree:
+                out[k] = _fold(
+                    v, tree[f"{k}_lora_a"], tree[f"{k}_lora_b"], scale, stacked=path[:1] == ("blocks",)
+                )
+            else:
+                out[k] = v
+        return out
+
+    merged = walk(params, ())
+    _check_structure(base_cfg, merged, "lora.merge result")
+    return base_cfg, merged
+
+
+def _check_structure(cfg: model.ModelConfig, params: Params, what: str) -> None:
+    want = jax.tree_util.tree_flatten_with_path(model.param_shapes(cfg))[0]
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want_d = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in want}
+    got_d = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in got}
+    if want_d != got_d:
+        missing = sorted(set(want_d) - set(got_d))
+        extra = sorted(set(got_d) - set(want_d))
+        shapes = sorted(k for k in set(want_d) & set(got_d) if want_d[k] != got_d[k])
+        raise ValueError(
+            f"{what}: params do not match the model config: missing {missing}, unexpected {extra}, "
+            f"wrong shape {[(k, got_d[k], want_d[k]) for k in shapes]}"
+        )
+
+
+def adapter_shardings(cfg: model.ModelConfig, mesh: jax.sharding.Mesh) -> Params:
+    """NamedShardings of the adapters of ``cfg`` (the adapter half of ``sharding.param_shardings``)."""
+    from gptjax import sharding
+
+    return split(sharding.param_shardings(cfg, mesh))[0]
+
+
+def add_adapters(
+    cfg: model.ModelConfig, params: Params, rng: jax.Array, mesh: jax.sharding.Mesh | None = None
+) -> Params:
+    """Attach fresh adapters (A random, B zero, as ``model.init`` makes them) to adapter-free params.
+
+    ``params`` must match ``cfg`` without LoRA; the result matches ``cfg`` and computes the same function.
+    """
+    if cfg.lora_rank == 0:
+        raise ValueError("lora.add_adapters: cfg.lora_rank is 0; set lora_rank (and lora_targets) first")
+    if split(params)[0]:
+        raise ValueError("lora.add_adapters: params already hold adapters; merge or split them first")
+    _check_structure(cfg.replace(lora_rank=0), params, "lora.add_adapters")
+
+    # Only the adapter half of a full init is returned, so XLA drops the base-weight initialisation.
+    def make(rng):
+        return split(model.init(cfg, rng))[0]
+
+    shardings = None if mesh is None else adapter_shardings(cfg, mesh)
+    adapters = jax.jit(make, out_shardings=shardings)(rng)
+    return combine(adapters, params)
