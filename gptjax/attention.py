@@ -4,8 +4,15 @@ Conventions shared by every implementation (and by ``gptjax.kernels``):
 - q is [B, L, H, D], k and v are [B, S, K, D] with H % K == 0 (grouped-query attention: query head h reads
   kv head h // (H // K)).
 - causal masking is bottom-right aligned when L != S: query i sees keys j <= i + (S - L).
-- segment ids (int, 0 = padding) restrict attention to keys of the same segment; a query row with no visible
-  key outputs zeros, never NaN.
+- segment ids (int, 0 = padding; any id <= 0 is padding) restrict attention to keys of the same segment;
+  padding tokens attend to nothing and are attended by nothing; a query row with no visible key outputs
+  zeros, never NaN.
+
+Implementations: 'xla' materialises the scores (reference); 'cudnn' is ``jax.nn.dot_product_attention``'s
+cuDNN flash attention (GPU, bf16/fp16; segment ids become an equivalent dense [B, 1, L, S] mask, as cuDNN in
+JAX has no segment ids); 'pallas' is our fused kernel ``gptjax.kernels.flash_attention`` (any backend; CPU
+runs it in the Pallas interpreter). ``cached_attention`` uses ``gptjax.kernels.decode_attention`` for
+single-token decoding when impl == 'pallas'.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ def attention_mask(
         if kv_segment_ids_BS is None:
             kv_segment_ids_BS = q_segment_ids_BL
         same_BLS = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
-        mask_BLS = mask_BLS & same_BLS
+        real_BLS = (q_segment_ids_BL[:, :, None] > 0) & (kv_segment_ids_BS[:, None, :] > 0)
+        mask_BLS = mask_BLS & same_BLS & real_BLS
     return mask_BLS
 
 
@@ -50,9 +58,9 @@ def xla_attention(
     G = H // K
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     q_BLKGD = q_BLHD.reshape(B, L, K, G, D)
-    scores_BKGLS = jnp.einsum(
-        "blkgd,bskd->bkgls", q_BLKGD, k_BSKD, preferred_element_type=jnp.float32
-    ) * scale
+    scores_BKGLS = (
+        jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
+    )
     mask_B11LS = mask_BLS[:, None, None, :, :]
     scores_BKGLS = jnp.where(mask_B11LS, scores_BKGLS, -jnp.inf)
     max_BKGL1 = jnp.max(scores_BKGLS, axis=-1, keepdims=True)
@@ -64,6 +72,49 @@ def xla_attention(
         "bkgls,bskd->blkgd", p_BKGLS.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32
     )
     return out_BLKGD.reshape(B, L, H, D).astype(q_BLHD.dtype)
+
+
+def cudnn_attention(
+    q_BLHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids_BL: jax.Array | None = None,
+    kv_segment_ids_BS: jax.Array | None = None,
+    softmax_scale: float | None = None,
+    implementation: str = "cudnn",
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with our conventions (GQA native, bottom-right causal, segments).
+
+    cuDNN in JAX has no segment ids, so packed batches get the equivalent dense mask [B, 1, L, S] (correct,
+    but it reads an L x S mask and skips no blocks). Rows with no visible key are zeroed afterwards, since
+    a dense mask alone would give them a uniform average. ``implementation='xla'`` runs the same masking
+    through XLA (how CPU tests check this path).
+    """
+    if implementation == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(
+                f"attention_impl='cudnn' needs a CUDA GPU (backend here: {jax.default_backend()!r}); "
+                "use 'xla' or 'pallas'"
+            )
+        if q_BLHD.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(
+                f"attention_impl='cudnn' needs bf16/fp16 q, k, v (got {q_BLHD.dtype}); set the model dtype "
+                "to bfloat16 or use 'pallas'"
+            )
+    L, S = q_BLHD.shape[1], k_BSKD.shape[1]
+    if segment_ids_BL is None and kv_segment_ids_BS is None and (not causal or L == S):
+        return jax.nn.dot_product_attention(
+            q_BLHD, k_BSKD, v_BSKD, scale=softmax_scale, is_causal=causal, implementation=implementation
+        )
+    mask_BLS = attention_mask(L, S, causal, segment_ids_BL, kv_segment_ids_BS)
+    mask_BLS = jnp.broadcast_to(mask_BLS, (q_BLHD.shape[0], L, S))
+    out_BLHD = jax.nn.dot_product_attention(
+        q_BLHD, k_BSKD, v_BSKD, mask=mask_BLS[:, None], scale=softmax_scale, implementation=implementation
+    )
+    seen_BL11 = jnp.any(mask_BLS, axis=-1)[:, :, None, None]
+    return jnp.where(seen_BL11, out_BLHD, 0).astype(q_BLHD.dtype)
 
 
 def attention(
@@ -79,13 +130,33 @@ def attention(
 ) -> jax.Array:
     """Self/cross attention over full sequences (training and prefill)."""
     if impl == "xla":
-        mask_BLS = attention_mask(
-            q_BLHD.shape[1], k_BSKD.shape[1], causal, segment_ids_BL, kv_segment_ids_BS
-        )
+        mask_BLS = attention_mask(q_BLHD.shape[1], k_BSKD.shape[1], causal, segment_ids_BL, kv_segment_ids_BS)
         return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale)
-    raise ValueError(
-        f"attention_impl={impl!r} is not available; choose one of {IMPLS} ('xla' always works)"
-    )
+    if impl == "cudnn":
+        return cudnn_attention(
+            q_BLHD,
+            k_BSKD,
+            v_BSKD,
+            causal=causal,
+            segment_ids_BL=segment_ids_BL,
+            kv_segment_ids_BS=kv_segment_ids_BS,
+            softmax_scale=softmax_scale,
+        )
+    if impl == "pallas":
+        from gptjax.kernels import flash_attention as fa
+
+        if segment_ids_BL is None and kv_segment_ids_BS is not None:
+            segment_ids_BL = jnp.ones(q_BLHD.shape[:2], kv_segment_ids_BS.dtype)
+        return fa.flash_attention(
+            q_BLHD,
+            k_BSKD,
+            v_BSKD,
+            causal=causal,
+            segment_ids_BL=segment_ids_BL,
+            softmax_scale=softmax_scale,
+            kv_segment_ids_BS=kv_segment_ids_BS,
+        )
+    raise ValueError(f"attention_impl={impl!r} is not available; choose one of {IMPLS} ('xla' always works)")
 
 
 def cached_attention(
@@ -100,8 +171,18 @@ def cached_attention(
     """Queries at absolute cache slots ``q_positions_BL`` attend to cache slots <= their own slot.
 
     The cache holds keys in slot order, so this is causal attention by slot index; slots past a row's
-    current position are never read (they hold stale or zero entries).
+    current position are never read (they hold stale or zero entries). With impl == 'pallas' a single
+    query token per row (decoding) runs the decode kernel over slots [0, position]; longer chunks
+    (prefill at arbitrary per-row slots) use the XLA path.
     """
+    if impl == "pallas" and q_BLHD.shape[1] == 1:
+        from gptjax.kernels import decode_attention as da
+
+        lengths_B = q_positions_BL[:, 0].astype(jnp.int32) + 1
+        out_BHD = da.decode_attention(
+            q_BLHD[:, 0], k_cache_BSKD, v_cache_BSKD, lengths_B, softmax_scale=softmax_scale
+        )
+        return out_BHD[:, None]
     S = k_cache_BSKD.shape[1]
     mask_BLS = q_positions_BL[:, :, None] >= jnp.arange(S)[None, None, :]
     return xla_attention(q_BLHD, k_cache_BSKD, v_cache_BSKD, mask_BLS, softmax_scale)

@@ -32,7 +32,7 @@ def triton_params(num_warps: int, num_stages: int):
     if cls is None:  # pragma: no cover - older/newer spellings
         from jax.experimental.pallas import gpu as plgpu
 
-        cls = getattr(plgpu, "TritonCompilerParams", None) or getattr(plgpu, "CompilerParams")
+        cls = getattr(plgpu, "TritonCompilerParams", None) or plgpu.CompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 

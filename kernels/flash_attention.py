@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from gptjax.kernels import _compat
 from gptjax.kernels import flash_kernels as fk
 
@@ -39,7 +38,7 @@ class BlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def default(cls, backend: str, head_dim: int) -> "BlockSizes":
+    def default(cls, backend: str, head_dim: int) -> BlockSizes:
         if backend == "gpu":
             if head_dim > 128:  # register pressure: smaller tiles for head dims up to 256
                 return cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=2)
@@ -72,21 +71,40 @@ def flash_attention_reference(
         same_BLS = segment_ids_BL[:, :, None] == kv_seg[:, None, :]
         mask_BLS = mask_BLS & same_BLS & (segment_ids_BL[:, :, None] > 0) & (kv_seg[:, None, :] > 0)
     q_BLKGD = q_BLHD.reshape(B, L, K, H // K, D)
-    s = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD, precision=precision,
-                   preferred_element_type=jnp.float32) * scale
+    s = (
+        jnp.einsum(
+            "blkgd,bskd->bkgls", q_BLKGD, k_BSKD, precision=precision, preferred_element_type=jnp.float32
+        )
+        * scale
+    )
     s = jnp.where(mask_BLS[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
-    o = jnp.einsum("bkgls,bskd->blkgd", p.astype(v_BSKD.dtype), v_BSKD, precision=precision,
-                   preferred_element_type=jnp.float32)
+    o = jnp.einsum(
+        "bkgls,bskd->blkgd",
+        p.astype(v_BSKD.dtype),
+        v_BSKD,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
     return o.reshape(B, L, H, D).astype(q_BLHD.dtype)
 
 
 def block_ranges(
-    *, n_rows: int, n_cols: int, br: int, bc: int, nr: int, nc: int, rows_are_q: bool, causal: bool,
-    offset: int, row_seg=None, col_seg=None,
+    *,
+    n_rows: int,
+    n_cols: int,
+    br: int,
+    bc: int,
+    nr: int,
+    nc: int,
+    rows_are_q: bool,
+    causal: bool,
+    offset: int,
+    row_seg=None,
+    col_seg=None,
 ) -> jax.Array:
     """Per row block, the column blocks to visit as int32 (lo, a, b, hi), flattened to [Bs * nr * 4].
 
@@ -206,10 +224,27 @@ def flash_attention(
     Lp = -(-L // max(bq, bq_dkv, bq_dq)) * max(bq, bq_dkv, bq_dq)
     Sp = -(-S // max(bk, bk_dkv, bk_dq)) * max(bk, bk_dkv, bk_dq)
     c = fk.Static(
-        B=B, L=L, S=S, H=H, K=K, D=D, Lp=Lp, Sp=Sp, Dp=Dp, causal=bool(causal),
-        has_seg=segment_ids_BL is not None, scale=scale,
-        block_q=bq, block_k=bk, block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=bq_dq, block_k_dq=bk_dq,
-        num_warps=bs.num_warps or (4 if Dp <= 64 else 8), num_stages=bs.num_stages, interpret=interp,
+        B=B,
+        L=L,
+        S=S,
+        H=H,
+        K=K,
+        D=D,
+        Lp=Lp,
+        Sp=Sp,
+        Dp=Dp,
+        causal=bool(causal),
+        has_seg=segment_ids_BL is not None,
+        scale=scale,
+        block_q=bq,
+        block_k=bk,
+        block_q_dkv=bq_dkv,
+        block_k_dkv=bk_dkv,
+        block_q_dq=bq_dq,
+        block_k_dq=bk_dq,
+        num_warps=bs.num_warps or (4 if Dp <= 64 else 8),
+        num_stages=bs.num_stages,
+        interpret=interp,
     )
     q = _pad_axis(_pad_axis(q_BLHD, 3, Dp), 1, Lp)
     k = _pad_axis(_pad_axis(k_BSKD, 3, Dp), 1, Sp)
@@ -218,21 +253,52 @@ def flash_attention(
     if c.has_seg:
         # Internal ids: padding never matches anything (queries -1, keys -2).
         q_seg = _pad_axis(jnp.where(segment_ids_BL > 0, segment_ids_BL, -1).astype(jnp.int32), 1, Lp, -1)
-        k_seg = _pad_axis(jnp.where(kv_segment_ids_BS > 0, kv_segment_ids_BS, -2).astype(jnp.int32), 1, Sp, -2)
+        k_seg = _pad_axis(
+            jnp.where(kv_segment_ids_BS > 0, kv_segment_ids_BS, -2).astype(jnp.int32), 1, Sp, -2
+        )
     ranges = _all_ranges(c, q_seg, k_seg)
     out = _flash(c, q, k, v, q_seg, k_seg, *ranges)
     return out[:, :L, :, :D]
 
 
 def _all_ranges(c: fk.Static, q_seg, k_seg):
-    common = dict(causal=c.causal, offset=c.offset)
-    fwd = block_ranges(n_rows=c.L, n_cols=c.S, br=c.block_q, bc=c.block_k, nr=c.Lp // c.block_q,
-                       nc=c.Sp // c.block_k, rows_are_q=True, row_seg=q_seg, col_seg=k_seg, **common)
-    dq = block_ranges(n_rows=c.L, n_cols=c.S, br=c.block_q_dq, bc=c.block_k_dq, nr=c.Lp // c.block_q_dq,
-                      nc=c.Sp // c.block_k_dq, rows_are_q=True, row_seg=q_seg, col_seg=k_seg, **common)
-    dkdv = block_ranges(n_rows=c.S, n_cols=c.L, br=c.block_k_dkv, bc=c.block_q_dkv,
-                        nr=c.Sp // c.block_k_dkv, nc=c.Lp // c.block_q_dkv, rows_are_q=False,
-                        row_seg=k_seg, col_seg=q_seg, **common)
+    common = {"causal": c.causal, "offset": c.offset}
+    fwd = block_ranges(
+        n_rows=c.L,
+        n_cols=c.S,
+        br=c.block_q,
+        bc=c.block_k,
+        nr=c.Lp // c.block_q,
+        nc=c.Sp // c.block_k,
+        rows_are_q=True,
+        row_seg=q_seg,
+        col_seg=k_seg,
+        **common,
+    )
+    dq = block_ranges(
+        n_rows=c.L,
+        n_cols=c.S,
+        br=c.block_q_dq,
+        bc=c.block_k_dq,
+        nr=c.Lp // c.block_q_dq,
+        nc=c.Sp // c.block_k_dq,
+        rows_are_q=True,
+        row_seg=q_seg,
+        col_seg=k_seg,
+        **common,
+    )
+    dkdv = block_ranges(
+        n_rows=c.S,
+        n_cols=c.L,
+        br=c.block_k_dkv,
+        bc=c.block_q_dkv,
+        nr=c.Sp // c.block_k_dkv,
+        nc=c.Lp // c.block_q_dkv,
+        rows_are_q=False,
+        row_seg=k_seg,
+        col_seg=q_seg,
+        **common,
+    )
     return fwd, dq, dkdv
 
 

@@ -20,10 +20,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from gptjax.kernels import _compat
 from jax import lax
 from jax.experimental import pallas as pl
-
-from gptjax.kernels import _compat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +112,7 @@ def _fwd_kernel(*refs, c: Static):
     bq, bk = c.block_q, c.block_k
     i = _row_block(c, c.Lp // bq)
     q = q_ref[...]
-    q_idx = (i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0))
+    q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     q_seg = qseg_ref[...][:, None] if c.has_seg else None
 
     def step(j, carry, masked):
@@ -231,7 +230,12 @@ def backward_dq(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, row(i)))
     in_specs = [
         pl.BlockSpec((4,), lambda i, b, h: ((b if rb > 1 else 0) * nq + row(i),)),
-        q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+        q_spec,
+        kv_spec,
+        kv_spec,
+        q_spec,
+        row_spec,
+        row_spec,
     ]
     args = [ranges, q, k, v, do, lse, delta]
     if c.has_seg:
@@ -258,8 +262,9 @@ def backward_dq(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
 
 def _dkdv_kernel(*refs, c: Static):
     if c.has_seg:
-        (ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-         dk_ref, dv_ref) = refs
+        (ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref) = (
+            refs
+        )
     else:
         ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     bq, bk = c.block_q_dkv, c.block_k_dkv
@@ -307,7 +312,12 @@ def backward_dkdv(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
     row_spec = pl.BlockSpec((None, G, c.Lp), lambda j, b, h: (b, h, 0))
     in_specs = [
         pl.BlockSpec((4,), lambda j, b, h: ((b if rb > 1 else 0) * nk + j,)),
-        q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+        q_spec,
+        kv_spec,
+        kv_spec,
+        q_spec,
+        row_spec,
+        row_spec,
     ]
     args = [ranges, q, k, v, do, lse, delta]
     if c.has_seg:

@@ -1,0 +1,188 @@
+"""Decode attention: one query token per row against a KV cache with per-row valid lengths (Pallas kernel).
+
+    out_BHD = decode_attention(q_BHD, k_cache_BSKD, v_cache_BSKD, lengths_B)
+
+Keys [0, lengths_B[b]) of row b are valid. Decoding is bound by reading the cache, so the kernel is built
+for bandwidth: one program per (row, kv head, split) reads each cache block once for all G = H // K query
+heads of that kv head (grouped-query attention without repeating K/V), and the cache is split along its
+length (split-K) so that short batches still fill the GPU; the partial softmax results (unnormalised
+output, running max, running sum) are merged in jnp. A row with length 0 outputs zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from gptjax.kernels import _compat
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def decode_attention_reference(
+    q_BHD: jax.Array,
+    k_cache_BSKD: jax.Array,
+    v_cache_BSKD: jax.Array,
+    lengths_B: jax.Array,
+    softmax_scale: float | None = None,
+) -> jax.Array:
+    """Plain-jnp decode attention in fp32 (HIGHEST precision); output in q's dtype."""
+    B, H, D = q_BHD.shape
+    S, K = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    q_BKGD = q_BHD.reshape(B, K, H // K, D).astype(jnp.float32)
+    s_BKGS = (
+        jnp.einsum(
+            "bkgd,bskd->bkgs", q_BKGD, k_cache_BSKD.astype(jnp.float32), precision=lax.Precision.HIGHEST
+        )
+        * scale
+    )
+    valid_BS = jnp.arange(S)[None, :] < lengths_B[:, None]
+    s_BKGS = jnp.where(valid_BS[:, None, None, :], s_BKGS, -jnp.inf)
+    m = jnp.max(s_BKGS, axis=-1, keepdims=True)
+    p = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    o = jnp.einsum("bkgs,bskd->bkgd", p, v_cache_BSKD.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return o.reshape(B, H, D).astype(q_BHD.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    Sp: int
+    Gp: int
+    Dp: int
+    block_k: int
+    blocks_per_split: int
+    scale2: float
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, c: _Static):
+    bk = c.block_k
+    split = pl.program_id(2)
+    length = len_ref[0]
+    n_blocks = lax.div(length + (bk - 1), bk)
+    first = split * c.blocks_per_split
+    last = jnp.minimum(first + c.blocks_per_split, n_blocks)
+    q = q_ref[...]  # [Gp, Dp]
+
+    def step(j, carry):
+        acc, m, l = carry
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        s = _compat.dot_nt(q, k) * c.scale2  # [Gp, bk]
+        valid = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < length
+        s = jnp.where(valid, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        v = v_ref[pl.ds(start, bk), :]
+        acc = acc * alpha[:, None] + _compat.dot_nn(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    carry = (
+        jnp.zeros((c.Gp, c.Dp), jnp.float32),
+        jnp.full((c.Gp,), -jnp.inf, jnp.float32),
+        jnp.zeros((c.Gp,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(first, last, step, carry)
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _pick_block(S: int, want: int) -> int:
+    """Largest power-of-two tile <= want (>= 16) dividing S, so the cache is read in place; 0 if none."""
+    b = want
+    while b >= 16:
+        if S % b == 0:
+            return b
+        b //= 2
+    return 0
+
+
+def decode_attention(
+    q_BHD: jax.Array,
+    k_cache_BSKD: jax.Array,
+    v_cache_BSKD: jax.Array,
+    lengths_B: jax.Array,
+    interpret: bool = False,
+    *,
+    softmax_scale: float | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Attention of one query per row over cache keys [0, lengths_B[b]); returns [B, H, D] in q's dtype."""
+    if q_BHD.ndim != 3 or k_cache_BSKD.ndim != 4 or v_cache_BSKD.shape != k_cache_BSKD.shape:
+        raise ValueError(
+            f"decode_attention: expected q [B, H, D] and caches [B, S, K, D] of one shape, got "
+            f"q {q_BHD.shape}, k {k_cache_BSKD.shape}, v {v_cache_BSKD.shape}"
+        )
+    B, H, D = q_BHD.shape
+    _, S, K, Dk = k_cache_BSKD.shape
+    if k_cache_BSKD.shape[0] != B or Dk != D or H % K or lengths_B.shape != (B,):
+        raise ValueError(
+            f"decode_attention: q {q_BHD.shape}, cache {k_cache_BSKD.shape}, lengths {lengths_B.shape} "
+            f"disagree (batch, head dim, lengths [B], or {H} heads not a multiple of {K} kv heads)"
+        )
+    interp = _compat.use_interpret(interpret)
+    G = H // K
+    scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
+    Gp = max(16, _compat.next_pow2(G))  # tl.dot needs >= 16 rows; padded heads are zero queries
+    Dp = max(16, _compat.next_pow2(D))
+    want = block_k or (64 if interp else 128)
+    bk = _pick_block(S, want)
+    k, v = k_cache_BSKD, v_cache_BSKD
+    Sp = S
+    if bk == 0 or Dp != D:  # odd cache shapes cost one padded copy; multiples of 16 are read in place
+        bk = bk or 16
+        Sp = -(-S // bk) * bk
+        pad = ((0, 0), (0, Sp - S), (0, 0), (0, Dp - D))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    n_blocks = Sp // bk
+    if num_splits is None:
+        # Enough programs to cover the GPU's SMs twice over; the interpreter wants few.
+        num_splits = 2 if interp else -(-264 // (B * K))
+    num_splits = max(1, min(num_splits, n_blocks))
+    per_split = -(-n_blocks // num_splits)
+    num_splits = -(-n_blocks // per_split)
+    q = q_BHD.reshape(B, K, G, D)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, Dp - D)))
+    lengths = jnp.clip(lengths_B.astype(jnp.int32), 0, S)
+    c = _Static(
+        Sp=Sp, Gp=Gp, Dp=Dp, block_k=bk, blocks_per_split=per_split, scale2=scale * 1.4426950408889634
+    )
+    part = jax.ShapeDtypeStruct((B, K, num_splits, Gp), jnp.float32)
+    row_spec = pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))
+    o_parts, m_parts, l_parts = pl.pallas_call(
+        functools.partial(_decode_kernel, c=c),
+        grid=(B, K, num_splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, s: (b,)),
+            pl.BlockSpec((None, None, Gp, Dp), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((None, Sp, None, Dp), lambda b, h, s: (b, 0, h, 0)),
+            pl.BlockSpec((None, Sp, None, Dp), lambda b, h, s: (b, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, Gp, Dp), lambda b, h, s: (b, h, s, 0, 0)),
+            row_spec,
+            row_spec,
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, Gp, Dp), jnp.float32), part, part],
+        compiler_params=_compat.compiler_params(interp, num_warps, num_stages),
+        interpret=interp,
+        name="decode_attention",
+    )(lengths, q, k, v)
+    # Merge the splits (base-2 log-sum-exp); splits past a row's length hold m = -inf, l = 0.
+    m_max = jnp.max(m_parts, axis=2, keepdims=True)
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    w = jnp.exp2(m_parts - m_max)
+    l_tot = jnp.sum(w * l_parts, axis=2)
+    o = jnp.sum(w[..., None] * o_parts, axis=2) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    return o[:, :, :G, :D].reshape(B, H, D).astype(q_BHD.dtype)
