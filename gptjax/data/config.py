@@ -1,0 +1,151 @@
+"""The ``config.data`` section: every option for users' own data, and the built-in tiny task's section.
+
+    data = default_config()
+    data.sources.web = source(format="text", path="/data/web/*.jsonl", clean=dict(dedup=True, near_dup=True))
+    data.sources.books = source(format="text", tfds="my_books", data_dir="/data/tfds", rate=0.3)
+    data.mixture = "web:0.7,books:0.3"          # one line blends sources (overrides their `rate`)
+
+Every section is locked, so a misspelt key fails with its name; ``data.sources`` stays open so config files
+can add sources (each built with ``source(...)``, which rejects unknown keys).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+STAGES = ("pretrain", "sft", "rm", "prompts")
+FORMATS = ("text", "sft", "rank", "prompt")
+# Which record formats can feed each stage (DeepSpeed-Chat style reuse of one dataset across stages):
+# rankings give SFT their best response and RL their prompts; demonstrations give RL their prompts.
+STAGE_FORMATS = {
+    "pretrain": ("text",),
+    "sft": ("sft", "rank"),
+    "rm": ("rank",),
+    "prompts": ("prompt", "sft", "rank"),
+}
+OVERFLOW = ("auto", "truncate", "drop", "split")
+
+
+def _locked(**kw) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(kw)
+    c.lock()
+    return c
+
+
+def fields_config(**overrides: str) -> ml_collections.ConfigDict:
+    """Field names in the input records, so a dataset with other column names needs no conversion."""
+    f = _locked(
+        text="text",
+        prompt="prompt",
+        response="response",
+        messages="messages",
+        responses="responses",
+        chosen="chosen",
+        rejected="rejected",
+        scores="scores",
+    )
+    f.update(overrides)
+    return f
+
+
+def clean_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """Per-source cleaning switches (all off by default); each reports how many records it changed/removed."""
+    c = _locked(
+        unicode="",  # '' | 'NFC' | 'NFKC' | 'NFD' | 'NFKD': Unicode normalisation form
+        control_chars=False,  # remove control characters except tab and newline
+        whitespace=False,  # collapse runs of spaces/tabs, trim line ends, at most one blank line
+        min_chars=0,  # drop records whose text (prompt + responses) is shorter; 0 = off
+        max_chars=0,  # drop records whose text is longer; 0 = off
+        dedup=False,  # drop exact duplicates (also across the sources of a mixture that switch it on)
+        near_dup=False,  # drop near-duplicates by MinHash over character shingles (data.near_dup sets how)
+    )
+    c.update(overrides)
+    return c
+
+
+def source(**kw: Any) -> ml_collections.ConfigDict:
+    """One data source. Give ``path`` (JSONL, or text files for format 'text'), ``tfds``, or ``builtin``."""
+    s = ml_collections.ConfigDict(
+        {
+            "format": "text",  # 'text' (pretraining) | 'sft' (demonstrations) | 'rank' (comparisons) | 'prompt'
+            "path": "",  # a file or glob: *.jsonl / *.json lines, or *.txt (format 'text' only)
+            "validation_path": "",  # held-out file(s); else data.validation_fraction is carved out by a stable hash
+            "doc_separator": "\n\n",  # text files: '\n\n' = blank-line separated docs, '\n' = one per line, '' = file
+            "tfds": "",  # a TFDS dataset name (with optional ':version'), read with download=False
+            "data_dir": "",  # where that TFDS dataset is prepared ('' = TFDS default)
+            "split": "train",  # TFDS split for training
+            "validation_split": "",  # TFDS split for validation ('' = carve data.validation_fraction)
+            "builtin": "",  # 'tiny': the built-in synthetic task (settings in data.tiny)
+            "fields": fields_config(),
+            "rate": 1.0,  # mixing rate (relative; data.mixture overrides)
+            "stages": "",  # comma list of stages this source feeds; '' = every stage its format can feed
+            "stage_split": "",  # e.g. 'sft:0.2,rm:0.4,prompts:0.4': disjoint shares by a stable hash of the prompt
+            "clean": clean_config(),
+        }
+    )
+    s.lock()
+    for key, value in kw.items():
+        if key not in s:
+            raise KeyError(f"data source: unknown key {key!r}; known keys: {sorted(s.keys())}")
+        if key in ("fields", "clean") and isinstance(value, dict):
+            s[key].update(value)
+        else:
+            s[key] = value
+    return s
+
+
+def tiny_section(**overrides: Any) -> ml_collections.ConfigDict:
+    """Settings of the built-in tiny task (see gptjax.data.tiny)."""
+    t = _locked(
+        seed=0,
+        num_docs=3000,
+        num_sft=3000,
+        num_rank=2000,
+        num_prompts=2000,
+        num_eval=200,
+        num_responses=4,
+        label_temperature=0.15,
+        text_noise=0.1,
+        sft_noise=0.3,
+        rank_noise=0.75,
+    )
+    t.update(overrides)
+    return t
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The data section with every option at its default and no sources (add them with ``source``)."""
+    c = ml_collections.ConfigDict(
+        {
+            "sources": ml_collections.ConfigDict(),
+            "mixture": "",  # 'name:rate,name:rate': the sources to blend and their rates ('' = all, own rates)
+            "vocab": _locked(
+                kind="byte", path=""
+            ),  # 'byte' | 'sentencepiece' (model file) | 'hf' (dir/tokenizer.json)
+            "overflow": "auto",  # records longer than the context: 'truncate' | 'drop' | 'split' (pretrain only);
+            # 'auto' = split pretraining documents across rows, truncate everything else
+            "pack": True,  # pretrain/sft: pack several documents per row (segment ids keep them apart)
+            "pad_side": "right",  # prompts: 'right' | 'left' padding of prompt_BP
+            "num_responses": 0,  # rm: K, the responses per prompt in a batch; 0 = the most any record has
+            "shuffle_buffer": 0,  # an extra seqio shuffle buffer across epochs (each epoch is already a full shuffle)
+            "validation_fraction": 0.0,  # held-out share carved from sources without explicit validation data
+            "dedup_across_sources": True,  # exact / near dedup compare records of all sources that switch it on
+            "near_dup": _locked(threshold=0.8, ngram=5, num_perm=64, bands=16),  # MinHash LSH settings
+            "tiny": tiny_section(),
+        }
+    )
+    c.lock()
+    c.sources.unlock()
+    return c
+
+
+def tiny_config(stage: str) -> ml_collections.ConfigDict:
+    """``config.data`` for the built-in tiny task at ``stage`` ('pretrain' | 'sft' | 'rm' | 'prompts')."""
+    if stage not in STAGES:
+        raise ValueError(f"tiny_config: stage={stage!r}; use one of {STAGES}")
+    fmt = {"pretrain": "text", "sft": "sft", "rm": "rank", "prompts": "prompt"}[stage]
+    c = default_config()
+    c.sources.tiny = source(format=fmt, builtin="tiny")
+    return c

@@ -1,0 +1,248 @@
+"""Reading records: local JSONL, text files, any TFDS dataset, or the built-in tiny task.
+
+Every source yields records in one of four canonical shapes (field names in the input are remapped by the
+source's ``fields`` section):
+
+    text    {"text": str}                                    pretraining documents
+    sft     {"prompt": str, "response": str}                 demonstrations (or chat ``messages``)
+    rank    {"prompt": str, "responses": [str, ...]}         best -> worst, K >= 2 (``chosen``/``rejected`` is K=2)
+    prompt  {"prompt": str}                                  prompts for RL (or chat ``messages``)
+
+Bad input fails with ``ValueError``/``FileNotFoundError`` naming the file and line (or dataset and example) and
+the field. Ties in rankings (equal ``scores`` or identical responses) are dropped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from gptjax.data import tiny
+
+RenderChat = Callable[..., str]
+
+
+def import_tf():
+    """TensorFlow for the input pipeline only: keep it off every accelerator (JAX owns them)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # already initialised; devices were hidden by the first call
+        pass
+    return tf
+
+
+def _str(rec: dict, key: str, where: str, fmt: str) -> str:
+    if key not in rec:
+        raise ValueError(
+            f"{where}: missing field {key!r} (format {fmt!r}; fields present: {sorted(rec)}; "
+            f"map another name with the source's fields.* option)"
+        )
+    value = rec[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _messages(rec: dict, key: str, where: str) -> list[dict]:
+    msgs = rec[key]
+    if isinstance(msgs, dict) and set(msgs) >= {"role", "content"}:  # TFDS Sequence of dicts: dict of lists
+        msgs = [{"role": r, "content": c} for r, c in zip(msgs["role"], msgs["content"])]
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: field {key!r} must be a non-empty list of messages, got {msgs!r:.80}")
+    for i, m in enumerate(msgs):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError(
+                f"{where}: field {key!r}[{i}] must have string 'role' and 'content', got {m!r:.80}"
+            )
+    return msgs
+
+
+def _prompt(rec: dict, f, where: str, fmt: str, render_chat: RenderChat) -> str:
+    if f.prompt not in rec and f.messages in rec:
+        return render_chat(_messages(rec, f.messages, where), add_generation_prompt=True)
+    return _str(rec, f.prompt, where, fmt)
+
+
+def parse_record(rec: Any, fmt: str, f, where: str, render_chat: RenderChat, counts: collections.Counter):
+    """One raw record -> the canonical record of ``fmt``, or None when it is dropped (and counted)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    if fmt == "text":
+        return {"text": _str(rec, f.text, where, fmt)}
+    if fmt == "prompt":
+        return {"prompt": _prompt(rec, f, where, fmt, render_chat)}
+    if fmt == "sft":
+        if f.prompt not in rec and f.messages in rec:
+            msgs = _messages(rec, f.messages, where)
+            if msgs[-1]["role"] != "assistant":
+                raise ValueError(
+                    f"{where}: field {f.messages!r}: the last message must be the assistant's reply"
+                )
+            return {
+                "prompt": render_chat(msgs[:-1], add_generation_prompt=True),
+                "response": msgs[-1]["content"],
+            }
+        return {"prompt": _str(rec, f.prompt, where, fmt), "response": _str(rec, f.response, where, fmt)}
+    if fmt == "rank":
+        prompt = _prompt(rec, f, where, fmt, render_chat)
+        if f.responses in rec:
+            responses = rec[f.responses]
+            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+                raise ValueError(f"{where}: field {f.responses!r} must be a list of strings (best -> worst)")
+            if f.scores in rec:
+                scores = rec[f.scores]
+                if (
+                    not isinstance(scores, list)
+                    or len(scores) != len(responses)
+                    or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+                ):
+                    raise ValueError(
+                        f"{where}: field {f.scores!r} must be a list of {len(responses)} numbers"
+                    )
+                order = sorted(range(len(responses)), key=lambda i: -scores[i])
+                responses, scores = [responses[i] for i in order], [scores[i] for i in order]
+            else:
+                scores = list(range(len(responses), 0, -1))
+        elif f.chosen in rec or f.rejected in rec:
+            responses = [_str(rec, f.chosen, where, fmt), _str(rec, f.rejected, where, fmt)]
+            scores = [1, 0]
+        else:
+            raise ValueError(
+                f"{where}: missing field {f.responses!r} (or {f.chosen!r}/{f.rejected!r}) for format "
+                f"'rank'; fields present: {sorted(rec)}"
+            )
+        kept, kept_scores = [], []
+        for r, s in zip(responses, scores):
+            if r in kept or (kept_scores and s == kept_scores[-1]):  # a tie with a better-ranked response
+                counts["rank_tied_responses_dropped"] += 1
+                continue
+            kept.append(r)
+            kept_scores.append(s)
+        if len(kept) < 2:
+            counts["rank_records_dropped_ties"] += 1
+            return None
+        return {"prompt": prompt, "responses": kept}
+    raise ValueError(f"{where}: unknown format {fmt!r}")
+
+
+def _files(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not files:
+        raise FileNotFoundError(f"{what}: no file matches {pattern!r}")
+    return files
+
+
+def _jsonl(path: str) -> Iterable[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        n = 0
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            n += 1
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})"
+                ) from None
+    if n == 0:
+        raise ValueError(f"{path}: empty file (no records)")
+
+
+def _text_file(path: str, separator: str) -> Iterable[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        content = fh.read()
+    if not content.strip():
+        raise ValueError(f"{path}: empty file (no text)")
+    docs = content.split(separator) if separator else [content]
+    for i, doc in enumerate(d for d in docs if d.strip()):
+        yield f"{path} document {i}", {"text": doc.strip("\n")}
+
+
+def _to_python(value: Any) -> Any:
+    """TFDS numpy values -> str / list / dict / numbers, so records look like parsed JSON."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value.tolist()] if value.ndim else _to_python(value.item())
+    if isinstance(value, dict):
+        return {k: _to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _tfds(name: str, data_dir: str, split: str) -> Iterable[tuple[str, Any]]:
+    import_tf()
+    import tensorflow_datasets as tfds
+
+    what = f"TFDS dataset {name!r} (data_dir={data_dir or 'default'!r})"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # DatasetNotFoundError and friends: name the dataset, keep the cause
+        raise ValueError(f"{what} does not exist: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if split not in builder.info.splits:
+        raise ValueError(
+            f"{what} has no split {split!r} (it has {sorted(builder.info.splits)}); "
+            "prepare it with `tfds build` or set the source's split"
+        )
+    ds = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    n = 0
+    for i, ex in enumerate(ds):
+        n += 1
+        yield f"{what}[{split}] example {i}", _to_python(ex)
+    if n == 0:
+        raise ValueError(f"{what}[{split}] is empty")
+
+
+def read(
+    name: str, src, split: str, data_cfg, render_chat: RenderChat, counts: collections.Counter
+) -> list[dict] | None:
+    """All records of source ``name`` for 'train' or 'validation' (None: the source has no such data)."""
+    fmt = src.format
+    if src.builtin:
+        if src.builtin != "tiny":
+            raise ValueError(f"data.sources.{name}.builtin={src.builtin!r}: the only built-in task is 'tiny'")
+        records = tiny.records(fmt, split, data_cfg.tiny)
+        counts["records_read"] += len(records)
+        return records
+    if split == "train":
+        path, tfds_split = src.path, src.split
+    else:
+        path, tfds_split = src.validation_path, src.validation_split
+        if not path and not (src.tfds and tfds_split):
+            return None
+    if src.tfds:
+        raw = _tfds(src.tfds, src.data_dir, tfds_split)
+    elif path:
+        files = _files(path, f"data.sources.{name}.{'path' if split == 'train' else 'validation_path'}")
+        raw = (
+            item
+            for p in files
+            for item in (_text_file(p, src.doc_separator) if p.endswith(".txt") else _jsonl(p))
+        )
+        if any(p.endswith(".txt") for p in files) and fmt != "text":
+            raise ValueError(f"data.sources.{name}: text files hold format 'text' only, not {fmt!r}")
+    else:
+        raise ValueError(f"data.sources.{name}: set one of path, tfds or builtin")
+    records = []
+    for where, rec in raw:
+        counts["records_read"] += 1
+        out = parse_record(rec, fmt, src.fields, where, render_chat, counts)
+        if out is not None:
+            records.append(out)
+    return records

@@ -1,0 +1,193 @@
+"""Vocabularies: bytes (default, no files), a local SentencePiece model, a Hugging Face ``tokenizer.json``.
+
+Every vocabulary has the same small surface, used by the pipeline, sampling and the HF interop:
+
+    vocab.vocab_size, vocab.pad_id, vocab.bos_id, vocab.eos_id
+    vocab.encode(text) -> list[int]          # no BOS/EOS added: the feature converters add them explicitly
+    vocab.decode(ids) -> str                 # stops at the first EOS, skips PAD/BOS
+    vocab.render_chat(messages, add_generation_prompt=True) -> str
+
+The chat template is text, so it works the same for every vocabulary: each message renders as
+``"<role>: <content>\\n"`` and the generation prompt is ``"assistant: "``. The assistant's reply is followed by
+EOS (added by the SFT converter), not by template text. A Hugging Face checkpoint that ships a Jinja
+``chat_template`` in ``tokenizer_config.json`` uses that template instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError(f"chat message {i} must be a dict with string 'role' and 'content', got {m!r}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"chat message {i} has role {m['role']!r}; use one of {ROLES}")
+
+
+def render_plain_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The built-in text chat template: one ``role: content`` line per message."""
+    _check_messages(messages)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+def _cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+class ByteVocabulary:
+    """UTF-8 bytes 0..255, then PAD=256, BOS=257, EOS=258 (vocab_size 259, the model config's default)."""
+
+    def __init__(self):
+        self.pad_id, self.bos_id, self.eos_id = 256, 257, 258
+        self.vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = _cut_at_eos(ids, self.eos_id)
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return render_plain_chat(messages, add_generation_prompt)
+
+
+class SentencePieceVocabulary:
+    """A SentencePiece model trained with ``scripts/train_tokenizer.py`` (pad/bos/eos ids are stored in it)."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"SentencePiece model {path!r} not found; train one with scripts/train_tokenizer.py"
+            )
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
+        for name, i in (("pad", self.pad_id), ("bos", self.bos_id), ("eos", self.eos_id)):
+            if i < 0:
+                raise ValueError(
+                    f"SentencePiece model {path!r} has no {name} token; retrain with "
+                    "scripts/train_tokenizer.py, which defines pad/bos/eos"
+                )
+        self.vocab_size = self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [i for i in _cut_at_eos(ids, self.eos_id) if i not in (self.pad_id, self.bos_id)]
+        return self._sp.decode(ids)
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return render_plain_chat(messages, add_generation_prompt)
+
+
+def _special_id(tok, config: dict, key: str, candidates: Sequence[str]) -> int | None:
+    value = config.get(key)
+    if isinstance(value, dict):  # older tokenizer_config.json stores AddedToken dicts
+        value = value.get("content")
+    for name in ([value] if isinstance(value, str) else []) + list(candidates):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+class HuggingFaceVocabulary:
+    """A Hugging Face fast tokenizer (``tokenizer.json``) so imported checkpoints keep their own tokenizer.
+
+    ``path`` is a checkpoint directory (with ``tokenizer.json`` and optionally ``tokenizer_config.json``,
+    whose special tokens and Jinja ``chat_template`` are used) or the ``tokenizer.json`` file itself.
+    Missing PAD falls back to EOS (GPT-2 style); missing BOS falls back to EOS too.
+    """
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        tok_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(tok_file):
+            raise FileNotFoundError(f"no tokenizer.json at {path!r}: pass a checkpoint directory or the file")
+        self.path = tok_file
+        self._tok = Tokenizer.from_file(tok_file)
+        cfg_file = os.path.join(os.path.dirname(tok_file), "tokenizer_config.json")
+        config: dict[str, Any] = {}
+        if os.path.isfile(cfg_file):
+            with open(cfg_file) as f:
+                config = json.load(f)
+        self.chat_template: str | None = (
+            config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+        )
+        self.eos_id = _special_id(
+            self._tok, config, "eos_token", ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"]
+        )
+        if self.eos_id is None:
+            raise ValueError(f"{tok_file}: cannot find an EOS token; set eos_token in tokenizer_config.json")
+        self.bos_id = _special_id(self._tok, config, "bos_token", ["<s>", "<|begin_of_text|>", "<bos>"])
+        self.pad_id = _special_id(self._tok, config, "pad_token", ["<pad>", "[PAD]"])
+        self.bos_id = self.eos_id if self.bos_id is None else self.bos_id
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+        self._bos_token = self._tok.id_to_token(self.bos_id)
+        self._eos_token = self._tok.id_to_token(self.eos_id)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [i for i in _cut_at_eos(ids, self.eos_id) if i not in (self.pad_id, self.bos_id)]
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            return render_plain_chat(messages, add_generation_prompt)
+        import jinja2
+
+        _check_messages(messages)
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg):
+            raise ValueError(f"{self.path}: chat template: {msg}")
+
+        text = env.from_string(self.chat_template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            raise_exception=raise_exception,
+            bos_token=self._bos_token,
+            eos_token=self._eos_token,
+        )
+        # The converters add BOS themselves; a template that starts with it would double it.
+        return text.removeprefix(self._bos_token)
+
+
+Vocabulary = ByteVocabulary | SentencePieceVocabulary | HuggingFaceVocabulary
+KINDS = ("byte", "sentencepiece", "hf")
+
+
+def get_vocabulary(data_cfg) -> Vocabulary:
+    """The vocabulary named by ``data_cfg.vocab`` (kind 'byte' | 'sentencepiece' | 'hf', path)."""
+    v = data_cfg.vocab
+    if v.kind == "byte":
+        return ByteVocabulary()
+    if v.kind in ("sentencepiece", "hf") and not v.path:
+        raise ValueError(f"data.vocab.kind={v.kind!r} needs data.vocab.path")
+    if v.kind == "sentencepiece":
+        return SentencePieceVocabulary(v.path)
+    if v.kind == "hf":
+        return HuggingFaceVocabulary(v.path)
+    raise ValueError(f"data.vocab.kind={v.kind!r} is unknown; use one of {KINDS}")
