@@ -7,7 +7,8 @@
 Each family module (``hf_gpt2``, ``hf_opt``, ``hf_llama``) gives the config translation and one table of
 ``Entry`` rows: an HF tensor name (``{i}`` = layer index), the params it holds and the two conversions.
 Loading reads one tensor at a time and builds each device's shard in a ``make_array_from_callback``
-callback, so no device ever holds more than its shard. Configs we cannot represent exactly are refused, naming the field.
+callback, so no device ever holds more than its shard. Configs we cannot represent exactly are refused,
+naming the field.
 """
 
 from __future__ import annotations

@@ -1,0 +1,130 @@
+"""LLaMA-family checkpoints (LlamaForCausalLM; Mistral and Qwen2 when their architecture is the same).
+
+HF's q/k/v projections are already in the rotate-half rotary layout that ``model.rope`` uses, so the weights
+only change from torch Linear [out, in] to our [in, heads, head_dim]. Qwen2 is LLaMA with q/k/v biases.
+"""
+
+from __future__ import annotations
+
+from gptjax import model
+from gptjax.hf import Entry, field, ident, linear_in, linear_out, refuse, require, reshaped, same, transposed
+
+PREFIX = "model."
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    """rope_theta from ``rope_parameters`` (transformers >= 5) or the older ``rope_theta`` / ``rope_scaling``."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind != "default":
+            refuse(where, f"{key}.rope_type", kind, "only plain rotary embeddings (rope_type 'default')")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict, where: str) -> model.ModelConfig:
+    model_type = hf["model_type"]
+    require(hf, where, "hidden_act", ("silu",), "silu", "only SwiGLU (silu-gated) MLPs are implemented")
+    require(hf, where, "mlp_bias", (False,), False, "a bias on the gate projection, which our SwiGLU lacks")
+    max_len = field(hf, where, "max_position_embeddings")
+    if model_type == "qwen2":
+        require(hf, where, "use_sliding_window", (False,), False, "sliding-window attention")
+        qkv_bias, out_bias = True, False
+    else:
+        qkv_bias = out_bias = bool(hf.get("attention_bias", False))
+    window = hf.get("sliding_window")
+    if model_type == "mistral" and window is not None and window < max_len:
+        refuse(
+            where, "sliding_window", window, f"sliding-window attention shorter than the context ({max_len})"
+        )
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        refuse(where, "layer_types", sorted(layer_types), "only full attention in every layer")
+    n_heads = field(hf, where, "num_attention_heads")
+    d = field(hf, where, "hidden_size")
+    return model.ModelConfig.llama(
+        vocab_size=field(hf, where, "vocab_size"),
+        d_model=d,
+        n_layers=field(hf, where, "num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or d // n_heads,
+        d_ff=field(hf, where, "intermediate_size"),
+        max_len=max_len,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(hf, where),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=qkv_bias,
+        out_bias=out_bias,
+        mlp_bias=False,
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def config_to_hf(cfg: model.ModelConfig) -> dict:
+    # q/k/v biases without an output bias is Qwen2; LLaMA's attention_bias covers all four projections.
+    model_type = "qwen2" if cfg.qkv_bias and not cfg.out_bias else "llama"
+    out = {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.dim_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_head,
+        "max_position_embeddings": cfg.max_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu" if cfg.mlp == "swiglu" else cfg.mlp,
+        "rope_theta": cfg.rope_theta,  # transformers < 5
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "mlp_bias": cfg.mlp_bias,
+        "initializer_range": cfg.init_std,
+        "attention_dropout": 0.0,
+    }
+    if model_type == "llama":
+        out["attention_bias"] = cfg.qkv_bias
+    else:
+        out["use_sliding_window"] = False
+    return out
+
+
+def entries(cfg: model.ModelConfig) -> list[Entry]:
+    H, K, E = cfg.n_heads, cfg.kv_heads, cfg.dim_head
+    ly = PREFIX + "layers.{i}."
+    attn, mlp = ("blocks", "attn"), ("blocks", "mlp")
+    copy = (ident, lambda x: x)
+    out = [
+        Entry(PREFIX + "embed_tokens.weight", same(("embed",)), *copy),
+        Entry(ly + "input_layernorm.weight", same(("blocks", "attn_norm", "scale")), *copy),
+        Entry(ly + "post_attention_layernorm.weight", same(("blocks", "mlp_norm", "scale")), *copy),
+        Entry(PREFIX + "norm.weight", same(("final_norm", "scale")), *copy),
+        Entry(ly + "self_attn.o_proj.weight", same(attn + ("wo",)), *linear_out(H, E)),
+        Entry(ly + "mlp.gate_proj.weight", same(mlp + ("w_gate",)), *transposed()),
+        Entry(ly + "mlp.up_proj.weight", same(mlp + ("w_in",)), *transposed()),
+        Entry(ly + "mlp.down_proj.weight", same(mlp + ("w_out",)), *transposed()),
+    ]
+    for name, heads in (("q", H), ("k", K), ("v", K)):
+        out.append(
+            Entry(ly + f"self_attn.{name}_proj.weight", same(attn + (f"w{name}",)), *linear_in(heads, E))
+        )
+        if cfg.qkv_bias:
+            bias = reshaped((heads, E), (heads * E,))
+            out.append(Entry(ly + f"self_attn.{name}_proj.bias", same(attn + (f"b{name}",)), *bias))
+    if cfg.out_bias:
+        out.append(Entry(ly + "self_attn.o_proj.bias", same(attn + ("bo",)), *copy))
+    if not cfg.tie_embeddings:
+        out.append(Entry("lm_head.weight", same(("lm_head",)), *transposed()))
+    return out
+
+
+def ignorable(names: set[str], cfg: model.ModelConfig) -> list[str]:
+    """Rotary frequency buffers of old checkpoints, and a tied LM head stored anyway."""
+    extra = [n for n in names if n.endswith(".rotary_emb.inv_freq")]
+    if cfg.tie_embeddings and "lm_head.weight" in names:
+        extra.append("lm_head.weight")
+    return extra
