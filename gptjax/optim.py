@@ -32,16 +32,17 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only (biases, norm scales and scalars are not decayed).
+    """Weight decay on weight matrices and embeddings only; biases, norm scales and heads' scalars are not.
 
-    Params under 'blocks' carry a leading layer axis, which does not count as a matrix dimension.
+    Decided by the leaf's name in gptjax.model's layout: weights are named w*, embeddings embed / pos_embed /
+    lm_head (shape alone can't tell: a per-head q bias [layers, H, E] is not a matrix).
     """
 
-    def is_matrix(path, x):
-        stacked = bool(path) and getattr(path[0], "key", None) == "blocks"
-        return x.ndim - int(stacked) >= 2
+    def is_decayed(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return name.startswith("w") or name in ("embed", "pos_embed", "lm_head")
 
-    return jax.tree_util.tree_map_with_path(is_matrix, params)
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
 def make_optimizer(optim_cfg: Any, total_steps: int) -> optax.GradientTransformation:

@@ -127,9 +127,9 @@ def make_train_step(
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
         out = reduce_metrics(metrics)
         out.update(
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(params),
-            update_norm=optax.global_norm(updates),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),
+            update_norm=optax.tree.norm(updates),
             tokens=metrics["loss"][1],
         )
         if lr_schedule is not None:
