@@ -47,7 +47,7 @@ def _str(rec: dict, key: str, where: str, fmt: str) -> str:
         )
     value = rec[key]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}")
+        raise TypeError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}")
     return value
 
 
@@ -63,7 +63,7 @@ def _messages(rec: dict, key: str, where: str) -> list[dict]:
             or not isinstance(m.get("role"), str)
             or not isinstance(m.get("content"), str)
         ):
-            raise ValueError(
+            raise TypeError(
                 f"{where}: field {key!r}[{i}] must have string 'role' and 'content', got {m!r:.80}"
             )
     return msgs
@@ -78,7 +78,7 @@ def _prompt(rec: dict, f, where: str, fmt: str, render_chat: RenderChat) -> str:
 def parse_record(rec: Any, fmt: str, f, where: str, render_chat: RenderChat, counts: collections.Counter):
     """One raw record -> the canonical record of ``fmt``, or None when it is dropped (and counted)."""
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+        raise TypeError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     if fmt == "text":
         return {"text": _str(rec, f.text, where, fmt)}
     if fmt == "prompt":
@@ -193,7 +193,7 @@ def _tfds(name: str, data_dir: str, split: str) -> Iterable[tuple[str, Any]]:
     what = f"TFDS dataset {name!r} (data_dir={data_dir or 'default'!r})"
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # DatasetNotFoundError and friends: name the dataset, keep the cause
+    except ValueError as e:  # DatasetNotFoundError (a ValueError) and bad names: name the dataset
         raise ValueError(f"{what} does not exist: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if split not in builder.info.splits:
         raise ValueError(
