@@ -402,10 +402,24 @@ def save(
     if len(files) > 1:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_cfg.update(_special_token_ids(tokenizer))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
     if tokenizer is not None:
         copy_tokenizer(getattr(tokenizer, "path", tokenizer), path)
+
+
+def _special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """bos/eos/pad ids for config.json from a vocabulary (or a path holding a tokenizer.json)."""
+    if tokenizer is None:
+        return {}
+    if not hasattr(tokenizer, "eos_id"):
+        src = os.fspath(tokenizer)
+        if not os.path.isfile(src if src.endswith(".json") else os.path.join(src, "tokenizer.json")):
+            return {}  # a sentencepiece-only tokenizer: its files are copied, its ids stay in its own config
+        tokenizer = load_tokenizer(src)
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id", None) for k in ("bos", "eos", "pad")}
+    return {k: int(v) for k, v in ids.items() if v is not None}
 
 
 def copy_tokenizer(src: str, dst: str) -> list[str]:

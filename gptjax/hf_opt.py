@@ -72,7 +72,7 @@ def config_to_hf(cfg: model.ModelConfig) -> dict:
 
 
 def entries(cfg: model.ModelConfig) -> list[Entry]:
-    D, H, E = cfg.d_model, cfg.n_heads, cfg.dim_head
+    H, E = cfg.n_heads, cfg.dim_head
     dec = PREFIX + "decoder."
     ly = dec + "layers.{i}."
     attn, mlp = ("blocks", "attn"), ("blocks", "mlp")
