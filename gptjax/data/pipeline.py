@@ -147,12 +147,10 @@ def load_records(data_cfg, stage: str, split: str, vocab, counts: dict[str, coll
             held_out = sources.read(name, src, "validation", data_cfg, vocab.render_chat, c)
         if held_out is None and data_cfg.validation_fraction > 0 and not src.builtin:
             # No explicit held-out data: carve a fixed fraction by a stable hash (same on every host and run).
-            frac = data_cfg.validation_fraction
-            held_out = [r for r in records if _hash(_prompt_of(r), "validation") < frac]
-            records = [r for r in records if _hash(_prompt_of(r), "validation") >= frac]
-            c[f"validation_carved_{split}_excluded" if split == "train" else "validation_carved"] += (
-                len(records) if split == "validation" else len(held_out)
-            )
+            is_val = [_hash(_prompt_of(r), "validation") < data_cfg.validation_fraction for r in records]
+            held_out = [r for r, v in zip(records, is_val) if v]
+            records = [r for r, v in zip(records, is_val) if not v]
+            c["validation_carved"] += len(held_out)
         if split == "validation":
             if held_out is None:
                 continue
