@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gptjax.kernels import decode_attention as da
+from gptjax.kernels import flash_attention as fa
 
 from gptjax import attention as attn_lib
 from gptjax import model as model_lib
-from gptjax.kernels import decode_attention as da
-from gptjax.kernels import flash_attention as fa
 
 SMALL = fa.BlockSizes(16, 16, 16, 16, 16, 16)  # many blocks even on tiny inputs
 
@@ -40,34 +40,43 @@ def _err(a, b):
 
 def _check(B, L, S, H, K, D, causal, seg, dtype, tol, block_sizes=SMALL, seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    q, k, v = _rand(ks[0], (B, L, H, D), dtype), _rand(ks[1], (B, S, K, D), dtype), _rand(ks[2], (B, S, K, D), dtype)
+    q, k, v = (
+        _rand(ks[0], (B, L, H, D), dtype),
+        _rand(ks[1], (B, S, K, D), dtype),
+        _rand(ks[2], (B, S, K, D), dtype),
+    )
     do = _rand(ks[3], (B, L, H, D), dtype)
     q_seg = kv_seg = None
     if seg:
         q_seg = _segments(ks[4], B, L)
         kv_seg = q_seg if L == S else _segments(ks[5], B, S)
     fn = functools.partial(
-        fa.flash_attention, causal=causal, segment_ids_BL=q_seg, kv_segment_ids_BS=kv_seg,
+        fa.flash_attention,
+        causal=causal,
+        segment_ids_BL=q_seg,
+        kv_segment_ids_BS=kv_seg,
         block_sizes=block_sizes,
     )
     ref = functools.partial(
         fa.flash_attention_reference, causal=causal, segment_ids_BL=q_seg, kv_segment_ids_BS=kv_seg
     )
-    out, vjp = jax.vjp(fn, q, k, v)
-    out_r, vjp_r = jax.vjp(ref, q, k, v)
+    up = (lambda x: x.astype(jnp.float32)) if dtype == jnp.bfloat16 else (lambda x: x)
+
+    @jax.jit
+    def both(q, k, v, do):
+        # bf16 kernels are compared to the fp32 reference on the same (bf16-rounded) inputs.
+        out, vjp = jax.vjp(fn, q, k, v)
+        out_r, vjp_r = jax.vjp(ref, up(q), up(k), up(v))
+        return out, vjp(do), out_r, vjp_r(up(do))
+
+    out, grads, out_r, grads_r = both(q, k, v, do)
     assert out.shape == q.shape and out.dtype == q.dtype
-    if dtype == jnp.bfloat16:
-        # The reference sees the same bf16 inputs but rounds p to bf16 once over all keys; compare to fp32.
-        out_r, vjp_r = jax.vjp(ref, q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
-        do_r = do.astype(jnp.float32)
-    else:
-        do_r = do
     errs = {"out": _err(out, out_r)}
-    for name, g, g_r in zip(("dq", "dk", "dv"), vjp(do), vjp_r(do_r)):
+    for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r):
         assert g.dtype == dtype
         errs[name] = _err(g, g_r)
     assert max(errs.values()) <= tol, errs
-    return out, vjp(do), q_seg
+    return out, grads, q_seg
 
 
 F32, BF16 = 1e-5, 2e-2
@@ -99,7 +108,7 @@ def test_flash_default_blocks_and_cross_segments():
 def test_flash_fully_masked_rows_are_zero():
     # q longer than kv with causal: rows i < L - S see no key; padding (segment 0) rows see no key either.
     B, L, S, H, K, D = 2, 45, 20, 4, 2, 16
-    out, (dq, dk, dv), _ = _check(B, L, S, H, K, D, True, False, jnp.float32, F32)
+    out, (dq, _, _), _ = _check(B, L, S, H, K, D, True, False, jnp.float32, F32)
     np.testing.assert_array_equal(np.asarray(out[:, : L - S]), 0.0)
     np.testing.assert_array_equal(np.asarray(dq[:, : L - S]), 0.0)
     seg = jnp.array([[1] * 10 + [2] * 14 + [0] * 8, [0] * 32]).astype(jnp.int32)
@@ -109,8 +118,8 @@ def test_flash_fully_masked_rows_are_zero():
     def loss(q, k, v):
         return jnp.sum(fa.flash_attention(q, k, v, True, seg, block_sizes=SMALL) ** 2)
 
-    out = fa.flash_attention(q, k, k, True, seg, block_sizes=SMALL)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, k)
+    out = jax.jit(lambda q, k: fa.flash_attention(q, k, k, True, seg, block_sizes=SMALL))(q, k)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k)
     np.testing.assert_array_equal(np.asarray(out[0, 24:]), 0.0)
     np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
     for g in grads:
@@ -122,17 +131,46 @@ def test_flash_fully_masked_rows_are_zero():
 
 def test_block_ranges_skip_masked_blocks():
     # Causal 64 x 64 with 16-wide tiles: row block i visits kv blocks [0, i], the diagonal one masked.
-    r = np.asarray(fa.block_ranges(n_rows=64, n_cols=64, br=16, bc=16, nr=4, nc=4, rows_are_q=True,
-                                   causal=True, offset=0)).reshape(4, 4)
+    r = np.asarray(
+        fa.block_ranges(
+            n_rows=64, n_cols=64, br=16, bc=16, nr=4, nc=4, rows_are_q=True, causal=True, offset=0
+        )
+    ).reshape(4, 4)
     np.testing.assert_array_equal(r, [[0, 0, 0, 1], [0, 0, 1, 2], [0, 0, 2, 3], [0, 0, 3, 4]])
     # Two documents of 32 tokens: the second document's rows never visit the first document's blocks.
     seg = jnp.array([[1] * 32 + [2] * 32], jnp.int32)
-    r = np.asarray(fa.block_ranges(n_rows=64, n_cols=64, br=16, bc=16, nr=4, nc=4, rows_are_q=True,
-                                   causal=True, offset=0, row_seg=seg, col_seg=seg)).reshape(4, 4)
+    r = np.asarray(
+        fa.block_ranges(
+            n_rows=64,
+            n_cols=64,
+            br=16,
+            bc=16,
+            nr=4,
+            nc=4,
+            rows_are_q=True,
+            causal=True,
+            offset=0,
+            row_seg=seg,
+            col_seg=seg,
+        )
+    ).reshape(4, 4)
     np.testing.assert_array_equal(r[2:], [[2, 2, 2, 3], [2, 2, 3, 4]])
     # dk/dv view (rows = kv blocks): kv block 0 is seen by q blocks [0, 2), q block 1 needs no mask.
-    r = np.asarray(fa.block_ranges(n_rows=64, n_cols=64, br=16, bc=16, nr=4, nc=4, rows_are_q=False,
-                                   causal=True, offset=0, row_seg=seg, col_seg=seg)).reshape(4, 4)
+    r = np.asarray(
+        fa.block_ranges(
+            n_rows=64,
+            n_cols=64,
+            br=16,
+            bc=16,
+            nr=4,
+            nc=4,
+            rows_are_q=False,
+            causal=True,
+            offset=0,
+            row_seg=seg,
+            col_seg=seg,
+        )
+    ).reshape(4, 4)
     np.testing.assert_array_equal(r[0], [0, 1, 2, 2])
 
 
@@ -158,9 +196,15 @@ def test_flash_rejects_bad_input():
 )
 def test_decode_attention(B, S, H, K, D, dtype, block_k, splits):
     ks = jax.random.split(jax.random.PRNGKey(7), 4)
-    q, kc, vc = _rand(ks[0], (B, H, D), dtype), _rand(ks[1], (B, S, K, D), dtype), _rand(ks[2], (B, S, K, D), dtype)
+    q, kc, vc = (
+        _rand(ks[0], (B, H, D), dtype),
+        _rand(ks[1], (B, S, K, D), dtype),
+        _rand(ks[2], (B, S, K, D), dtype),
+    )
     lengths = jax.random.randint(ks[3], (B,), 1, S + 1).at[0].set(S).at[1].set(0)
-    out = da.decode_attention(q, kc, vc, lengths, block_k=block_k, num_splits=splits)
+    out = jax.jit(functools.partial(da.decode_attention, block_k=block_k, num_splits=splits))(
+        q, kc, vc, lengths
+    )
     ref = da.decode_attention_reference(q, kc, vc, lengths)
     assert out.shape == (B, H, D) and out.dtype == dtype
     assert _err(out, ref) <= (F32 if dtype == jnp.float32 else BF16)
@@ -173,8 +217,10 @@ def test_decode_attention(B, S, H, K, D, dtype, block_k, splits):
 
 def test_cudnn_impl_with_segments():
     ks = jax.random.split(jax.random.PRNGKey(11), 4)
-    q, k, v = _rand(ks[0], (2, 24, 4, 16), jnp.float32), _rand(ks[1], (2, 24, 2, 16), jnp.float32), _rand(
-        ks[2], (2, 24, 2, 16), jnp.float32
+    q, k, v = (
+        _rand(ks[0], (2, 24, 4, 16), jnp.float32),
+        _rand(ks[1], (2, 24, 2, 16), jnp.float32),
+        _rand(ks[2], (2, 24, 2, 16), jnp.float32),
     )
     seg = _segments(ks[3], 2, 24)
     if jax.default_backend() != "gpu":
@@ -203,8 +249,8 @@ def test_model_apply_pallas_matches_xla():
         logits = model_lib.apply(cfg, params, tokens, segment_ids_BL=seg)
         return jnp.sum(logits * w), logits
 
-    (lx, logits_x), gx = jax.value_and_grad(functools.partial(loss, cfg_x), has_aux=True)(params)
-    (lp, logits_p), gp = jax.value_and_grad(functools.partial(loss, cfg_p), has_aux=True)(params)
+    (_, logits_x), gx = jax.value_and_grad(functools.partial(loss, cfg_x), has_aux=True)(params)
+    (_, logits_p), gp = jax.value_and_grad(functools.partial(loss, cfg_p), has_aux=True)(params)
     assert _err(logits_p, logits_x) <= 1e-4
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
         assert _err(a, b) <= 1e-4
