@@ -1,0 +1,173 @@
+"""Benchmark attention implementations: xla / cudnn / pallas, forward and forward+backward, and decode.
+
+    python scripts/bench_attention.py                 # GPU: seq 1k-16k, head dim 64/128, bf16
+    python scripts/bench_attention.py --quick         # tiny sizes, any backend (CPU: Pallas interpreter)
+
+FLOPs count only visible (query, key) pairs, so causal attention is about half of non-causal and packed
+batches count only pairs inside a document: forward = 4 * pairs * D per head (QK^T and PV), backward =
+2.5x forward (five matmuls to two), as in the FlashAttention papers. Every implementation is timed on the
+same work, so TFLOP/s compare directly. Decode reports ms and the GB/s of reading the valid part of the
+KV cache against the HBM bound (--hbm-gbps, H100 SXM: 3350).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gptjax.kernels import decode_attention as da
+
+from gptjax import attention as attn_lib
+
+
+def _time(fn, *args, iters: int, warmup: int = 2) -> float:
+    """Median wall time in ms of fn(*args) (jitted, results blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def _packed_segments(rng: np.random.Generator, B: int, L: int, mean_doc: int) -> np.ndarray:
+    """Documents of random lengths (exponential, mean ``mean_doc``) packed back to back, ids 1, 2, ..."""
+    seg = np.zeros((B, L), np.int32)
+    for b in range(B):
+        pos, doc = 0, 1
+        while pos < L:
+            n = max(16, int(rng.exponential(mean_doc)))
+            seg[b, pos : pos + n] = doc
+            pos, doc = pos + n, doc + 1
+    return seg
+
+
+def _visible_pairs(seg: np.ndarray | None, B: int, L: int, causal: bool) -> float:
+    if seg is None:
+        return B * (L * (L + 1) / 2 if causal else L * L)
+    total = 0.0
+    for row in seg:
+        _, counts = np.unique(row[row > 0], return_counts=True)
+        total += float(np.sum(counts * (counts + 1) / 2 if causal else counts * counts))
+    return total
+
+
+def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype):
+    key = jax.random.PRNGKey(0)
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (B, L, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, L, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, L, K, D), jnp.float32).astype(dtype)
+    do = jax.random.normal(kd, (B, L, H, D), jnp.float32).astype(dtype)
+    seg_j = None if seg is None else jnp.asarray(seg)
+    attn = functools.partial(attn_lib.attention, impl=impl, causal=causal)
+    fwd = jax.jit(lambda q, k, v, s: attn(q, k, v, segment_ids_BL=s))
+    fwd_bwd = jax.jit(
+        lambda q, k, v, s, do: jax.vjp(lambda q, k, v: attn(q, k, v, segment_ids_BL=s), q, k, v)[1](do)
+    )
+    t_f = _time(fwd, q, k, v, seg_j, iters=iters)
+    t_fb = _time(fwd_bwd, q, k, v, seg_j, do, iters=iters)
+    flops_f = 4.0 * _visible_pairs(seg, B, L, causal) * H * D
+    return t_f, flops_f / t_f / 1e9, t_fb, 3.5 * flops_f / t_fb / 1e9
+
+
+def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
+    key = jax.random.PRNGKey(1)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, H, D), jnp.float32).astype(dtype)
+    kc = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
+    vc = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
+    lengths = jnp.full((B,), S, jnp.int32)
+    fn = jax.jit(da.decode_attention)
+    ref = jax.jit(da.decode_attention_reference)
+    err = float(
+        jnp.max(
+            jnp.abs(fn(q, kc, vc, lengths).astype(jnp.float32) - ref(q, kc, vc, lengths).astype(jnp.float32))
+        )
+    )
+    ms = _time(fn, q, kc, vc, lengths, iters=iters)
+    nbytes = 2 * B * S * K * D * jnp.dtype(dtype).itemsize
+    bound_ms = nbytes / (hbm_gbps * 1e9) * 1e3
+    return ms, nbytes / ms / 1e6, bound_ms, err
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU-friendly smoke run)")
+    p.add_argument("--seqs", default="1024,2048,4096,8192,16384")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--impls", default="xla,cudnn,pallas")
+    p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seq")
+    p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim // head_dim")
+    p.add_argument("--gqa", type=int, default=1, help="query heads per kv head")
+    p.add_argument("--mean-doc", type=int, default=0, help="packed mean document length (0: seq // 4)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--xla-max-seq", type=int, default=8192, help="skip xla above this (scores in memory)")
+    p.add_argument("--hbm-gbps", type=float, default=3350.0)
+    p.add_argument("--decode", default="8x4096,8x16384,32x2048,1x65536", help="BxS cache shapes")
+    args = p.parse_args()
+    if args.quick:
+        args.seqs, args.head_dims, args.tokens, args.model_dim = "64", "64", 64, 128
+        args.iters, args.decode = 2, "2x128"
+    dtype = jnp.bfloat16
+    backend = jax.default_backend()
+    impls = [i for i in args.impls.split(",") if i != "cudnn" or backend == "gpu"]
+    print(
+        f"jax {jax.__version__}, device: {jax.devices()[0].device_kind} ({backend}); bf16; "
+        f"impls {impls}{'' if 'cudnn' in impls else ' (cudnn needs a GPU)'}"
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for D in map(int, args.head_dims.split(",")):
+        H = max(1, args.model_dim // D)
+        K = max(1, H // args.gqa)
+        for L in map(int, args.seqs.split(",")):
+            B = max(1, args.tokens // L)
+            for case in ("causal", "packed"):
+                seg = _packed_segments(rng, B, L, args.mean_doc or L // 4) if case == "packed" else None
+                for impl in impls:
+                    if impl == "xla" and L > args.xla_max_seq:
+                        continue
+                    try:
+                        res = bench_attention(impl, B, L, H, K, D, True, seg, args.iters, dtype)
+                    except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported shape)
+                        print(f"  {impl} {case} L={L} D={D}: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    rows.append((case, L, D, B, H, K, impl, *res))
+    print("\nAttention, bf16 (TFLOP/s over visible pairs; fwd+bwd counts 3.5x the forward FLOPs)")
+    hdr = (
+        f"{'case':7} {'seq':>6} {'hd':>4} {'B':>3} {'H/K':>6} {'impl':7} {'fwd ms':>9} {'fwd TF/s':>9} "
+        f"{'f+b ms':>9} {'f+b TF/s':>9} {'f+b vs cudnn':>12}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    cudnn_fb = {(r[0], r[1], r[2]): r[9] for r in rows if r[6] == "cudnn"}
+    for case, L, D, B, H, K, impl, tf, ftf, tfb, fbtf in rows:
+        ref = cudnn_fb.get((case, L, D))
+        ratio = f"{ref / tfb:11.2f}x" if ref else f"{'':12}"
+        print(
+            f"{case:7} {L:6d} {D:4d} {B:3d} {f'{H}/{K}':>6} {impl:7} {tf:9.3f} {ftf:9.1f} {tfb:9.3f} {fbtf:9.1f} {ratio}"
+        )
+    print(f"\nDecode attention (pallas), bf16, full caches; HBM bound at {args.hbm_gbps:.0f} GB/s")
+    hdr = f"{'B':>3} {'cache':>7} {'hd':>4} {'H/K':>6} {'ms':>9} {'GB/s':>8} {'bound ms':>9} {'x bound':>8} {'max err':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for D in map(int, args.head_dims.split(",")):
+        H = max(1, args.model_dim // D)
+        K = max(1, H // max(args.gqa, 4))  # decode is benchmarked with GQA (4 query heads per kv head)
+        for shape in args.decode.split(","):
+            B, S = map(int, shape.split("x"))
+            ms, gbs, bound, err = bench_decode(B, S, H, K, D, args.iters, dtype, args.hbm_gbps)
+            print(
+                f"{B:3d} {S:7d} {D:4d} {f'{H}/{K}':>6} {ms:9.4f} {gbs:8.0f} {bound:9.4f} {ms / bound:8.2f} {err:8.1e}"
+            )
+
+
+if __name__ == "__main__":
+    main()
