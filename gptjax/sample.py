@@ -15,6 +15,7 @@ before top-k / top-p truncation, so they match what a full forward pass of the p
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -89,6 +90,20 @@ def _sample(logits_BV, key, temperature, top_p, *, greedy: bool, top_k: int, use
 # The jitted loop
 
 
+def _prefill(cfg, params, prompts_BP, positions_BP, prompt_lengths_B, cache):
+    """Logits at each row's last prompt token, and the cache with all P slots written.
+
+    When ``model.decode`` can project only chosen positions (``logits_at_B``), the [B, P, V] logits of the
+    whole prompt are never built: at a 128k vocabulary they would dwarf the KV cache.
+    """
+    last_B = prompt_lengths_B - 1
+    if "logits_at_B" in inspect.signature(model_lib.decode).parameters:
+        logits_B1V, cache = model_lib.decode(cfg, params, prompts_BP, positions_BP, cache, logits_at_B=last_B)
+        return logits_B1V[:, 0], cache
+    logits_BPV, cache = model_lib.decode(cfg, params, prompts_BP, positions_BP, cache)
+    return jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0], cache
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "cache_dtype"),
@@ -120,8 +135,9 @@ def _generate(
 
     cache = model_lib.init_cache(cfg, B, P + T, dtype=cache_dtype)
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits_BPV, cache = model_lib.decode(cfg, params, prompts_BP.astype(jnp.int32), positions_BP, cache)
-    last_logits_BV = jnp.take_along_axis(logits_BPV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    last_logits_BV, cache = _prefill(
+        cfg, params, prompts_BP.astype(jnp.int32), positions_BP, prompt_lengths_B, cache
+    )
 
     def record(state, t, token_B, logp_B):
         """Write step t's token (pad for rows already done) and update done flags."""
@@ -150,7 +166,7 @@ def _generate(
         state = record(state, t, token_B, logp_B)
         return t + 1, cache, state[0][:, t], state
 
-    steps, _, _, (tokens_BT, logprobs_BT, done_B) = jax.lax.while_loop(
+    steps, _, _, (tokens_BT, logprobs_BT, _) = jax.lax.while_loop(
         cond, body, (jnp.int32(1), cache, state[0][:, 0], state)
     )
     is_eos_BT = tokens_BT == eos_id

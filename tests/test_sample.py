@@ -9,7 +9,7 @@ import pytest
 
 from gptjax import model, sample, sharding
 
-TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=24, init_std=0.2)
+TINY = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_len": 24, "init_std": 0.2}
 CFGS = {
     "gpt2": model.ModelConfig.gpt2(**TINY, tie_embeddings=False),  # untied: tied tiny models just echo
     "llama": model.ModelConfig.llama(**TINY, n_kv_heads=2),  # GQA, RoPE
@@ -17,7 +17,7 @@ CFGS = {
 PROMPT_LENGTHS = np.array([5, 2, 3])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(cfg):
     return model.init(cfg, jax.random.key(0))
 
@@ -116,7 +116,7 @@ def test_sampled_logprobs_and_truncation_match_full_forward(family):
 
 def test_top_k_1_equals_greedy():
     cfg = CFGS["llama"]
-    kw = dict(max_new_tokens=7, prompt_lengths_B=PROMPT_LENGTHS)  # the greedy test's shapes: compiled once
+    kw = {"max_new_tokens": 7, "prompt_lengths_B": PROMPT_LENGTHS}  # the greedy test's shapes: compiled once
     greedy = sample.generate(cfg, _params(cfg), _prompts(cfg), jax.random.key(5), temperature=0.0, **kw)
     top1 = sample.generate(
         cfg, _params(cfg), _prompts(cfg), jax.random.key(5), temperature=1.5, top_k=1, **kw
@@ -148,7 +148,7 @@ def test_top_p_and_top_k_filters_on_known_logits():
 def test_eos_stops_rows_pads_after_and_stops_loop():
     cfg = CFGS["gpt2"]
     params, prompts, T = _params(cfg), _prompts(cfg), 7  # the greedy test's shapes: compiled once
-    kw = dict(max_new_tokens=T, temperature=0.0, prompt_lengths_B=PROMPT_LENGTHS, return_info=True)
+    kw = {"max_new_tokens": T, "temperature": 0.0, "prompt_lengths_B": PROMPT_LENGTHS, "return_info": True}
     free = sample.generate(cfg, params, prompts, jax.random.key(0), **kw)
     free_BT = np.asarray(free.tokens_BT)
     eos = int(free_BT[0, 3])
@@ -299,18 +299,18 @@ def test_concat_prompt_response_layout():
 @pytest.mark.parametrize(
     "cfg_kw, call_kw, match",
     [
-        (dict(head="scalar"), {}, "LM head"),
-        ({}, dict(prompts=np.zeros((2, 25), np.int32)), r"25 tokens long .* max_len=24"),
-        ({}, dict(max_new_tokens=20), r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds .* max_len=24"),
-        ({}, dict(prompt_lengths_B=np.array([5, 0])), r"prompt_lengths_B\[1\]=0 is outside \[1, 5\]"),
-        ({}, dict(prompt_lengths_B=np.array([6, 2])), r"prompt_lengths_B\[0\]=6"),
-        ({}, dict(prompt_lengths_B=np.array([5, 2, 3])), r"shape \(3,\), expected \(2,\)"),
-        ({}, dict(top_p=0.0), "top_p=0.0"),
-        ({}, dict(top_k=62), "top_k=62"),
-        ({}, dict(temperature=-1.0), "temperature=-1.0"),
-        ({}, dict(eos_id=61), "eos_id=61 is outside"),
-        ({}, dict(max_new_tokens=0), "max_new_tokens=0"),
-        ({}, dict(prompts=np.zeros((5,), np.int32)), r"\[batch, prompt_len\]"),
+        ({"head": "scalar"}, {}, "LM head"),
+        ({}, {"prompts": np.zeros((2, 25), np.int32)}, r"25 tokens long .* max_len=24"),
+        ({}, {"max_new_tokens": 20}, r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds .* max_len=24"),
+        ({}, {"prompt_lengths_B": np.array([5, 0])}, r"prompt_lengths_B\[1\]=0 is outside \[1, 5\]"),
+        ({}, {"prompt_lengths_B": np.array([6, 2])}, r"prompt_lengths_B\[0\]=6"),
+        ({}, {"prompt_lengths_B": np.array([5, 2, 3])}, r"shape \(3,\), expected \(2,\)"),
+        ({}, {"top_p": 0.0}, "top_p=0.0"),
+        ({}, {"top_k": 62}, "top_k=62"),
+        ({}, {"temperature": -1.0}, "temperature=-1.0"),
+        ({}, {"eos_id": 61}, "eos_id=61 is outside"),
+        ({}, {"max_new_tokens": 0}, "max_new_tokens=0"),
+        ({}, {"prompts": np.zeros((5,), np.int32)}, r"\[batch, prompt_len\]"),
     ],
 )
 def test_errors(cfg_kw, call_kw, match):
