@@ -37,7 +37,7 @@ def test_cleaning_steps_change_and_count(tmp_path):
         {"text": "x" * 50},  # too long
         {"text": "plain text stays"},
     ]
-    opts = dict(unicode="NFKC", control_chars=True, whitespace=True, min_chars=3, max_chars=40)
+    opts = {"unicode": "NFKC", "control_chars": True, "whitespace": True, "min_chars": 3, "max_chars": 40}
     cfg = data.default_config()
     cfg.sources.c = data.source(format="text", path=_write(tmp_path / "c.jsonl", rows), clean=opts)
     out, counts = _load(cfg, "pretrain")
@@ -68,7 +68,7 @@ def test_dedup_removes_planted_duplicates_across_sources_and_nothing_else(tmp_pa
         {"text": base[1]},
     ]  # 2 exact dups inside a
     b_rows = [{"text": d} for d in base[40:]] + [{"text": base[5]}] + [{"text": d} for d in near]
-    sw = dict(dedup=True, near_dup=True)
+    sw = {"dedup": True, "near_dup": True}
     cfg = data.default_config()
     cfg.sources.a = data.source(format="text", path=_write(tmp_path / "a.jsonl", a_rows), clean=sw)
     cfg.sources.b = data.source(format="text", path=_write(tmp_path / "b.jsonl", b_rows), clean=sw)
@@ -148,7 +148,7 @@ def test_validation_fraction_carves_a_disjoint_held_out_set(tmp_path):
         _load(cfg, "prompts", "validation")
     cfg.validation_fraction = 0.1
     train = {r["prompt"] for r in _load(cfg, "prompts")[0]["p"]}
-    val, counts = _load(cfg, "prompts", "validation")
+    val, _counts = _load(cfg, "prompts", "validation")
     val = {r["prompt"] for r in val["p"]}
     assert not train & val and len(train | val) == 300 and 10 < len(val) < 55
     it = data.make_iterator(

@@ -143,7 +143,7 @@ def test_text_files_split_documents(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\nline two\n\nsecond doc\n\n\n")
     (tmp_path / "b.txt").write_text("third doc")
     cfg = _cfg(c=data.source(format="text", path=str(tmp_path / "*.txt")))
-    out, counts = _records(cfg, "pretrain")
+    out, _counts = _records(cfg, "pretrain")
     assert [r["text"] for r in out["c"]] == ["first doc\nline two", "second doc", "third doc"]
     cfg.sources.c.doc_separator = "\n"
     out, _ = _records(cfg, "pretrain")
@@ -160,10 +160,10 @@ def test_tfds_every_format(tfds_dir):
         p=data.source(format="prompt", fields=f, validation_split="test", **common),
         pair=data.source(format="rank", fields={"prompt": "question"}, stages="rm", **common),
     )
-    out, counts = _records(cfg, "pretrain")
+    out, _counts = _records(cfg, "pretrain")
     assert sorted(r["text"] for r in out["t"]) == [f"document number {i}" for i in range(6)]
     out, _ = _records(cfg, "sft")
-    assert sorted(out["s"], key=str)[0] == {"prompt": "q0?", "response": "a0"}
+    assert min(out["s"], key=str) == {"prompt": "q0?", "response": "a0"}
     out, _ = _records(cfg, "rm")
     assert {r["prompt"]: r["responses"] for r in out["r"]}["q1?"] == ["best1", "mid1", "worst1"]
     assert {r["prompt"]: r["responses"] for r in out["pair"]}["q1?"] == ["good1", "bad1"]

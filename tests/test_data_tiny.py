@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-import gptjax.data as data
+from gptjax import data
 from gptjax.data import tiny
 
 
@@ -99,5 +99,7 @@ def test_tiny_config_per_stage_and_pretraining_text():
         data.tiny_config("ppo")
     docs = tiny.text_records(0, 100)
     lines = [ln for d in docs for ln in d["text"].split("\n")]
-    right = np.mean([tiny.gold_reward(ln[: ln.index("=") + 1], ln[ln.index("=") + 1 :]) == 1.0 for ln in lines])
+    right = np.mean(
+        [tiny.gold_reward(ln[: ln.index("=") + 1], ln[ln.index("=") + 1 :]) == 1.0 for ln in lines]
+    )
     assert 0.85 < right < 0.97  # mostly correct worked examples, some mistakes

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 Message = dict[str, str]
@@ -31,7 +31,7 @@ def _check_messages(messages: Sequence[Message]) -> None:
             or not isinstance(m.get("role"), str)
             or not isinstance(m.get("content"), str)
         ):
-            raise ValueError(f"chat message {i} must be a dict with string 'role' and 'content', got {m!r}")
+            raise TypeError(f"chat message {i} must be a dict with string 'role' and 'content', got {m!r}")
         if m["role"] not in ROLES:
             raise ValueError(f"chat message {i} has role {m['role']!r}; use one of {ROLES}")
 
@@ -96,6 +96,57 @@ class SentencePieceVocabulary:
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         return render_plain_chat(messages, add_generation_prompt)
+
+
+SP_SPECIAL = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_prefix: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+) -> str:
+    """Train a SentencePiece model on ``texts`` locally; returns the ``.model`` path.
+
+    PAD/UNK/BOS/EOS get ids 0-3 and byte fallback is on, so any UTF-8 text encodes without UNK.
+    """
+    import sentencepiece as spm
+
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("train_sentencepiece: no text to train on")
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    try:
+        _train_spm(spm, texts, model_prefix, vocab_size, model_type, character_coverage)
+    except RuntimeError as e:
+        if "Vocabulary size is smaller" not in str(e):
+            raise
+        raise ValueError(
+            f"train_sentencepiece: vocab_size={vocab_size} is too small: the 256 byte pieces, 4 special "
+            f"tokens and every character of the text need an id each ({str(e).split('. ')[-2]})"
+        ) from None
+    return model_prefix + ".model"
+
+
+def _train_spm(spm, texts, model_prefix, vocab_size, model_type, character_coverage):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        hard_vocab_limit=False,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+        **SP_SPECIAL,
+    )
 
 
 def _special_id(tok, config: dict, key: str, candidates: Sequence[str]) -> int | None:
