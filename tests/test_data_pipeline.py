@@ -181,3 +181,19 @@ def test_epochs_are_full_permutations_and_resume_across_them():
     resumed = _it(cfg, "prompts", batch_size=5, seq_len=24)
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["prompt_ids_B"], want)
+
+
+def test_unpacked_rows_hold_one_document_and_long_documents_split():
+    cfg = _small_tiny("sft")
+    cfg.pack = False
+    b = next(_it(cfg, "sft"))
+    _check_lm_batch(b, 64)
+    assert b["segment_ids_BL"].max() == 1 and np.all(b["segment_ids_BL"][:, 0] == 1)
+    # Pretraining documents longer than a row continue in the next row, re-reading one token: no target lost.
+    cfg = _small_tiny("pretrain")
+    it = _it(cfg, "pretrain", batch_size=1, seq_len=16)
+    rows = [next(it) for _ in range(4)]
+    first, second = rows[0]["inputs_BL"][0], rows[1]["inputs_BL"][0]
+    assert rows[0]["segment_ids_BL"][0].min() == 1  # the row is full
+    assert second[0] == first[-1] and rows[1]["positions_BL"][0, 0] == 0
+    assert rows[0]["weights_BL"][0, -1] == 0 and rows[1]["targets_BL"][0, 0] == second[1]
