@@ -17,8 +17,12 @@ single-token decoding when impl == 'pallas'.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("xla", "cudnn", "pallas")
 
@@ -72,6 +76,44 @@ def xla_attention(
         "bkgls,bskd->blkgd", p_BKGLS.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32
     )
     return out_BLKGD.reshape(B, L, H, D).astype(q_BLHD.dtype)
+
+
+def _mesh_axes(batch: int, heads: tuple[int, ...]):
+    """(context mesh, batch mesh axes or None, 'tensor' or None) for splitting a kernel call per device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, None, None
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+    if not batch_axes or batch % math.prod(sizes[a] for a in batch_axes):
+        batch_axes = None
+    t = sizes.get("tensor", 1)
+    head_axis = "tensor" if t > 1 and all(h % t == 0 for h in heads) else None
+    return mesh, batch_axes, head_axis
+
+
+def _shard_call(call, mesh, args, specs, out_spec):
+    """shard_map ``call`` over the context mesh (resharding first where the mesh's axes are Explicit)."""
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        args = tuple(None if a is None else jax.sharding.reshard(a, sp) for a, sp in zip(args, specs))
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)
+
+
+def _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS):
+    """Run the flash kernel per device under the context mesh (``jax.set_mesh``): batch over the batch axes,
+    heads over 'tensor'. A Pallas call has no partitioning rule, so without a context mesh XLA would gather
+    its inputs onto every device; with none set (single device, tests) the kernel is called directly.
+    """
+
+    def call(q, k, v, seg, kv_seg):
+        return fn(q, k, v, segment_ids_BL=seg, kv_segment_ids_BS=kv_seg)
+
+    args = (q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS)
+    mesh, b, h = _mesh_axes(q_BLHD.shape[0], (q_BLHD.shape[2], k_BSKD.shape[2]))
+    if mesh is None:
+        return call(*args)
+    qkv, seg = P(b, None, h, None), P(b, None)
+    return _shard_call(call, mesh, args, (qkv, qkv, qkv, seg, seg), qkv)
 
 
 def cudnn_attention(
@@ -147,15 +189,8 @@ def attention(
 
         if segment_ids_BL is None and kv_segment_ids_BS is not None:
             segment_ids_BL = jnp.ones(q_BLHD.shape[:2], kv_segment_ids_BS.dtype)
-        return fa.flash_attention(
-            q_BLHD,
-            k_BSKD,
-            v_BSKD,
-            causal=causal,
-            segment_ids_BL=segment_ids_BL,
-            softmax_scale=softmax_scale,
-            kv_segment_ids_BS=kv_segment_ids_BS,
-        )
+        fn = functools.partial(fa.flash_attention, causal=causal, softmax_scale=softmax_scale)
+        return _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS)
     raise ValueError(f"attention_impl={impl!r} is not available; choose one of {IMPLS} ('xla' always works)")
 
 
@@ -179,10 +214,13 @@ def cached_attention(
         from gptjax.kernels import decode_attention as da
 
         lengths_B = q_positions_BL[:, 0].astype(jnp.int32) + 1
-        out_BHD = da.decode_attention(
-            q_BLHD[:, 0], k_cache_BSKD, v_cache_BSKD, lengths_B, softmax_scale=softmax_scale
-        )
-        return out_BHD[:, None]
+        call = functools.partial(da.decode_attention, softmax_scale=softmax_scale)
+        args = (q_BLHD[:, 0], k_cache_BSKD, v_cache_BSKD, lengths_B)
+        mesh, b, h = _mesh_axes(q_BLHD.shape[0], (q_BLHD.shape[2], k_cache_BSKD.shape[2]))
+        if mesh is None:
+            return call(*args)[:, None]
+        cache = P(b, None, h, None)
+        return _shard_call(call, mesh, args, (P(b, h, None), cache, cache, P(b)), P(b, h, None))[:, None]
     S = k_cache_BSKD.shape[1]
     mask_BLS = q_positions_BL[:, :, None] >= jnp.arange(S)[None, None, :]
     return xla_attention(q_BLHD, k_cache_BSKD, v_cache_BSKD, mask_BLS, softmax_scale)
