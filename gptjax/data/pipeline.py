@@ -195,6 +195,12 @@ class DataIterator:
             raise ValueError(f"stage={stage!r}; use one of {config_lib.STAGES}")
         if split not in ("train", "validation"):
             raise ValueError(f"split={split!r}; use 'train' or 'validation'")
+        if batch_size < 1 or seq_len < 2:
+            raise ValueError(f"batch_size={batch_size} must be >= 1 and seq_len={seq_len} >= 2")
+        if data_cfg.num_responses == 1 or data_cfg.num_responses < 0:
+            raise ValueError(
+                f"data.num_responses={data_cfg.num_responses}: use 0 (the most any record has) or >= 2"
+            )
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
         self.stage, self.split, self.seed = stage, split, int(seed)
