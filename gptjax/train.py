@@ -37,6 +37,20 @@ PEAK_FLOPS = (
 )
 
 
+def setup_logging() -> None:
+    """INFO from gptjax itself; only warnings and errors from libraries (orbax, seqio, TF are chatty)."""
+    import logging as py_logging
+
+    logging.set_verbosity(logging.INFO)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def keep(record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or record.pathname.startswith(here)
+
+    logging.get_absl_handler().addFilter(keep)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def peak_flops(device: jax.Device) -> float | None:
     for key, flops in PEAK_FLOPS:
         if key in device.device_kind:
@@ -161,10 +175,10 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     from gptjax import data
 
     sharding.maybe_initialize_distributed()
-    os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
     model_cfg = model_config(config.model)
     check_config(config, model_cfg, mesh)
+    os.makedirs(workdir, exist_ok=True)
     t = config.train
 
     vocab = data.get_vocabulary(config.data)

@@ -13,7 +13,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    train.setup_logging()
     train.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
