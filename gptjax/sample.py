@@ -182,11 +182,12 @@ def _generate(
 
 def _host_value(x) -> np.ndarray | None:
     """x as numpy when it can be read without a trace or a cross-host fetch; None otherwise."""
-    if isinstance(x, jax.core.Tracer):
+    try:  # a tracer raises on both
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
-    return np.asarray(x)
 
 
 def check_lengths(cfg: model_lib.ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
@@ -234,7 +235,8 @@ def generate(
     temperature 1 when greedy), the response mask, lengths and whether each row emitted EOS.
 
     cfg, max_new_tokens, top_k, cache_dtype and the greedy / top-p switches are compile-time constants;
-    temperature, top_p, eos_id and pad_id values are not. Params and prompts may be sharded; this also runs inside jit.
+    temperature, top_p, eos_id and pad_id values are not. Params and prompts may be sharded, and this also
+    runs inside an outer jit (prompt lengths are then trusted: they must lie in [1, P]).
     """
     if cfg.head != "lm":
         raise ValueError(
