@@ -339,12 +339,21 @@ class DataIterator:
         return [self.texts[int(i)] for i in np.asarray(ids).reshape(-1)]
 
 
+def _quiet_seqio_shuffle_warning(record) -> bool:
+    # seqio warns that an uncached FunctionDataSource shuffles poorly on restarts; ours is a full seeded
+    # permutation per epoch and restarts resume by position, so the warning does not apply.
+    return "uncached FunctionDataset" not in record.getMessage()
+
+
 def _register(
     stage: str, split: str, uids: dict[str, np.ndarray], rates: dict[str, float], shuffle_buffer: int
 ):
     """seqio Tasks (one per source) and their Mixture; re-registering the same names replaces them."""
     tf = sources.import_tf()
     import seqio
+
+    if _quiet_seqio_shuffle_warning not in logging.get_absl_logger().filters:
+        logging.get_absl_logger().addFilter(_quiet_seqio_shuffle_warning)
 
     tag = hashlib.blake2b(
         repr(sorted((n, len(u), int(u[0]) if len(u) else -1) for n, u in uids.items())).encode(),
