@@ -327,3 +327,23 @@ def test_rope_may_run_past_max_len_with_a_warning():
         cfg, _params(cfg), _prompts(cfg), jax.random.key(0), max_new_tokens=20, temperature=0.0, eos_id=None
     )
     assert out.shape == (3, 20)
+
+
+def test_prefill_uses_last_token_logits_when_decode_offers_them(monkeypatch):
+    cfg, plain_decode, seen = CFGS["gpt2"], model.decode, []
+
+    def decode(cfg, params, tokens_BL, positions_BL, cache, *, logits_at_B=None):
+        logits_BLV, cache = plain_decode(cfg, params, tokens_BL, positions_BL, cache)
+        if logits_at_B is None:
+            return logits_BLV, cache
+        seen.append(tokens_BL.shape)
+        return jnp.take_along_axis(logits_BLV, logits_at_B[:, None, None], axis=1), cache
+
+    kw = {"max_new_tokens": 3, "temperature": 0.0, "prompt_lengths_B": np.array([4, 1])}
+    want = sample.generate(cfg, _params(cfg), _prompts(cfg, B=2, P=4), jax.random.key(0), **kw)
+    monkeypatch.setattr(model, "decode", decode)
+    sample._generate.clear_cache()  # retrace with the patched decode
+    got = sample.generate(cfg, _params(cfg), _prompts(cfg, B=2, P=4), jax.random.key(0), **kw)
+    sample._generate.clear_cache()
+    assert seen == [(2, 4)]  # the prefill call only
+    np.testing.assert_array_equal(got, want)
