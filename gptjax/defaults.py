@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ml_collections import ConfigDict
 
@@ -61,3 +62,16 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
             raise ValueError(f"config arg {k!r} is unknown; known: {sorted(defaults)}")
         out[k] = v
     return out
+
+
+def load_config(spec: str):
+    """'configs/tiny.py:stage=sft' -> that file's get_config('stage=sft') (what --config does on the CLI)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -42,10 +42,12 @@ def setup_logging() -> None:
     import logging as py_logging
 
     logging.set_verbosity(logging.INFO)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(package)
+    ours = (package + os.sep, os.path.join(repo, "scripts") + os.sep, os.path.join(repo, "kernels") + os.sep)
 
     def keep(record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or record.pathname.startswith(here)
+        return record.levelno >= py_logging.WARNING or record.pathname.startswith(ours)
 
     logging.get_absl_handler().addFilter(keep)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -8,9 +8,8 @@ import sys
 import time
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the scripts' config loader)
 
-from gptjax import train
+from gptjax import defaults, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {
@@ -25,12 +24,7 @@ SMALL = {
 
 
 def tiny_config(stage, **overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(f"stage={stage}")
+    c = defaults.load_config(os.path.join(ROOT, "configs", "tiny.py") + f":stage={stage}")
     for key, value in {**SMALL, **overrides}.items():
         section, name = key.split(".")
         setattr(c[section], name, value)
