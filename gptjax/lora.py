@@ -11,6 +11,7 @@ The adapters live inside the model: ``ModelConfig.lora_rank > 0`` gives every ta
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -142,9 +143,23 @@ def add_adapters(
         raise ValueError("lora.add_adapters: params already hold adapters; merge or split them first")
     _check_structure(cfg.replace(lora_rank=0), params, "lora.add_adapters")
 
-    # Only the adapter half of a full init is returned, so XLA drops the base-weight initialisation.
+    shapes = split(model.param_shapes(cfg))[0]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+
+    # Same rule as model.init (model._add_lora): A ~ N(0, 1/fan_in), B = 0, so the output is unchanged.
+    # One normal draw sliced into every A: each random op costs a separate, slow compile on CPU.
     def make(rng):
-        return split(model.init(cfg, rng))[0]
+        is_a = [not _key_name(path[-1]).endswith("_lora_b") for path, _ in flat]
+        noise = jax.random.normal(rng, (sum(s.size for (_, s), a in zip(flat, is_a) if a),))
+        out, offset = [], 0
+        for (path, s), a in zip(flat, is_a):
+            if not a:
+                out.append(jnp.zeros(s.shape, s.dtype))
+                continue
+            fan_in = math.prod(s.shape[1:-1] if _key_name(path[0]) == "blocks" else s.shape[:-1])
+            out.append((noise[offset : offset + s.size].reshape(s.shape) * fan_in**-0.5).astype(s.dtype))
+            offset += s.size
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     shardings = None if mesh is None else adapter_shardings(cfg, mesh)
     adapters = jax.jit(make, out_shardings=shardings)(rng)
