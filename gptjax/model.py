@@ -102,11 +102,11 @@ class ModelConfig:
     def dim_ff(self) -> int:
         return self.d_ff or 4 * self.d_model
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     @classmethod
-    def gpt2(cls, **kw) -> "ModelConfig":
+    def gpt2(cls, **kw) -> ModelConfig:
         base = dict(
             family="gpt2",
             norm="layernorm",
@@ -121,7 +121,7 @@ class ModelConfig:
         return cls(**{**base, **kw})
 
     @classmethod
-    def llama(cls, **kw) -> "ModelConfig":
+    def llama(cls, **kw) -> ModelConfig:
         base = dict(
             family="llama",
             norm="rmsnorm",

@@ -103,7 +103,7 @@ def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
 
 def shardings_for(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a pytree given its logical axes and shapes (ShapeDtypeStructs or arrays)."""
-    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)  # noqa: E731
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)
     return jax.tree.map(
         lambda axes, s: NamedSharding(mesh, logical_to_spec(axes, tuple(s.shape), mesh)),
         axes_tree,

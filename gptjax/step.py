@@ -11,7 +11,8 @@ once, so gradient accumulation is exactly the big-batch gradient of ``sum / coun
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

@@ -1,6 +1,6 @@
 """Train one stage: python scripts/train.py --config configs/tiny.py:stage=pretrain --workdir runs/x"""
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax import train
