@@ -179,12 +179,13 @@ def _add_lora(module, cfg: ModelConfig, rngs: nnx.Rngs, name: str, in_axes: tupl
     if cfg.lora_rank == 0 or name not in cfg.lora_targets:
         return
     pd, R = jnp.dtype(cfg.param_dtype), cfg.lora_rank
-    shape = dict(
-        zip(
-            ("embed", "heads", "kv_heads", "head_dim", "mlp"),
-            (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.dim_ff),
-        )
-    )
+    shape = {
+        "embed": cfg.d_model,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_head,
+        "mlp": cfg.dim_ff,
+    }
     in_shape, out_shape = tuple(shape[a] for a in in_axes), tuple(shape[a] for a in out_axes)
     fan_in = math.prod(in_shape)
     setattr(module, f"{name}_lora_a", _param(rngs, (*in_shape, R), (*in_axes, "lora_rank"), fan_in**-0.5, pd))
