@@ -14,7 +14,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def _rope_theta(hf: dict, where: str) -> float:
-    """rope_theta from ``rope_parameters`` (transformers >= 5) or the older ``rope_theta`` / ``rope_scaling``."""
+    """rope_theta from ``rope_parameters`` (transformers 5) or the older ``rope_theta`` / ``rope_scaling``."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):

@@ -1,4 +1,4 @@
-"""OPT in Hugging Face format (OPTForCausalLM): learned positions offset by 2, ReLU MLP, torch Linear weights."""
+"""OPT in Hugging Face format (OPTForCausalLM): learned positions offset by 2, ReLU MLP, Linear weights."""
 
 from __future__ import annotations
 

@@ -38,21 +38,25 @@ def adapter_mask(params: Params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: is_adapter(path), params)
 
 
-def _partition(tree: Params, keep_adapters: bool, path: tuple = ()) -> Params:
+def _partition(tree: Params, first: bool, also: tuple[str, ...], path: tuple = ()) -> Params:
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            sub = _partition(v, keep_adapters, (*path, k))
+            sub = _partition(v, first, also, (*path, k))
             if sub:
                 out[k] = sub
-        elif is_adapter((*path, k)) == keep_adapters:
+        elif (is_adapter((*path, k)) or any(str(p) in also for p in (*path, k))) == first:
             out[k] = v
     return out
 
 
-def split(params: Params) -> tuple[Params, Params]:
-    """(adapters, base): two disjoint nested dicts; together they hold every leaf of ``params``."""
-    return _partition(params, True), _partition(params, False)
+def split(params: Params, also: tuple[str, ...] = ()) -> tuple[Params, Params]:
+    """(adapters, base): two disjoint nested dicts; together they hold every leaf of ``params``.
+
+    ``also`` names params that train with the adapters (any key on their path), e.g. a reward model's
+    fresh ``("value_head", "value_bias")``.
+    """
+    return _partition(params, True, tuple(also)), _partition(params, False, tuple(also))
 
 
 def combine(adapters: Params, base: Params) -> Params:
@@ -150,9 +154,9 @@ def add_adapters(
     # One normal draw sliced into every A: each random op costs a separate, slow compile on CPU.
     def make(rng):
         is_a = [not _key_name(path[-1]).endswith("_lora_b") for path, _ in flat]
-        noise = jax.random.normal(rng, (sum(s.size for (_, s), a in zip(flat, is_a) if a),))
+        noise = jax.random.normal(rng, (sum(s.size for (_, s), a in zip(flat, is_a, strict=True) if a),))
         out, offset = [], 0
-        for (path, s), a in zip(flat, is_a):
+        for (path, s), a in zip(flat, is_a, strict=True):
             if not a:
                 out.append(jnp.zeros(s.shape, s.dtype))
                 continue

@@ -1,5 +1,5 @@
 """Hugging Face interop: our logits equal transformers' for tiny random GPT-2 / OPT / LLaMA-family models,
-saved checkpoints load back in transformers, sharded loading, and clear refusals of what we cannot represent."""
+saved checkpoints load back in transformers, sharded loading, clear refusals of what we can't represent."""
 
 import json
 import os
@@ -122,7 +122,10 @@ def test_load_streams_into_sharded_layout(tmp_path):
     _, ref = hf.load(tmp_path)
     want = sharding.param_shardings(cfg, mesh)
     for (path, x), s, r in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(want), jax.tree.leaves(ref)
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree.leaves(want),
+        jax.tree.leaves(ref),
+        strict=True,
     ):
         assert x.sharding.is_equivalent_to(s, x.ndim), path
         for shard in x.addressable_shards:  # each device holds only its own slice

@@ -47,6 +47,10 @@ def test_adapter_params_shapes_axes_and_config_checks():
     assert jax.tree.structure(base) == jax.tree.structure(M.param_shapes(BASE))
     assert jax.tree.leaves(lora.adapter_mask(shapes)).count(True) == 2 * len(ALL)
     assert jax.tree.structure(lora.combine(adapters, base)) == jax.tree.structure(shapes)
+    rm = M.param_shapes(cfg.replace(head="scalar"))
+    trainable, frozen = lora.split(rm, also=("value_head", "value_bias"))
+    assert {"value_head", "value_bias", "blocks"} == set(trainable) and "value_head" not in frozen
+    assert jax.tree.structure(lora.combine(trainable, frozen)) == jax.tree.structure(rm)
     with pytest.raises(ValueError, match="lora_targets"):
         BASE.replace(lora_rank=4, lora_targets=("wq", "c_attn"))
     with pytest.raises(ValueError, match="w_gate"):
@@ -149,7 +153,7 @@ def test_add_adapters_sharded_and_input_checks():
     params = lora.add_adapters(cfg, base_params(), jax.random.key(0), mesh=mesh)
     want = lora.adapter_shardings(cfg, mesh)
     got = lora.split(params)[0]
-    for x, s in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for x, s in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert x.sharding.is_equivalent_to(s, x.ndim)
     assert got["blocks"]["attn"]["wq_lora_b"].sharding.spec[2] == "tensor"  # heads split like wq
     with pytest.raises(ValueError, match="already hold adapters"):
