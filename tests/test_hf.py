@@ -275,3 +275,52 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     assert vocab.encode(text) == src.encode(text) and len(vocab.encode(text)) > 1
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert theirs(text, add_special_tokens=False)["input_ids"] == vocab.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# scripts/convert_hf.py
+
+
+def _convert_main():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_hf.py")
+    spec = importlib.util.spec_from_file_location("convert_hf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_convert_script_round_trip_with_a_lora_run(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from gptjax import checkpoint
+
+    main = _convert_main()
+    m = hf_model("llama", tied=False)
+    m.save_pretrained(tmp_path / "hf")
+    make_tokenizer(tmp_path / "hf")
+    main(["--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "base")])
+    cfg, params = checkpoint.load_model(str(tmp_path / "base"))
+    assert os.path.isfile(tmp_path / "base" / "tokenizer" / "tokenizer.json")
+    np.testing.assert_array_less(np.abs(our_logits(cfg, params) - torch_logits(m)).max(), 1e-4)
+
+    # A LoRA run on top of it stores only adapters and names its base in train.init_from.
+    lcfg = cfg.replace(lora_rank=2, lora_targets=("wq", "wv", "w_out"))
+    adapters = lora.split(random_params(lcfg, seed=3))[0]
+    mngr = checkpoint.manager(str(tmp_path / "sft"))
+    meta = checkpoint.meta_for(
+        lcfg, "sft", config=json.dumps({"train": {"init_from": str(tmp_path / "base")}})
+    )
+    mngr.save(
+        7, args=ocp.args.Composite(params=ocp.args.StandardSave(adapters), meta=ocp.args.JsonSave(meta))
+    )
+    mngr.wait_until_finished()
+    main(["--to-hf", str(tmp_path / "out"), "--from", str(tmp_path / "sft")])
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    want = our_logits(lcfg, lora.combine(adapters, params))
+    assert np.abs(want - torch_logits(m)).max() > 1e-2  # the adapters changed the model
+    np.testing.assert_array_less(np.abs(torch_logits(back) - want).max(), 1e-4)
+    assert hf.load_tokenizer(tmp_path / "out").encode("the cat") == hf.load_tokenizer(tmp_path / "hf").encode(
+        "the cat"
+    )

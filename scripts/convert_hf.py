@@ -1,0 +1,130 @@
+"""Convert between Hugging Face checkpoints and gptjax workdirs.
+
+    # HF directory (config.json + safetensors) -> a workdir that --config.train.init_from=WORKDIR starts from
+    python scripts/convert_hf.py --from-hf path/to/llama --to runs/llama_base
+
+    # a training workdir (latest step or --step) -> HF directory; LoRA adapters are merged into the base
+    python scripts/convert_hf.py --to-hf out/hf_model --from runs/sft [--base runs/llama_base]
+
+The tokenizer travels along: copied into WORKDIR/tokenizer on import and back out on export (``--tokenizer``
+overrides). A LoRA run stores only its adapters; its base comes from ``--base`` (a workdir or an HF
+directory) or, by default, from the run's own ``train.init_from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+
+from gptjax import checkpoint, hf, lora, model
+
+
+def from_hf(src: str, workdir: str, dtype: str | None, shard: bool) -> None:
+    import orbax.checkpoint as ocp
+
+    from gptjax import sharding
+
+    mesh = sharding.make_mesh({"fsdp": -1}) if shard else None
+    cfg, params = hf.load(src, mesh=mesh, dtype=dtype)
+    mngr = checkpoint.manager(workdir)
+    if mngr.latest_step() is not None:
+        raise FileExistsError(f"{workdir} already holds checkpoints; pick a new --to directory")
+    meta = checkpoint.meta_for(cfg, "hf", source=os.path.abspath(src))
+    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+    copied = _copy_tokenizer(src, os.path.join(workdir, "tokenizer"))
+    print(
+        f"{src} -> {workdir}: {model.num_params(cfg):,} params ({cfg.family}, {cfg.param_dtype}); "
+        f"tokenizer: {', '.join(copied) or 'none found'}"
+    )
+
+
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+    if not any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return []
+    os.makedirs(dst, exist_ok=True)
+    return hf.copy_tokenizer(src, dst)
+
+
+def _base_source(workdir: str, meta: dict, base: str | None) -> str:
+    if base:
+        return base
+    config = meta.get("config")
+    config = json.loads(config) if isinstance(config, str) else config or {}
+    init_from = (config.get("train") or {}).get("init_from")
+    if not init_from:
+        raise ValueError(f"{workdir} is a LoRA run without train.init_from in its meta; pass --base")
+    return init_from
+
+
+def load_any(path: str, step: int | None = None) -> tuple[model.ModelConfig, dict]:
+    """(cfg, params) from an HF directory or a workdir."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return hf.load(path)
+    return checkpoint.load_model(path, step)
+
+
+def to_hf(
+    workdir: str, dst: str, step: int | None, base: str | None, tokenizer: str | None, max_shard_gb: float
+) -> None:
+    step, meta = checkpoint.load_meta(workdir, step)
+    cfg = checkpoint.model_config_from_meta(meta)
+    if cfg.lora_rank == 0:
+        cfg, params = checkpoint.load_model(workdir, step)
+        tok_src = [os.path.join(workdir, "tokenizer")]
+    else:  # the run saved only adapters: restore them and put them on the base they were trained on
+        base_path = _base_source(workdir, meta, base)
+        base_cfg, base_params = load_any(base_path)
+        want = cfg.replace(lora_rank=0)
+        diff = [f for f in hf.ARCH_FIELDS if getattr(base_cfg, f) != getattr(want, f)]
+        if diff:
+            raise ValueError(f"base {base_path} does not match {workdir}'s model in {diff}")
+        adapter_shapes = lora.split(model.param_shapes(cfg))[0]
+        adapters = checkpoint.load_params(workdir, adapter_shapes, step=step)
+        params = lora.combine(adapters, base_params)
+        tok_src = [os.path.join(workdir, "tokenizer"), os.path.join(base_path, "tokenizer"), base_path]
+    tok = tokenizer or next(
+        (
+            d
+            for d in tok_src
+            if any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer.model"))
+        ),
+        None,
+    )
+    hf.save(cfg, params, dst, tokenizer=tok, max_shard_bytes=int(max_shard_gb * 2**30))
+    merged = (
+        f", {len(jax.tree.leaves(lora.split(params)[0]))} adapter tensors merged" if cfg.lora_rank else ""
+    )
+    print(f"{workdir} step {step} -> {dst}{merged}; tokenizer: {tok or 'none found (pass --tokenizer)'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="import this HF checkpoint directory")
+    way.add_argument("--to-hf", metavar="HF_DIR", help="export to this HF checkpoint directory")
+    p.add_argument("--to", metavar="WORKDIR", help="with --from-hf: the workdir to write")
+    p.add_argument("--from", dest="src", metavar="WORKDIR", help="with --to-hf: the workdir to read")
+    p.add_argument("--step", type=int, default=None, help="with --to-hf: checkpoint step (default: latest)")
+    p.add_argument("--base", default=None, help="with --to-hf of a LoRA run: base workdir or HF directory")
+    p.add_argument("--tokenizer", default=None, help="with --to-hf: tokenizer dir or tokenizer.json to copy")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="param dtype on import")
+    p.add_argument("--shard", action="store_true", help="load sharded over all local devices (fsdp)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors file size on export")
+    args = p.parse_args(argv)
+    if args.from_hf:
+        if not args.to:
+            p.error("--from-hf needs --to WORKDIR")
+        from_hf(args.from_hf, args.to, args.dtype, args.shard)
+    else:
+        if not args.src:
+            p.error("--to-hf needs --from WORKDIR")
+        to_hf(args.src, args.to_hf, args.step, args.base, args.tokenizer, args.max_shard_gb)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
