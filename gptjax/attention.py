@@ -83,7 +83,7 @@ def _mesh_axes(batch: int, heads: tuple[int, ...]):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None, None, None
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
     if not batch_axes or batch % math.prod(sizes[a] for a in batch_axes):
         batch_axes = None
@@ -95,7 +95,9 @@ def _mesh_axes(batch: int, heads: tuple[int, ...]):
 def _shard_call(call, mesh, args, specs, out_spec):
     """shard_map ``call`` over the context mesh (resharding first where the mesh's axes are Explicit)."""
     if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        args = tuple(None if a is None else jax.sharding.reshard(a, sp) for a, sp in zip(args, specs))
+        args = tuple(
+            None if a is None else jax.sharding.reshard(a, sp) for a, sp in zip(args, specs, strict=True)
+        )
     return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)
 
 

@@ -37,7 +37,8 @@ def triton_params(num_warps: int, num_stages: int):
 
 
 def compiler_params(interpret: bool, num_warps: int, num_stages: int):
-    """Explicit Triton params on GPU (selects the Triton lowering on jax 0.10 and 0.11); none when interpreting."""
+    # Passing Triton params explicitly is what selects the Triton lowering on jax 0.10 and 0.11 alike.
+    """Explicit Triton params on GPU; none when interpreting."""
     if interpret:
         return None
     return triton_params(num_warps, num_stages)

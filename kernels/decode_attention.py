@@ -69,7 +69,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, c: _Sta
     q = q_ref[...]  # [Gp, Dp]
 
     def step(j, carry):
-        acc, m, l = carry
+        acc, m, denom = carry
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         s = _compat.dot_nt(q, k) * c.scale2  # [Gp, bk]
@@ -79,20 +79,20 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, c: _Sta
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
+        denom = denom * alpha + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(start, bk), :]
         acc = acc * alpha[:, None] + _compat.dot_nn(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, denom
 
     carry = (
         jnp.zeros((c.Gp, c.Dp), jnp.float32),
         jnp.full((c.Gp,), -jnp.inf, jnp.float32),
         jnp.zeros((c.Gp,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(first, last, step, carry)
+    acc, m, denom = lax.fori_loop(first, last, step, carry)
     o_ref[...] = acc
     m_ref[...] = m
-    l_ref[...] = l
+    l_ref[...] = denom
 
 
 def _pick_block(S: int, want: int) -> int:
@@ -136,7 +136,8 @@ def decode_attention(
     scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
     Gp = max(16, _compat.next_pow2(G))  # tl.dot needs >= 16 rows; padded heads are zero queries
     Dp = max(16, _compat.next_pow2(D))
-    want = block_k or (64 if interp else 128)
+    # Tiles of <= 32 KB: two k/v buffers per pipeline stage stay well inside shared memory.
+    want = block_k or (64 if interp else min(128, 32768 // (Dp * jnp.dtype(k_cache_BSKD.dtype).itemsize)))
     bk = _pick_block(S, want)
     k, v = k_cache_BSKD, v_cache_BSKD
     Sp = S

@@ -1,4 +1,4 @@
-"""Fused flash attention for training: forward + custom-VJP backward Pallas kernels, and a plain-jnp reference.
+"""Fused flash attention for training: forward and custom-VJP backward Pallas kernels, plain-jnp reference.
 
     out_BLHD = flash_attention(q_BLHD, k_BSKD, v_BSKD, causal=True, segment_ids_BL=None)
 
@@ -38,11 +38,15 @@ class BlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def default(cls, backend: str, head_dim: int) -> BlockSizes:
+    def default(cls, backend: str, head_dim: int, itemsize: int = 2) -> BlockSizes:
+        """Tiles sized so that q plus num_stages buffers of k/v tiles fit the H100's 228 KB shared memory
+        and the fp32 accumulators fit the registers (per head dim and input width)."""
         if backend == "gpu":
-            if head_dim > 128:  # register pressure: smaller tiles for head dims up to 256
-                return cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=2)
-            if head_dim <= 64:
+            if head_dim * itemsize > 256:  # bf16 head dims up to 256, fp32 above 64: small tiles
+                return cls(
+                    64, 32, 32, 32, 32, 32, num_warps=8, num_stages=2 if head_dim * itemsize <= 512 else 1
+                )
+            if head_dim * itemsize <= 128:
                 return cls(128, 128, 64, 128, 128, 64, num_warps=4, num_stages=3)
             return cls(128, 64, 64, 64, 64, 64, num_warps=8, num_stages=3)
         # Interpreter: large tiles mean fewer grid steps; they are clamped to the sequence below.
@@ -214,7 +218,7 @@ def flash_attention(
         )
     interp = _compat.use_interpret(interpret)
     Dp = max(16, _compat.next_pow2(D))
-    bs = block_sizes or BlockSizes.default("gpu" if not interp else "cpu", Dp)
+    bs = block_sizes or BlockSizes.default("cpu" if interp else "gpu", Dp, jnp.dtype(q_BLHD.dtype).itemsize)
     for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
         _check_block(name, getattr(bs, name))
     # Clamp tiles to the (power-of-two rounded) sequence so tiny inputs do not pad to a full tile.

@@ -116,7 +116,7 @@ def _fwd_kernel(*refs, c: Static):
     q_seg = qseg_ref[...][:, None] if c.has_seg else None
 
     def step(j, carry, masked):
-        acc, m, l = carry
+        acc, m, denom = carry
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         s = _compat.dot_nt(q, k) * c.scale2
@@ -128,19 +128,19 @@ def _fwd_kernel(*refs, c: Static):
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
+        denom = denom * alpha + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(start, bk), :]
         acc = acc * alpha[:, None] + _compat.dot_nn(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, denom
 
     carry = (
         jnp.zeros((bq, c.Dp), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = _three_loops(ranges_ref, step, carry)
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
+    acc, m, denom = _three_loops(ranges_ref, step, carry)
+    empty = denom == 0.0
+    l_safe = jnp.where(empty, 1.0, denom)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
 

@@ -151,11 +151,12 @@ def main():
     for case, L, D, B, H, K, impl, tf, ftf, tfb, fbtf in rows:
         ref = cudnn_fb.get((case, L, D))
         ratio = f"{ref / tfb:11.2f}x" if ref else f"{'':12}"
-        print(
-            f"{case:7} {L:6d} {D:4d} {B:3d} {f'{H}/{K}':>6} {impl:7} {tf:9.3f} {ftf:9.1f} {tfb:9.3f} {fbtf:9.1f} {ratio}"
-        )
+        hk = f"{H}/{K}"
+        head = f"{case:7} {L:6d} {D:4d} {B:3d} {hk:>6} {impl:7}"
+        print(f"{head} {tf:9.3f} {ftf:9.1f} {tfb:9.3f} {fbtf:9.1f} {ratio}")
     print(f"\nDecode attention (pallas), bf16, full caches; HBM bound at {args.hbm_gbps:.0f} GB/s")
-    hdr = f"{'B':>3} {'cache':>7} {'hd':>4} {'H/K':>6} {'ms':>9} {'GB/s':>8} {'bound ms':>9} {'x bound':>8} {'max err':>8}"
+    hdr = f"{'B':>3} {'cache':>7} {'hd':>4} {'H/K':>6} {'ms':>9} {'GB/s':>8} {'bound ms':>9} {'x bound':>8} "
+    hdr += f"{'max err':>8}"
     print(hdr)
     print("-" * len(hdr))
     for D in map(int, args.head_dims.split(",")):
@@ -164,8 +165,9 @@ def main():
         for shape in args.decode.split(","):
             B, S = map(int, shape.split("x"))
             ms, gbs, bound, err = bench_decode(B, S, H, K, D, args.iters, dtype, args.hbm_gbps)
+            hk = f"{H}/{K}"
             print(
-                f"{B:3d} {S:7d} {D:4d} {f'{H}/{K}':>6} {ms:9.4f} {gbs:8.0f} {bound:9.4f} {ms / bound:8.2f} {err:8.1e}"
+                f"{B:3d} {S:7d} {D:4d} {hk:>6} {ms:9.4f} {gbs:8.0f} {bound:9.4f} {ms / bound:8.2f} {err:8.1e}"
             )
 
 

@@ -72,7 +72,7 @@ def _check(B, L, S, H, K, D, causal, seg, dtype, tol, block_sizes=SMALL, seed=0)
     out, grads, out_r, grads_r = both(q, k, v, do)
     assert out.shape == q.shape and out.dtype == q.dtype
     errs = {"out": _err(out, out_r)}
-    for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r):
+    for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r, strict=True):
         assert g.dtype == dtype
         errs[name] = _err(g, g_r)
     assert max(errs.values()) <= tol, errs
@@ -252,7 +252,7 @@ def test_model_apply_pallas_matches_xla():
     (_, logits_x), gx = jax.value_and_grad(functools.partial(loss, cfg_x), has_aux=True)(params)
     (_, logits_p), gp = jax.value_and_grad(functools.partial(loss, cfg_p), has_aux=True)(params)
     assert _err(logits_p, logits_x) <= 1e-4
-    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx), strict=True):
         assert _err(a, b) <= 1e-4
 
 
@@ -321,7 +321,7 @@ def test_tpu_splash_path_matches_reference():
     ref = lambda q, k, v: fa.flash_attention_reference(q, k, v, True, seg)
     out, vjp = jax.vjp(fn, q, k, v)
     out_r, vjp_r = jax.vjp(ref, q, k, v)
-    for a, b in zip((out, *vjp(do)), (out_r, *vjp_r(do))):
+    for a, b in zip((out, *vjp(do)), (out_r, *vjp_r(do)), strict=True):
         assert _err(a, b) <= F32
 
 
@@ -350,6 +350,6 @@ def test_pallas_dispatch_under_mesh():
         pos = jnp.array([[39], [0], [17], [25]])
         dec = jax.jit(functools.partial(attn_lib.cached_attention, impl="pallas"))(q[:, :1], k, v, pos)
     want = jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _err(a, b) <= F32
     assert _err(dec, attn_lib.cached_attention(q[:, :1], k, v, pos)) <= F32
