@@ -46,6 +46,12 @@ class ModelConfig:
     mlp: str = "gelu"  # 'gelu' (tanh approx, GPT-2) | 'gelu_exact' | 'relu' (OPT) | 'swiglu' (LLaMA)
     pos: str = "learned"  # 'learned' | 'rope'
     rope_theta: float = 10000.0
+    # Long-context rope frequency scaling (Hugging Face rope_type): 'none' | 'linear' | 'llama3'
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original_max_len / low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original_max_len / high are kept
+    rope_original_max_len: int = 8192  # llama3: the context the model was first trained with
     tie_embeddings: bool = True
     qkv_bias: bool = True
     out_bias: bool = True
@@ -73,6 +79,7 @@ class ModelConfig:
             (self.attention_impl in attn_lib.IMPLS, f"attention_impl={self.attention_impl!r}"),
             (self.n_heads % self.kv_heads == 0, f"n_heads={self.n_heads} not a multiple of n_kv_heads"),
             (self.pos != "rope" or self.dim_head % 2 == 0, "rope needs an even head_dim"),
+            (self.rope_scaling in ("none", "linear", "llama3"), f"rope_scaling={self.rope_scaling!r}"),
             (self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
             (
@@ -233,10 +240,29 @@ class Norm(nnx.Module):
         return x.astype(x_BLD.dtype)
 
 
-def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Rotary inverse frequencies [head_dim // 2], with the config's long-context scaling."""
+    D = cfg.dim_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":  # slow rotations stretched by factor, fast ones kept, a ramp between
+        wavelen = 2 * jnp.pi / inv_freq
+        ramp = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        ramp = jnp.clip(ramp, 0.0, 1.0)
+        return (1 - ramp) * inv_freq / cfg.rope_factor + ramp * inv_freq
+    return inv_freq
+
+
+def rope(
+    x_BLHD: jax.Array, positions_BL: jax.Array, theta: float, inv_freq: jax.Array | None = None
+) -> jax.Array:
     """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention)."""
     D = x_BLHD.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
     angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
     cos_BL1D = jnp.cos(jnp.concatenate([angles_BLd, angles_BLd], -1))[:, :, None, :]
     sin_BL1D = jnp.sin(jnp.concatenate([angles_BLd, angles_BLd], -1))[:, :, None, :]
@@ -279,8 +305,9 @@ class Attention(nnx.Module):
         k_BLKD = self._proj(x_BLD, self.wk, getattr(self, "bk", None), "wk", lora_key)
         v_BLKD = self._proj(x_BLD, self.wv, getattr(self, "bv", None), "wv", lora_key)
         if cfg.pos == "rope":
-            q_BLHD = rope(q_BLHD, positions_BL, cfg.rope_theta)
-            k_BLKD = rope(k_BLKD, positions_BL, cfg.rope_theta)
+            inv_freq = rope_inv_freq(cfg)
+            q_BLHD = rope(q_BLHD, positions_BL, cfg.rope_theta, inv_freq)
+            k_BLKD = rope(k_BLKD, positions_BL, cfg.rope_theta, inv_freq)
         return q_BLHD, k_BLKD, v_BLKD
 
     def out(self, o_BLHD, lora_key=None):
@@ -407,7 +434,7 @@ class GPT(nnx.Module):
         out = self.head_out(x_BLD)
         return (out, x_BLD) if return_hidden else out
 
-    def decode(self, tokens_BL, positions_BL, cache):
+    def decode(self, tokens_BL, positions_BL, cache, logits_at_B=None):
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -419,6 +446,8 @@ class GPT(nnx.Module):
             return x_BLD, (k_BSKD, v_BSKD)
 
         x_BLD, (k_NBSKD, v_NBSKD) = jax.lax.scan(body, x_BLD, (stacked, cache["k"], cache["v"]))
+        if logits_at_B is not None:  # project one position per row: a prefill never builds [B, P, V]
+            x_BLD = jnp.take_along_axis(x_BLD, logits_at_B[:, None, None], axis=1)
         return self.head_out(x_BLD), {"k": k_NBSKD, "v": v_NBSKD}
 
 
@@ -468,17 +497,21 @@ def logical_axes(cfg: ModelConfig) -> Params:
     return out
 
 
-def init(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
-    """Random params; with a mesh, every array is created directly in its sharded layout."""
-
+@functools.lru_cache(maxsize=32)
+def _init_fn(cfg: ModelConfig, mesh: jax.sharding.Mesh | None):
     def make(rng):
         return nnx.to_pure_dict(nnx.state(GPT(cfg, nnx.Rngs(params=rng))))
 
     if mesh is None:
-        return jax.jit(make)(rng)
+        return jax.jit(make)
     from gptjax import sharding
 
-    return jax.jit(make, out_shardings=sharding.param_shardings(cfg, mesh))(rng)
+    return jax.jit(make, out_shardings=sharding.param_shardings(cfg, mesh))
+
+
+def init(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Random params; with a mesh, every array is created directly in its sharded layout."""
+    return _init_fn(cfg, mesh)(rng)
 
 
 def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
@@ -528,12 +561,18 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[s
 
 
 def decode(
-    cfg: ModelConfig, params: Params, tokens_BL: jax.Array, positions_BL: jax.Array, cache: dict
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array,
+    cache: dict,
+    logits_at_B: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Run tokens at cache slots ``positions_BL`` (prefill: a whole prompt; decode: one token per row).
 
     Positions are both the rotary/learned positions and the cache slots, so rows of a batch may sit at
-    different lengths (right-padded prompts). Returns (logits_BLV or values_BL, updated cache).
+    different lengths (right-padded prompts). Returns (logits_BLV or values_BL, updated cache); with
+    ``logits_at_B`` only the output at that index of each row is computed (shape [B, 1, ...]).
     """
     model = nnx.merge(_abstract(cfg)[0], params)
-    return model.decode(tokens_BL, positions_BL, cache)
+    return model.decode(tokens_BL, positions_BL, cache, logits_at_B)

@@ -15,7 +15,6 @@ before top-k / top-p truncation, so they match what a full forward pass of the p
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -93,15 +92,12 @@ def _sample(logits_BV, key, temperature, top_p, *, greedy: bool, top_k: int, use
 def _prefill(cfg, params, prompts_BP, positions_BP, prompt_lengths_B, cache):
     """Logits at each row's last prompt token, and the cache with all P slots written.
 
-    When ``model.decode`` can project only chosen positions (``logits_at_B``), the [B, P, V] logits of the
-    whole prompt are never built: at a 128k vocabulary they would dwarf the KV cache.
+    Only the last prompt position of each row is projected to logits (``logits_at_B``): the [B, P, V] logits
+    of the whole prompt would dwarf the KV cache at a 128k vocabulary.
     """
     last_B = prompt_lengths_B - 1
-    if "logits_at_B" in inspect.signature(model_lib.decode).parameters:
-        logits_B1V, cache = model_lib.decode(cfg, params, prompts_BP, positions_BP, cache, logits_at_B=last_B)
-        return logits_B1V[:, 0], cache
-    logits_BPV, cache = model_lib.decode(cfg, params, prompts_BP, positions_BP, cache)
-    return jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0], cache
+    logits_B1V, cache = model_lib.decode(cfg, params, prompts_BP, positions_BP, cache, logits_at_B=last_B)
+    return logits_B1V[:, 0], cache
 
 
 @functools.partial(

@@ -329,21 +329,16 @@ def test_rope_may_run_past_max_len_with_a_warning():
     assert out.shape == (3, 20)
 
 
-def test_prefill_uses_last_token_logits_when_decode_offers_them(monkeypatch):
-    cfg, plain_decode, seen = CFGS["gpt2"], model.decode, []
-
-    def decode(cfg, params, tokens_BL, positions_BL, cache, *, logits_at_B=None):
-        logits_BLV, cache = plain_decode(cfg, params, tokens_BL, positions_BL, cache)
-        if logits_at_B is None:
-            return logits_BLV, cache
-        seen.append(tokens_BL.shape)
-        return jnp.take_along_axis(logits_BLV, logits_at_B[:, None, None], axis=1), cache
-
-    kw = {"max_new_tokens": 3, "temperature": 0.0, "prompt_lengths_B": np.array([4, 1])}
-    want = sample.generate(cfg, _params(cfg), _prompts(cfg, B=2, P=4), jax.random.key(0), **kw)
-    monkeypatch.setattr(model, "decode", decode)
-    sample._generate.clear_cache()  # retrace with the patched decode
-    got = sample.generate(cfg, _params(cfg), _prompts(cfg, B=2, P=4), jax.random.key(0), **kw)
-    sample._generate.clear_cache()
-    assert seen == [(2, 4)]  # the prefill call only
-    np.testing.assert_array_equal(got, want)
+def test_decode_logits_at_matches_full_prefill():
+    """The prefill projects only each row's last prompt token; it equals gathering from full logits."""
+    cfg = CFGS["gpt2"]
+    params, prompts = _params(cfg), _prompts(cfg, B=2, P=4)
+    positions = jnp.broadcast_to(jnp.arange(4), (2, 4))
+    last_B = jnp.array([3, 0])
+    full_BPV, cache_full = model.decode(cfg, params, prompts, positions, model.init_cache(cfg, 2, 8))
+    some_B1V, cache_some = model.decode(
+        cfg, params, prompts, positions, model.init_cache(cfg, 2, 8), logits_at_B=last_B
+    )
+    assert some_B1V.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(some_B1V[:, 0], full_BPV[jnp.arange(2), last_B], atol=1e-6)
+    np.testing.assert_array_equal(cache_some["k"], cache_full["k"])
