@@ -13,15 +13,49 @@ PREFIX = "model."
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
-def _rope_theta(hf: dict, where: str) -> float:
-    """rope_theta from ``rope_parameters`` (transformers 5) or the older ``rope_theta`` / ``rope_scaling``."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = d.get("rope_type", d.get("type", "default"))
-        if kind != "default":
-            refuse(where, f"{key}.rope_type", kind, "only plain rotary embeddings (rope_type 'default')")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+ROPE_KEYS = {  # HF rope parameter -> ModelConfig field
+    "factor": "rope_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_len",
+}
+ROPE_TYPES = {
+    "default": ("none", ()),
+    "linear": ("linear", ("factor",)),
+    "llama3": ("llama3", tuple(ROPE_KEYS)),
+}
+
+
+def _rope(hf: dict, where: str) -> dict:
+    """Rope fields of ModelConfig from ``rope_parameters`` (transformers 5) or rope_theta + rope_scaling."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind not in ROPE_TYPES:
+        refuse(where, f"{key}.rope_type", kind, f"implemented rope types: {sorted(ROPE_TYPES)}")
+    scaling, needed = ROPE_TYPES[kind]
+    out = {
+        "rope_theta": float(params.pop("rope_theta", hf.get("rope_theta", 10000.0))),
+        "rope_scaling": scaling,
+    }
+    for name in needed:
+        if name not in params:
+            raise ValueError(f"{where}: {key} of rope_type {kind!r} needs {name!r}")
+        out[ROPE_KEYS[name]] = type(getattr(model.ModelConfig, ROPE_KEYS[name]))(params.pop(name))
+    extra = {k: v for k, v in params.items() if v is not None and not (k == "attention_factor" and v == 1.0)}
+    if extra:
+        refuse(where, f"{key}.{sorted(extra)[0]}", extra[sorted(extra)[0]], f"not used by rope_type {kind!r}")
+    partial = hf.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        refuse(where, "partial_rotary_factor", partial, "rotary embedding on part of each head")
+    return out
+
+
+def _rope_to_hf(cfg: model.ModelConfig) -> dict:
+    kind = {v[0]: k for k, v in ROPE_TYPES.items()}[cfg.rope_scaling]
+    params = {"rope_type": kind, "rope_theta": cfg.rope_theta}
+    params.update({k: getattr(cfg, ROPE_KEYS[k]) for k in ROPE_TYPES[kind][1]})
+    return params
 
 
 def config_from_hf(hf: dict, where: str) -> model.ModelConfig:
@@ -54,7 +88,7 @@ def config_from_hf(hf: dict, where: str) -> model.ModelConfig:
         d_ff=field(hf, where, "intermediate_size"),
         max_len=max_len,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(hf, where),
+        **_rope(hf, where),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=qkv_bias,
         out_bias=out_bias,
@@ -79,8 +113,10 @@ def config_to_hf(cfg: model.ModelConfig) -> dict:
         "max_position_embeddings": cfg.max_len,
         "rms_norm_eps": cfg.norm_eps,
         "hidden_act": "silu" if cfg.mlp == "swiglu" else cfg.mlp,
-        "rope_theta": cfg.rope_theta,  # transformers < 5
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": _rope_to_hf(cfg),
+        # transformers 4.x reads these two instead
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": _rope_to_hf(cfg) if cfg.rope_scaling != "none" else None,
         "tie_word_embeddings": cfg.tie_embeddings,
         "mlp_bias": cfg.mlp_bias,
         "initializer_range": cfg.init_std,

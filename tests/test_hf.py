@@ -44,6 +44,22 @@ def hf_config(kind: str, tied: bool):
     }
     if kind == "llama":
         return transformers.LlamaConfig(rope_theta=500.0, **llama)
+    if (
+        kind == "llama3"
+    ):  # Llama 3.1 long-context rope scaling; the test sequence runs past the original length
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        return transformers.LlamaConfig(rope_parameters=rope, **llama)
+    if kind == "linear":
+        return transformers.LlamaConfig(
+            rope_parameters={"rope_type": "linear", "rope_theta": 100.0, "factor": 4.0}, **llama
+        )
     if kind == "qwen2":  # LLaMA with q/k/v biases
         return transformers.Qwen2Config(**llama)
     if kind == "mistral":  # GQA with 1 kv head and head_dim != hidden / heads
@@ -86,6 +102,8 @@ CASES = [
     ("llama", False),
     ("qwen2", True),
     ("mistral", False),
+    ("llama3", True),
+    ("linear", False),
 ]
 
 
@@ -98,7 +116,10 @@ def test_logits_match_transformers_both_ways(kind, tied, tmp_path):
     assert os.path.isfile(src / "model.safetensors.index.json") == tied
 
     cfg, params = hf.load(src)
-    assert cfg.tie_embeddings == tied and cfg.family == {"qwen2": "llama", "mistral": "llama"}.get(kind, kind)
+    assert cfg.tie_embeddings == tied and cfg.family == (
+        "gpt2" if kind == "gpt2" else "opt" if kind == "opt" else "llama"
+    )
+    assert cfg.rope_scaling == {"llama3": "llama3", "linear": "linear"}.get(kind, "none")
     ours, theirs = our_logits(cfg, params), torch_logits(m)
     np.testing.assert_array_less(np.abs(ours - theirs).max(), 1e-4)
     assert np.abs(theirs).max() > 0.1  # a real comparison, not two near-zero outputs
@@ -187,8 +208,10 @@ REFUSED = [
     ("opt", {"activation_function": "silu"}, "activation_function"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("gpt2", {"activation_function": "swish"}, "activation_function"),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type"),
-    ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope_type"),
+    ("llama", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "beta_fast": 3}}, "beta_fast"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
     ("mistral", {"sliding_window": 16}, "sliding_window"),
