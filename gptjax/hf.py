@@ -6,9 +6,8 @@
 
 Each family module (``hf_gpt2``, ``hf_opt``, ``hf_llama``) gives the config translation and one table of
 ``Entry`` rows: an HF tensor name (``{i}`` = layer index), the params it holds and the two conversions.
-Loading reads one tensor at a time and builds each device's shard in a ``make_array_from_callback``
-callback, so no device ever holds more than its shard. Configs we cannot represent exactly are refused,
-naming the field.
+Loading reads one tensor at a time and sends each device only its shard, so a checkpoint larger than one
+device still loads. Configs we cannot represent exactly are refused, naming the field.
 """
 
 from __future__ import annotations
@@ -281,14 +280,47 @@ def _checkpoint_dtype(hf_cfg: dict) -> str:
     return "bfloat16" if dt == "bfloat16" else "float32"
 
 
+def _place(one: Callable, s: Any, sharding: jax.sharding.Sharding, n_layers: int | None) -> jax.Array:
+    """One param built shard by shard: ``one(i)`` is layer i's full slice (``one(None)`` if not stacked).
+
+    Each HF tensor is read once; every distinct shard this process needs is cut from it and only those
+    shards go to their devices, so host memory peaks at one param and device memory at one shard.
+    """
+    dtype = jnp.dtype(s.dtype)
+    index_of = sharding.addressable_devices_indices_map(tuple(s.shape))
+
+    def key(index):
+        return tuple((x.start, x.stop, x.step) for x in index)
+
+    unique = {key(ix): ix for ix in index_of.values()}
+    shards: dict[tuple, np.ndarray] = {}
+    if n_layers is None:
+        full = one(None)
+        shards = {k: np.asarray(full[ix], dtype) for k, ix in unique.items()}
+    else:
+        layers = {k: range(n_layers)[ix[0]] for k, ix in unique.items()}
+        for i in range(n_layers):
+            full = None
+            for k, ix in unique.items():
+                if i not in layers[k]:
+                    continue
+                full = one(i) if full is None else full
+                part = np.asarray(full[ix[1:]], dtype)
+                if k not in shards:
+                    shards[k] = np.empty((len(layers[k]), *part.shape), dtype)
+                shards[k][layers[k].index(i)] = part
+    arrays = [jax.device_put(shards[key(ix)], d) for d, ix in index_of.items()]
+    return jax.make_array_from_single_device_arrays(tuple(s.shape), sharding, arrays)
+
+
 def load(
     path: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None
 ) -> tuple[model.ModelConfig, Params]:
     """(ModelConfig, params) from a local HF checkpoint directory.
 
     With a ``mesh`` every param is created directly in its ``sharding.param_shardings`` layout, each device
-    shard built from one layer's HF tensor at a time. ``dtype`` (param dtype) defaults to the checkpoint's
-    (float16 becomes float32); compute dtype is bfloat16 for bfloat16 params, else float32.
+    shard cut from one layer's HF tensor at a time (see ``_place``). ``dtype`` (param dtype) defaults to the
+    checkpoint's (float16 becomes float32); compute dtype is bfloat16 for bfloat16 params, else float32.
     """
     path = os.fspath(path)
     hf_cfg = read_config(path)
@@ -322,18 +354,11 @@ def load(
     out = {}
     for p, s in shapes.items():
         entry, j = where_of[p]
-        np_dtype = jnp.dtype(s.dtype)
 
         def one(i, entry=entry, j=j):
             return entry.to_ours(reader.get(names[entry.hf.format(i=i)]))[j]
 
-        def callback(index, p=p, one=one, np_dtype=np_dtype):
-            if p[0] == "blocks":
-                layers = range(cfg.n_layers)[index[0]]
-                return np.stack([np.asarray(one(i)[index[1:]], np_dtype) for i in layers])
-            return np.asarray(one(None)[index], np_dtype)
-
-        out[p] = jax.make_array_from_callback(tuple(s.shape), shardings[p], callback)
+        out[p] = _place(one, s, shardings[p], cfg.n_layers if p[0] == "blocks" else None)
     return cfg, _unflatten(out)
 
 

@@ -135,11 +135,16 @@ def test_logits_match_transformers_both_ways(kind, tied, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
-def test_load_streams_into_sharded_layout(tmp_path):
+def test_load_streams_into_sharded_layout(tmp_path, monkeypatch):
     m = hf_model("llama", tied=False)
     m.save_pretrained(tmp_path, max_shard_size="20KB")
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    reads = []
+    get = hf.TensorReader.get
+    monkeypatch.setattr(hf.TensorReader, "get", lambda self, name: reads.append(name) or get(self, name))
     cfg, params = hf.load(tmp_path, mesh=mesh)
+    assert sorted(reads) == sorted(m.state_dict())  # every tensor read exactly once, for all 8 devices
+    monkeypatch.undo()
     _, ref = hf.load(tmp_path)
     want = sharding.param_shardings(cfg, mesh)
     for (path, x), s, r in zip(
