@@ -85,6 +85,30 @@ def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype):
     return t_f, flops_f / t_f / 1e9, t_fb, 3.5 * flops_f / t_fb / 1e9
 
 
+def check_pallas(L, H, K, D, causal, seg, dtype) -> float:
+    """Max relative error of the pallas output and q/k/v grads vs the fp32 reference (batch row 0)."""
+    from gptjax.kernels import flash_attention as fa
+
+    ks = jax.random.split(jax.random.PRNGKey(2), 4)
+    q = jax.random.normal(ks[0], (1, L, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (1, L, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (1, L, K, D), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (1, L, H, D), jnp.float32).astype(dtype)
+    s = None if seg is None else jnp.asarray(seg[:1])
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+
+    @jax.jit
+    def both(q, k, v, do):
+        out, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(q, k, v, causal, s), q, k, v)
+        ref = lambda q, k, v: fa.flash_attention_reference(q, k, v, causal, s)  # noqa: E731
+        out_r, vjp_r = jax.vjp(ref, f32(q), f32(k), f32(v))
+        return (out, *vjp(do)), (out_r, *vjp_r(f32(do)))
+
+    got, want = both(q, k, v, do)
+    errs = [jnp.linalg.norm(f32(a) - b) / jnp.linalg.norm(b) for a, b in zip(got, want, strict=True)]
+    return float(max(errs))
+
+
 def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
     key = jax.random.PRNGKey(1)
     kq, kk, kv = jax.random.split(key, 3)
@@ -117,6 +141,7 @@ def main():
     p.add_argument("--mean-doc", type=int, default=0, help="packed mean document length (0: seq // 4)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--xla-max-seq", type=int, default=8192, help="skip xla above this (scores in memory)")
+    p.add_argument("--check-max-seq", type=int, default=4096, help="check pallas vs reference up to here")
     p.add_argument("--hbm-gbps", type=float, default=3350.0)
     p.add_argument("--decode", default="8x4096,8x16384,32x2048,1x65536", help="BxS cache shapes")
     args = p.parse_args()
@@ -147,21 +172,26 @@ def main():
                     except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported shape)
                         print(f"  {impl} {case} L={L} D={D}: {type(e).__name__}: {str(e)[:200]}")
                         continue
-                    rows.append((case, L, D, B, H, K, impl, *res))
-    print("\nAttention, bf16 (TFLOP/s over visible pairs; fwd+bwd counts 3.5x the forward FLOPs)")
+                    err = float("nan")
+                    if impl == "pallas" and L <= args.check_max_seq:
+                        err = check_pallas(L, H, K, D, True, seg, dtype)
+                    rows.append((case, L, D, B, H, K, impl, *res, err))
+    print("\nAttention, bf16 (TFLOP/s over visible pairs; fwd+bwd counts 3.5x the forward FLOPs;")
+    print("rel err: pallas output and q/k/v grads vs the fp32 reference, batch row 0)")
     hdr = (
         f"{'case':7} {'seq':>6} {'hd':>4} {'B':>3} {'H/K':>6} {'impl':7} {'fwd ms':>9} {'fwd TF/s':>9} "
-        f"{'f+b ms':>9} {'f+b TF/s':>9} {'f+b vs cudnn':>12}"
+        f"{'f+b ms':>9} {'f+b TF/s':>9} {'f+b vs cudnn':>12} {'rel err':>8}"
     )
     print(hdr)
     print("-" * len(hdr))
     cudnn_fb = {(r[0], r[1], r[2]): r[9] for r in rows if r[6] == "cudnn"}
-    for case, L, D, B, H, K, impl, tf, ftf, tfb, fbtf in rows:
+    for case, L, D, B, H, K, impl, tf, ftf, tfb, fbtf, err in rows:
         ref = cudnn_fb.get((case, L, D))
         ratio = f"{ref / tfb:11.2f}x" if ref else f"{'':12}"
         hk = f"{H}/{K}"
+        err_s = f"{err:8.1e}" if err == err else f"{'-':>8}"  # nan: not checked
         head = f"{case:7} {L:6d} {D:4d} {B:3d} {hk:>6} {impl:7}"
-        print(f"{head} {tf:9.3f} {ftf:9.1f} {tfb:9.3f} {fbtf:9.1f} {ratio}")
+        print(f"{head} {tf:9.3f} {ftf:9.1f} {tfb:9.3f} {fbtf:9.1f} {ratio} {err_s}")
     print(f"\nDecode attention (pallas), bf16, full caches; HBM bound at {args.hbm_gbps:.0f} GB/s")
     hdr = f"{'B':>3} {'cache':>7} {'hd':>4} {'H/K':>6} {'ms':>9} {'GB/s':>8} {'bound ms':>9} {'x bound':>8} "
     hdr += f"{'max err':>8}"
