@@ -131,6 +131,8 @@ def decode_attention(
             f"decode_attention: q {q_BHD.shape}, cache {k_cache_BSKD.shape}, lengths {lengths_B.shape} "
             f"disagree (batch, head dim, lengths [B], or {H} heads not a multiple of {K} kv heads)"
         )
+    if S == 0:
+        return jnp.zeros_like(q_BHD)
     interp = _compat.use_interpret(interpret)
     G = H // K
     scale = float(D**-0.5 if softmax_scale is None else softmax_scale)

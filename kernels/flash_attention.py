@@ -208,6 +208,8 @@ def flash_attention(
                 f"flash_attention: segment ids {segment_ids_BL.shape} / {kv_segment_ids_BS.shape} "
                 f"should be [B, L] = {(B, L)} / [B, S] = {(B, S)}"
             )
+    if L == 0 or S == 0:  # nothing to attend to (or nobody asking): zeros, like any fully masked row
+        return jnp.zeros_like(q_BLHD)
     scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
     backend = _compat.backend()
     if backend == "tpu" and not interpret:
