@@ -29,7 +29,8 @@ def _ckpt_dir(workdir: str) -> str:
 def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     handlers = {
-        "params": ocp.StandardCheckpointHandler(),
+        # PyTree handler (same format as Standard) so that init_from can restore a subset of the params
+        "params": ocp.PyTreeCheckpointHandler(),
         "opt": ocp.StandardCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
@@ -46,7 +47,7 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, *, data_state: dict | N
     mngr.save(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
+            params=ocp.args.PyTreeSave(state.params),
             opt=ocp.args.StandardSave(opt),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
@@ -62,6 +63,16 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def _params_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore args that place every array with ``target``'s shape, dtype and sharding."""
+    abstract = _abstract(target)
+    return ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial,
+    )
+
+
 def restore(
     mngr: ocp.CheckpointManager, state: TrainState, step: int | None = None
 ) -> tuple[TrainState, dict]:
@@ -74,7 +85,7 @@ def restore(
     out = mngr.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(state.params)),
+            params=_params_restore(state.params),
             opt=ocp.args.StandardRestore(_abstract(opt)),
             data=ocp.args.JsonRestore(),
         ),
@@ -180,8 +191,7 @@ def load_params(
             wanted[name] = x
     restore_tree = _nest({k: _abstract(v) for k, v in wanted.items()})
     out = mngr.restore(
-        step,
-        args=ocp.args.Composite(params=ocp.args.StandardRestore(restore_tree, strict=False)),
+        step, args=ocp.args.Composite(params=_params_restore(restore_tree, partial=True))
     ).params
     restored = {
         "/".join(str(getattr(p, "key", p)) for p in path): x
@@ -227,7 +237,7 @@ def load_model(workdir: str, step: int | None = None, mesh=None) -> tuple[model.
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
     mngr = manager(workdir, create=False)
     check_params(mngr, step, target, where=f"{_ckpt_dir(workdir)}/{step}")
-    params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    params = mngr.restore(step, args=ocp.args.Composite(params=_params_restore(target))).params
     return cfg, params
 
 

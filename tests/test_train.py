@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from gptjax import defaults, train
@@ -110,3 +111,21 @@ def test_bad_config_values_are_reported():
         train.run(c, "/nonexistent-never-created")
     with pytest.raises(ValueError, match="stage"):
         tiny_config("ppo-typo")
+
+
+@pytest.mark.parametrize("name", ["gpt2_124m", "llama_1b"])
+def test_size_presets_run_end_to_end_when_shrunk(tmp_path, name):
+    """Each accelerator config builds and trains a few steps on CPU with its model shrunk."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n\n".join(f"document {i}: " + "the quick brown fox " * (i % 7 + 1) for i in range(60))
+    )
+    c = defaults.load_config(os.path.join(ROOT, "configs", f"{name}.py") + f":stage=pretrain,data={corpus}")
+    assert c.model.dtype == "bfloat16" and c.model.param_dtype == "float32"
+    c.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=288)
+    if c.model.n_kv_heads:
+        c.model.n_kv_heads = 1
+    c.train.update(steps=3, batch_size=8, seq_len=32, log_every=1, eval_every=0, checkpoint_every=3)
+    c.optim.warmup_steps = 1
+    last = train.run(c, str(tmp_path / "run"))
+    assert np.isfinite(last["loss"]) and last["loss"] > 0
