@@ -13,7 +13,7 @@ batch 0.5M tokens, 1,024 context).
 
 from __future__ import annotations
 
-from gptjax import data, defaults
+from gptjax import defaults
 from gptjax.model import ModelConfig
 
 
@@ -34,10 +34,7 @@ def get_config(arg: str | None = None):
             param_dtype="float32",
         )
     )
-    c.data = data.default_config()
-    c.data.sources.main = data.source(format="text" if stage == "pretrain" else "sft", path=args["data"])
-    if args["tokenizer"]:
-        c.data.vocab.kind, c.data.vocab.path = "hf", args["tokenizer"]
+    c.data = defaults.own_data(stage, args["data"], args["tokenizer"])
     c.train.update(
         steps=10000 if stage == "pretrain" else 2000,
         batch_size=512,

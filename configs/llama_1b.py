@@ -11,7 +11,7 @@ Expected: tokens/s and MFU are logged every 10 steps; on 8x H100 aim for MFU >= 
 
 from __future__ import annotations
 
-from gptjax import data, defaults
+from gptjax import defaults
 from gptjax.model import ModelConfig
 
 
@@ -37,10 +37,7 @@ def get_config(arg: str | None = None):
             remat="dots_no_batch",
         )
     )
-    c.data = data.default_config()
-    c.data.sources.main = data.source(format="text" if stage == "pretrain" else "sft", path=args["data"])
-    if args["tokenizer"]:
-        c.data.vocab.kind, c.data.vocab.path = "hf", args["tokenizer"]
+    c.data = defaults.own_data(stage, args["data"], args["tokenizer"])
     c.train.update(
         steps=20000 if stage == "pretrain" else 2000,
         batch_size=256,

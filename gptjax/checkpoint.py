@@ -167,8 +167,8 @@ def load_params(
     """Params of an earlier run restored into ``target``'s shapes and shardings.
 
     Names in ``allow_missing`` (absent from the checkpoint) keep their value from ``target`` (e.g. a fresh
-    scalar head for a reward model initialised from an SFT model); names in ``allow_extra`` (in the checkpoint,
-    not in the model, e.g. the SFT model's LM head) are ignored. Anything else that differs is an error.
+    scalar head for a reward model initialised from an SFT model); names in ``allow_extra`` (in the
+    checkpoint, not in the model, e.g. the SFT model's LM head) are ignored. Anything else that differs is an error.
     """
     mngr = manager(workdir, create=False)
     step = mngr.latest_step() if step is None else step

@@ -75,3 +75,14 @@ def load_config(spec: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def own_data(stage: str, path: str, tokenizer: str = ""):
+    """The data section for a user's files: one source (text/JSONL glob) and optionally an HF tokenizer.json."""
+    from gptjax import data
+
+    section = data.default_config()
+    section.sources.main = data.source(format="text" if stage == "pretrain" else "sft", path=path)
+    if tokenizer:
+        section.vocab.kind, section.vocab.path = "hf", tokenizer
+    return section
