@@ -24,17 +24,20 @@ from gptjax import checkpoint, hf, lora, model
 
 
 def from_hf(src: str, workdir: str, dtype: str | None, shard: bool) -> None:
-    import orbax.checkpoint as ocp
+    import jax.numpy as jnp
 
     from gptjax import sharding
+    from gptjax.state import TrainState
 
     mesh = sharding.make_mesh({"fsdp": -1}) if shard else None
     cfg, params = hf.load(src, mesh=mesh, dtype=dtype)
     mngr = checkpoint.manager(workdir)
     if mngr.latest_step() is not None:
         raise FileExistsError(f"{workdir} already holds checkpoints; pick a new --to directory")
+    # A step-0 checkpoint in the training layout, so train.init_from and checkpoint.load_model read it.
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state={})
     meta = checkpoint.meta_for(cfg, "hf", source=os.path.abspath(src))
-    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    checkpoint.save(mngr, state, data_state=None, meta=meta)
     mngr.wait_until_finished()
     copied = _copy_tokenizer(src, os.path.join(workdir, "tokenizer"))
     print(

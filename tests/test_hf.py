@@ -320,9 +320,8 @@ def _convert_main():
 
 
 def test_convert_script_round_trip_with_a_lora_run(tmp_path):
-    import orbax.checkpoint as ocp
-
     from gptjax import checkpoint
+    from gptjax.state import TrainState
 
     main = _convert_main()
     m = hf_model("llama", tied=False)
@@ -340,9 +339,8 @@ def test_convert_script_round_trip_with_a_lora_run(tmp_path):
     meta = checkpoint.meta_for(
         lcfg, "sft", config=json.dumps({"train": {"init_from": str(tmp_path / "base")}})
     )
-    mngr.save(
-        7, args=ocp.args.Composite(params=ocp.args.StandardSave(adapters), meta=ocp.args.JsonSave(meta))
-    )
+    state = TrainState(step=jnp.asarray(7), params=adapters, opt_state={})
+    checkpoint.save(mngr, state, data_state=None, meta=meta)
     mngr.wait_until_finished()
     main(["--to-hf", str(tmp_path / "out"), "--from", str(tmp_path / "sft")])
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
