@@ -1,7 +1,8 @@
 """Train a SentencePiece vocabulary on local text, then point a config at it.
 
-    python scripts/train_tokenizer.py --input 'corpus/*.jsonl' --field text --vocab_size 8000 --out runs/spm/spm
-    python scripts/train_tokenizer.py --config configs/tiny.py:stage=pretrain --vocab_size 512 --out runs/spm/tiny
+    python scripts/train_tokenizer.py --input 'corpus/*.jsonl' --field text --vocab_size 8000 --out runs/spm/x
+    python scripts/train_tokenizer.py --config configs/tiny.py:stage=pretrain --vocab_size 512 \
+        --out runs/spm/tiny
     ... --config.data.vocab.kind=sentencepiece --config.data.vocab.path=runs/spm/tiny.model
 
 Inputs are text files (``.txt``, whole files) and JSONL files (the string ``--field`` of each line, or every
@@ -77,7 +78,8 @@ def main(argv):
     )
     vocab = vocab_lib.SentencePieceVocabulary(path)
     print(
-        f"wrote {path}: vocab_size={vocab.vocab_size} pad={vocab.pad_id} bos={vocab.bos_id} eos={vocab.eos_id}"
+        f"wrote {path}: vocab_size={vocab.vocab_size} "
+        f"pad={vocab.pad_id} bos={vocab.bos_id} eos={vocab.eos_id}"
     )
     print(f"use it with --config.data.vocab.kind=sentencepiece --config.data.vocab.path={path}")
 

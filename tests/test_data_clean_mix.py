@@ -1,4 +1,4 @@
-"""Cleaning preprocessors with counts, exact and near dedup across sources, mixture rates, stage and eval splits."""
+"""Cleaning with counts, exact and near dedup across sources, mixture rates, stage and eval splits."""
 
 import collections
 import json

@@ -52,7 +52,7 @@ def test_pretrain_batches_pack_documents_without_crossing():
             segs = b["segment_ids_BL"][row]
             for s in range(1, segs.max() + 1):
                 pieces.append(b["inputs_BL"][row, segs == s].tolist())
-    # Rejoining split pieces (each continuation repeats the previous piece's last token) gives whole documents,
+    # Rejoining split pieces (a continuation repeats the previous piece's last token) gives whole documents,
     # each BOS text EOS with exactly one BOS: no segment holds two documents.
     docs, cur = [], []
     for p in pieces:

@@ -1,4 +1,4 @@
-"""Sources: every record format from JSONL, text files and a TFDS dataset built here; bad input names its place."""
+"""Sources: every format from JSONL, text files and a TFDS dataset built here; bad input names its place."""
 
 import json
 

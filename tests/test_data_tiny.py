@@ -1,4 +1,4 @@
-"""The built-in tiny task: solutions, gold reward with partial credit, deterministic data, noisy demos, labelers."""
+"""The built-in tiny task: solutions, partial-credit gold reward, deterministic data, noisy demos."""
 
 import random
 

@@ -1,4 +1,4 @@
-"""Data: seqio tasks and mixtures over JSONL / text / TFDS sources, cleaning, vocabularies, packing, tiny task.
+"""Data: seqio tasks and mixtures over JSONL / text / TFDS, cleaning, vocabularies, packing, the tiny task.
 
 Contract with the train loop::
 
@@ -18,7 +18,8 @@ the held-out data in a fixed order and loops. Batch keys by stage:
                   (restart at 0 per document). Int32 except weights.
   rm              ``tokens_BKL`` (BOS prompt response EOS, right-padded), ``lengths_BK`` (real tokens; the
                   reward is read at lengths - 1, the EOS), ``prompt_lengths_BK`` (BOS + prompt), ``valid_BK``
-                  (bool; False where a prompt has fewer than K responses, with lengths 0), best -> worst along K.
+                  (bool; False where a prompt has fewer than K responses, with lengths 0); best -> worst
+                  along K.
   prompts         ``prompt_BP`` (BOS + prompt; right-padded, or left with ``data.pad_side='left'``),
                   ``prompt_lengths_B``, ``prompt_ids_B``; ``it.prompt_text(batch['prompt_ids_B'])`` gives the
                   raw prompt strings back (e.g. for ``gptjax.data.tiny.gold_reward``).
@@ -30,6 +31,10 @@ rows by default) and every such record is counted in ``stats()`` and the log.
 Vocabulary: ``get_vocabulary(config.data)`` -> ``vocab_size``, ``encode``, ``decode``, ``pad_id``, ``bos_id``,
 ``eos_id``, ``render_chat(messages)``. The byte vocabulary (default) has 259 ids: bytes, PAD=256, BOS=257,
 EOS=258. ``vocab.HuggingFaceVocabulary(path)`` wraps a checkpoint's ``tokenizer.json``.
+
+The iterator also has ``num_examples`` (examples of the stage and split over all hosts) and ``vocab``.
+``gptjax.data.vocab.train_sentencepiece`` (and ``scripts/train_tokenizer.py``) trains a local SentencePiece
+model for ``data.vocab.kind='sentencepiece'``.
 
 Configs: ``default_config()`` documents every option, ``source(...)`` builds one source, and
 ``tiny_config(stage)`` is the built-in tiny task's section (``gptjax.data.tiny``: ``gold_reward``,

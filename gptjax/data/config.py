@@ -69,10 +69,13 @@ def source(**kw: Any) -> ml_collections.ConfigDict:
     """One data source. Give ``path`` (JSONL, or text files for format 'text'), ``tfds``, or ``builtin``."""
     s = ml_collections.ConfigDict(
         {
-            "format": "text",  # 'text' (pretraining) | 'sft' (demonstrations) | 'rank' (comparisons) | 'prompt'
+            # 'text' (pretraining) | 'sft' (demonstrations) | 'rank' (comparisons) | 'prompt' (for RL)
+            "format": "text",
             "path": "",  # a file or glob: *.jsonl / *.json lines, or *.txt (format 'text' only)
-            "validation_path": "",  # held-out file(s); else data.validation_fraction is carved out by a stable hash
-            "doc_separator": "\n\n",  # text files: '\n\n' = blank-line separated docs, '\n' = one per line, '' = file
+            # held-out file(s); else data.validation_fraction is carved out by a stable hash
+            "validation_path": "",
+            # text files: '\n\n' = blank-line separated documents, '\n' = one per line, '' = one per file
+            "doc_separator": "\n\n",
             "tfds": "",  # a TFDS dataset name (with optional ':version'), read with download=False
             "data_dir": "",  # where that TFDS dataset is prepared ('' = TFDS default)
             "split": "train",  # TFDS split for training
@@ -81,7 +84,8 @@ def source(**kw: Any) -> ml_collections.ConfigDict:
             "fields": fields_config(),
             "rate": 1.0,  # mixing rate (relative; data.mixture overrides)
             "stages": "",  # comma list of stages this source feeds; '' = every stage its format can feed
-            "stage_split": "",  # e.g. 'sft:0.2,rm:0.4,prompts:0.4': disjoint shares by a stable hash of the prompt
+            # e.g. 'sft:0.2,rm:0.4,prompts:0.4': disjoint shares by a stable hash of the prompt
+            "stage_split": "",
             "clean": clean_config(),
         }
     )
@@ -120,18 +124,21 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(
         {
             "sources": ml_collections.ConfigDict(),
-            "mixture": "",  # 'name:rate,name:rate': the sources to blend and their rates ('' = all, own rates)
-            "vocab": _locked(
-                kind="byte", path=""
-            ),  # 'byte' | 'sentencepiece' (model file) | 'hf' (dir/tokenizer.json)
-            "overflow": "auto",  # records longer than the context: 'truncate' | 'drop' | 'split' (pretrain only);
+            # 'name:rate,name:rate': the sources to blend and their rates ('' = all, at their own rates)
+            "mixture": "",
+            # kind 'byte' | 'sentencepiece' (path: the .model file) | 'hf' (path: a dir or tokenizer.json)
+            "vocab": _locked(kind="byte", path=""),
+            # records longer than the context: 'truncate' | 'drop' | 'split' (pretrain only);
             # 'auto' = split pretraining documents across rows, truncate everything else
+            "overflow": "auto",
             "pack": True,  # pretrain/sft: pack several documents per row (segment ids keep them apart)
             "pad_side": "right",  # prompts: 'right' | 'left' padding of prompt_BP
             "num_responses": 0,  # rm: K, the responses per prompt in a batch; 0 = the most any record has
-            "shuffle_buffer": 0,  # an extra seqio shuffle buffer across epochs (each epoch is already a full shuffle)
+            # an extra seqio shuffle buffer across epochs (each epoch is already a full permutation)
+            "shuffle_buffer": 0,
             "validation_fraction": 0.0,  # held-out share carved from sources without explicit validation data
-            "dedup_across_sources": True,  # exact / near dedup compare records of all sources that switch it on
+            # exact / near dedup compare the records of all sources that switch it on
+            "dedup_across_sources": True,
             "near_dup": _locked(threshold=0.8, ngram=5, num_perm=64, bands=16),  # MinHash LSH settings
             "tiny": tiny_section(),
         }

@@ -34,7 +34,7 @@ def _cut(tokens: list[int], limit: int, overflow: str, counts: collections.Count
 def tokenize(
     stage: str, records: list[dict], vocab, seq_len: int, overflow: str, counts: collections.Counter
 ) -> list:
-    """Token items for ``stage`` (see module doc); records dropped by the overflow policy come back as None."""
+    """Token items for ``stage`` (see module doc); records the overflow policy drops come back as None."""
     bos, eos = vocab.bos_id, vocab.eos_id
     items: list = []
     for rec in records:
@@ -139,7 +139,7 @@ class Packer:
                 piece = toks[start : start + n]
                 inputs[b, col : col + n] = piece
                 targets[b, col : col + n - 1] = piece[1:]
-                # Target j is token start+j+1: train on it when it is past the prompt (always for pretraining).
+                # Target j is token start+j+1: train on it when past the prompt (always for pretraining).
                 j = np.arange(n - 1)
                 weights[b, col : col + n - 1] = (start + j + 1 >= prompt_len).astype(np.float32)
                 segs[b, col : col + n] = seg

@@ -148,8 +148,8 @@ def load_records(data_cfg, stage: str, split: str, vocab, counts: dict[str, coll
         if held_out is None and data_cfg.validation_fraction > 0 and not src.builtin:
             # No explicit held-out data: carve a fixed fraction by a stable hash (same on every host and run).
             is_val = [_hash(_prompt_of(r), "validation") < data_cfg.validation_fraction for r in records]
-            held_out = [r for r, v in zip(records, is_val) if v]
-            records = [r for r, v in zip(records, is_val) if not v]
+            held_out = [r for r, v in zip(records, is_val, strict=True) if v]
+            records = [r for r, v in zip(records, is_val, strict=True) if not v]
             c["validation_carved"] += len(held_out)
         if split == "validation":
             if held_out is None:
@@ -176,7 +176,7 @@ def load_records(data_cfg, stage: str, split: str, vocab, counts: dict[str, coll
 
 
 class DataIterator:
-    """Batches for one stage; see gptjax.data for the batch keys. ``get_state``/``set_state`` resume exactly."""
+    """Batches for one stage (keys in gptjax.data); ``get_state``/``set_state`` resume exactly."""
 
     def __init__(
         self,
@@ -365,7 +365,7 @@ def _register(
     def make_fn(ids: np.ndarray):
         def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None):
             ds = tf.data.Dataset.from_tensor_slices({"uid": ids})  # ids, not a generator: shapes are kept
-            # A full permutation per epoch (seqio repeats this source), so every example is seen once an epoch;
+            # A full permutation per epoch (seqio repeats this source): every example once an epoch;
             # the same seed on every host gives each its own disjoint shard of the same permutation.
             return ds.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True) if shuffle_files else ds
 

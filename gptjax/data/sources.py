@@ -5,11 +5,12 @@ source's ``fields`` section):
 
     text    {"text": str}                                    pretraining documents
     sft     {"prompt": str, "response": str}                 demonstrations (or chat ``messages``)
-    rank    {"prompt": str, "responses": [str, ...]}         best -> worst, K >= 2 (``chosen``/``rejected`` is K=2)
+    rank    {"prompt": str, "responses": [str, ...]}         best -> worst, K >= 2 (chosen/rejected: K=2)
     prompt  {"prompt": str}                                  prompts for RL (or chat ``messages``)
 
-Bad input fails with ``ValueError``/``FileNotFoundError`` naming the file and line (or dataset and example) and
-the field. Ties in rankings (equal ``scores`` or identical responses) are dropped and counted, never silently.
+Bad input fails with ``ValueError``/``TypeError``/``FileNotFoundError`` naming the file and line (or dataset
+and example) and the field. Ties in rankings (equal ``scores`` or identical responses) are dropped and
+counted, never silently.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _str(rec: dict, key: str, where: str, fmt: str) -> str:
 def _messages(rec: dict, key: str, where: str) -> list[dict]:
     msgs = rec[key]
     if isinstance(msgs, dict) and set(msgs) >= {"role", "content"}:  # TFDS Sequence of dicts: dict of lists
-        msgs = [{"role": r, "content": c} for r, c in zip(msgs["role"], msgs["content"])]
+        msgs = [{"role": r, "content": c} for r, c in zip(msgs["role"], msgs["content"], strict=True)]
     if not isinstance(msgs, list) or not msgs:
         raise ValueError(f"{where}: field {key!r} must be a non-empty list of messages, got {msgs!r:.80}")
     for i, m in enumerate(msgs):
@@ -124,7 +125,7 @@ def parse_record(rec: Any, fmt: str, f, where: str, render_chat: RenderChat, cou
                 f"'rank'; fields present: {sorted(rec)}"
             )
         kept, kept_scores = [], []
-        for r, s in zip(responses, scores):
+        for r, s in zip(responses, scores, strict=True):
             if r in kept or (kept_scores and s == kept_scores[-1]):  # a tie with a better-ranked response
                 counts["rank_tied_responses_dropped"] += 1
                 continue

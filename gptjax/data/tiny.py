@@ -35,7 +35,7 @@ def stable_hash(text: str) -> float:
 
 def bucket(prompt: str) -> str:
     h = stable_hash("tiny:" + prompt)
-    return next(b for b, edge in zip(BUCKETS, _BUCKET_EDGES) if h < edge)
+    return next(b for b, edge in zip(BUCKETS, _BUCKET_EDGES, strict=True) if h < edge)
 
 
 def _word(rng: random.Random, lo: int, hi: int, letters: str = LETTERS) -> str:
@@ -80,9 +80,10 @@ def solve(prompt: str) -> str:
 
 
 def gold_reward(prompt: str, response: str, finished: bool = True) -> float:
-    """Hidden quality score in [0, 1] with partial credit; ``finished`` is False when the response had no EOS."""
+    """Hidden quality score in [0, 1] with partial credit; ``finished=False``: the response had no EOS."""
     answer = solve(prompt)
-    right = sum(a == b for a, b in zip(response, answer)) / len(answer)
+    # Lengths differ on purpose: characters past the answer are rambling, missing ones score 0.
+    right = sum(a == b for a, b in zip(response, answer, strict=False)) / len(answer)
     ramble = max(0, len(response) - len(answer))
     score = right - 0.15 * ramble - (0.0 if finished else 0.3)
     return float(min(1.0, max(0.0, score)))

@@ -8,8 +8,8 @@ Every vocabulary has the same small surface, used by the pipeline, sampling and 
     vocab.render_chat(messages, add_generation_prompt=True) -> str
 
 The chat template is text, so it works the same for every vocabulary: each message renders as
-``"<role>: <content>\\n"`` and the generation prompt is ``"assistant: "``. The assistant's reply is followed by
-EOS (added by the SFT converter), not by template text. A Hugging Face checkpoint that ships a Jinja
+``"<role>: <content>\\n"`` and the generation prompt is ``"assistant: "``. The assistant's reply is followed
+by EOS (added by the SFT converter), not by template text. A Hugging Face checkpoint that ships a Jinja
 ``chat_template`` in ``tokenizer_config.json`` uses that template instead.
 """
 
@@ -67,7 +67,7 @@ class ByteVocabulary:
 
 
 class SentencePieceVocabulary:
-    """A SentencePiece model trained with ``scripts/train_tokenizer.py`` (pad/bos/eos ids are stored in it)."""
+    """A SentencePiece model from ``scripts/train_tokenizer.py`` (its pad/bos/eos ids are stored in it)."""
 
     def __init__(self, path: str):
         import sentencepiece as spm
@@ -207,10 +207,14 @@ class HuggingFaceVocabulary:
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             return render_plain_chat(messages, add_generation_prompt)
-        import jinja2
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError(f"{self.path}: its chat template needs jinja2: pip install jinja2") from None
 
         _check_messages(messages)
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        # Templates come with downloaded checkpoints: render them sandboxed, as transformers does.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(msg):
             raise ValueError(f"{self.path}: chat template: {msg}")
