@@ -154,7 +154,9 @@ def init_params(config: ConfigDict, model_cfg: model.ModelConfig, mesh, rng) -> 
     if lora_on:
         from gptjax import lora
 
-        adapters, base = lora.split(params)
+        # a scalar head is new to every model that has one: it trains along with the adapters
+        also = ("value_head", "value_bias") if model_cfg.head == "scalar" else ()
+        adapters, base = lora.split(params, also=also)
         params, frozen = adapters, {"base": base}
     if config.train.init_from:
         target = frozen["base"] if lora_on else params

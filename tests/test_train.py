@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from gptjax import defaults, train
+from gptjax import checkpoint, defaults, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {
@@ -129,3 +129,20 @@ def test_size_presets_run_end_to_end_when_shrunk(tmp_path, name):
     c.optim.warmup_steps = 1
     last = train.run(c, str(tmp_path / "run"))
     assert np.isfinite(last["loss"]) and last["loss"] > 0
+
+
+def test_lora_sft_trains_and_stores_only_adapters(tmp_path):
+    pre, sft = str(tmp_path / "pretrain"), str(tmp_path / "sft")
+    train.run(tiny_config("pretrain", **{"train.steps": 5}), pre)
+    c = tiny_config("sft", **{"train.steps": 10, "train.init_from": pre, "optim.lr": 1e-2})
+    c.model.update(lora_rank=4, lora_targets=("wq", "wv", "w_in"))
+    train.run(c, sft)
+    rows = logged(sft)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    _, meta = checkpoint.load_meta(sft)
+    assert meta["model"]["lora_rank"] == 4
+    saved = checkpoint._saved_param_shapes(checkpoint.manager(sft, create=False), 10)
+    assert saved and all(name.endswith(("_lora_a", "_lora_b")) for name in saved), sorted(saved)
+    # the frozen base is still exactly the pretrained one: resuming rebuilds it from init_from
+    cfg, base = checkpoint.load_model(pre)
+    assert cfg.lora_rank == 0 and "embed" in base
