@@ -114,6 +114,10 @@ def transposed() -> tuple[Callable, Callable]:
     return (lambda w: (w.T,), lambda p: p.T)
 
 
+def copied() -> tuple[Callable, Callable]:
+    return (ident, lambda p: p)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Families
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gptjax import model
-from gptjax.hf import Entry, field, ident, refuse, require, reshaped, same, transposed
+from gptjax.hf import Entry, copied, field, refuse, require, reshaped, same, transposed
 
 PREFIX = "transformer."
 ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
@@ -73,13 +73,13 @@ def entries(cfg: model.ModelConfig) -> list[Entry]:
 
     def norm(hf_name, ours):
         return [
-            Entry(hf_name + ".weight", same(ours + ("scale",)), ident, lambda x: x),
-            Entry(hf_name + ".bias", same(ours + ("bias",)), ident, lambda x: x),
+            Entry(hf_name + ".weight", same(ours + ("scale",)), *copied()),
+            Entry(hf_name + ".bias", same(ours + ("bias",)), *copied()),
         ]
 
     out = [
-        Entry(PREFIX + "wte.weight", same(("embed",)), ident, lambda x: x),
-        Entry(PREFIX + "wpe.weight", same(("pos_embed",)), ident, lambda x: x),
+        Entry(PREFIX + "wte.weight", same(("embed",)), *copied()),
+        Entry(PREFIX + "wpe.weight", same(("pos_embed",)), *copied()),
         *norm(h + "ln_1", ("blocks", "attn_norm")),
         Entry(
             h + "attn.c_attn.weight",
@@ -91,12 +91,12 @@ def entries(cfg: model.ModelConfig) -> list[Entry]:
             h + "attn.c_attn.bias", qkv_b, split_b, lambda *qkv: np.concatenate([x.reshape(-1) for x in qkv])
         ),
         Entry(h + "attn.c_proj.weight", same(attn + ("wo",)), *reshaped((H, E, D), (H * E, D))),
-        Entry(h + "attn.c_proj.bias", same(attn + ("bo",)), ident, lambda x: x),
+        Entry(h + "attn.c_proj.bias", same(attn + ("bo",)), *copied()),
         *norm(h + "ln_2", ("blocks", "mlp_norm")),
-        Entry(h + "mlp.c_fc.weight", same(mlp + ("w_in",)), ident, lambda x: x),
-        Entry(h + "mlp.c_fc.bias", same(mlp + ("b_in",)), ident, lambda x: x),
-        Entry(h + "mlp.c_proj.weight", same(mlp + ("w_out",)), ident, lambda x: x),
-        Entry(h + "mlp.c_proj.bias", same(mlp + ("b_out",)), ident, lambda x: x),
+        Entry(h + "mlp.c_fc.weight", same(mlp + ("w_in",)), *copied()),
+        Entry(h + "mlp.c_fc.bias", same(mlp + ("b_in",)), *copied()),
+        Entry(h + "mlp.c_proj.weight", same(mlp + ("w_out",)), *copied()),
+        Entry(h + "mlp.c_proj.bias", same(mlp + ("b_out",)), *copied()),
         *norm(PREFIX + "ln_f", ("final_norm",)),
     ]
     if not cfg.tie_embeddings:

@@ -7,7 +7,7 @@ only change from torch Linear [out, in] to our [in, heads, head_dim]. Qwen2 is L
 from __future__ import annotations
 
 from gptjax import model
-from gptjax.hf import Entry, field, ident, linear_in, linear_out, refuse, require, reshaped, same, transposed
+from gptjax.hf import Entry, copied, field, linear_in, linear_out, refuse, require, reshaped, same, transposed
 
 PREFIX = "model."
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -133,12 +133,11 @@ def entries(cfg: model.ModelConfig) -> list[Entry]:
     H, K, E = cfg.n_heads, cfg.kv_heads, cfg.dim_head
     ly = PREFIX + "layers.{i}."
     attn, mlp = ("blocks", "attn"), ("blocks", "mlp")
-    copy = (ident, lambda x: x)
     out = [
-        Entry(PREFIX + "embed_tokens.weight", same(("embed",)), *copy),
-        Entry(ly + "input_layernorm.weight", same(("blocks", "attn_norm", "scale")), *copy),
-        Entry(ly + "post_attention_layernorm.weight", same(("blocks", "mlp_norm", "scale")), *copy),
-        Entry(PREFIX + "norm.weight", same(("final_norm", "scale")), *copy),
+        Entry(PREFIX + "embed_tokens.weight", same(("embed",)), *copied()),
+        Entry(ly + "input_layernorm.weight", same(("blocks", "attn_norm", "scale")), *copied()),
+        Entry(ly + "post_attention_layernorm.weight", same(("blocks", "mlp_norm", "scale")), *copied()),
+        Entry(PREFIX + "norm.weight", same(("final_norm", "scale")), *copied()),
         Entry(ly + "self_attn.o_proj.weight", same(attn + ("wo",)), *linear_out(H, E)),
         Entry(ly + "mlp.gate_proj.weight", same(mlp + ("w_gate",)), *transposed()),
         Entry(ly + "mlp.up_proj.weight", same(mlp + ("w_in",)), *transposed()),
@@ -152,7 +151,7 @@ def entries(cfg: model.ModelConfig) -> list[Entry]:
             bias = reshaped((heads, E), (heads * E,))
             out.append(Entry(ly + f"self_attn.{name}_proj.bias", same(attn + (f"b{name}",)), *bias))
     if cfg.out_bias:
-        out.append(Entry(ly + "self_attn.o_proj.bias", same(attn + ("bo",)), *copy))
+        out.append(Entry(ly + "self_attn.o_proj.bias", same(attn + ("bo",)), *copied()))
     if not cfg.tie_embeddings:
         out.append(Entry("lm_head.weight", same(("lm_head",)), *transposed()))
     return out

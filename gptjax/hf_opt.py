@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gptjax import model
-from gptjax.hf import Entry, field, ident, linear_in, linear_out, refuse, require, reshaped, same, transposed
+from gptjax.hf import Entry, copied, field, linear_in, linear_out, refuse, require, reshaped, same, transposed
 
 PREFIX = "model."
 POS_OFFSET = 2  # HF OPT reserves the first two rows of embed_positions (padding positions)
@@ -76,16 +76,15 @@ def entries(cfg: model.ModelConfig) -> list[Entry]:
     dec = PREFIX + "decoder."
     ly = dec + "layers.{i}."
     attn, mlp = ("blocks", "attn"), ("blocks", "mlp")
-    copy = (ident, lambda x: x)
 
     def norm(hf_name, ours):
         return [
-            Entry(hf_name + ".weight", same(ours + ("scale",)), *copy),
-            Entry(hf_name + ".bias", same(ours + ("bias",)), *copy),
+            Entry(hf_name + ".weight", same(ours + ("scale",)), *copied()),
+            Entry(hf_name + ".bias", same(ours + ("bias",)), *copied()),
         ]
 
     out = [
-        Entry(dec + "embed_tokens.weight", same(("embed",)), *copy),
+        Entry(dec + "embed_tokens.weight", same(("embed",)), *copied()),
         Entry(
             dec + "embed_positions.weight",
             same(("pos_embed",)),
@@ -110,10 +109,10 @@ def entries(cfg: model.ModelConfig) -> list[Entry]:
     out.append(Entry(ly + "fc1.weight", same(mlp + ("w_in",)), *transposed()))
     out.append(Entry(ly + "fc2.weight", same(mlp + ("w_out",)), *transposed()))
     if cfg.out_bias:
-        out.append(Entry(ly + "self_attn.out_proj.bias", same(attn + ("bo",)), *copy))
+        out.append(Entry(ly + "self_attn.out_proj.bias", same(attn + ("bo",)), *copied()))
     if cfg.mlp_bias:
-        out.append(Entry(ly + "fc1.bias", same(mlp + ("b_in",)), *copy))
-        out.append(Entry(ly + "fc2.bias", same(mlp + ("b_out",)), *copy))
+        out.append(Entry(ly + "fc1.bias", same(mlp + ("b_in",)), *copied()))
+        out.append(Entry(ly + "fc2.bias", same(mlp + ("b_out",)), *copied()))
     if not cfg.tie_embeddings:
         out.append(Entry("lm_head.weight", same(("lm_head",)), *transposed()))
     return out
