@@ -162,3 +162,13 @@ def test_add_adapters_sharded_and_input_checks():
         lora.add_adapters(BASE, base_params(), jax.random.key(0))
     with pytest.raises(ValueError, match="missing"):
         lora.add_adapters(cfg, {k: v for k, v in base_params().items() if k != "lm_head"}, jax.random.key(0))
+
+
+def test_kv_cache_decode_applies_adapters():
+    cfg = BASE.replace(lora_rank=4, lora_targets=ALL)
+    params = base_params(cfg, seed=4)
+    B, L = TOKENS.shape
+    positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    out, _ = jax.jit(M.decode, static_argnums=0)(cfg, params, TOKENS, positions_BL, M.init_cache(cfg, B, L))
+    np.testing.assert_allclose(out, logits(cfg, params), atol=1e-5)
+    assert float(jnp.abs(out - logits(BASE, lora.split(params)[1])).max()) > 1e-2
