@@ -82,7 +82,8 @@ def own_data(stage: str, path: str, tokenizer: str = ""):
     from gptjax import data
 
     section = data.default_config()
-    section.sources.main = data.source(format="text" if stage == "pretrain" else "sft", path=path)
+    fmt = {"pretrain": "text", "sft": "sft", "rm": "rank", "prompts": "prompt"}[stage]
+    section.sources.main = data.source(format=fmt, path=path)
     if tokenizer:
         section.vocab.kind, section.vocab.path = "hf", tokenizer
     return section

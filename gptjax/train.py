@@ -183,6 +183,14 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     model_cfg = model_config(config.model)
     check_config(config, model_cfg, mesh)
     os.makedirs(workdir, exist_ok=True)
+    # The mesh in context lets kernels that need shard_map (Pallas attention) split work per device.
+    with jax.set_mesh(mesh):
+        return _train(config, workdir, mesh, model_cfg)
+
+
+def _train(config: ConfigDict, workdir: str, mesh, model_cfg: model.ModelConfig) -> dict[str, float]:
+    from gptjax import data
+
     t = config.train
 
     vocab = data.get_vocabulary(config.data)
