@@ -162,6 +162,9 @@ def test_load_streams_into_sharded_layout(tmp_path, monkeypatch):
     with jax.set_mesh(mesh):
         ours = our_logits(cfg, params)
     np.testing.assert_array_less(np.abs(ours - torch_logits(m)).max(), 1e-4)
+    hf.save(cfg, params, tmp_path / "out")  # straight from the sharded arrays
+    _, again = hf.load(tmp_path / "out")
+    jax.tree.map(np.testing.assert_array_equal, again, ref)
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
@@ -174,6 +177,19 @@ def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["blocks"]["mlp"]["w_out"][1], np.float32), want)
     cfg32, params32 = hf.load(tmp_path, dtype="float32")
     assert cfg32.param_dtype == "float32" and params32["embed"].dtype == jnp.float32
+    hf.save(cfg, params, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert back.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        back.model.layers[1].mlp.down_proj.weight, m.model.layers[1].mlp.down_proj.weight
+    )
+
+
+def test_base_model_checkpoint_without_prefix(tmp_path):
+    m = hf_model("gpt2", tied=True)
+    m.transformer.save_pretrained(tmp_path)  # GPT2Model: 'h.0...' names, no 'transformer.' prefix
+    cfg, params = hf.load(tmp_path)
+    np.testing.assert_array_less(np.abs(our_logits(cfg, params) - torch_logits(m)).max(), 1e-4)
 
 
 def test_merged_lora_model_exports(tmp_path):
