@@ -128,20 +128,12 @@ class MetricLog:
             self.file.close()
 
 
-def evaluate(eval_step, params, ctx, config: ConfigDict, mesh, rng) -> dict[str, float]:
-    from gptjax import data
-
-    it = data.make_iterator(
-        config.data,
-        stage=config.stage,
-        batch_size=config.train.batch_size // jax.process_count(),
-        seq_len=config.train.seq_len,
-        seed=config.train.seed,
-        split="validation",
-    )
+def evaluate(eval_step, params, ctx, eval_iter, start_state: dict, steps: int, mesh, rng) -> dict[str, float]:
+    """Metrics over the first ``steps`` validation batches (the same batches at every evaluation)."""
+    eval_iter.set_state(start_state)
     totals: dict[str, Any] = {}
-    for i in range(config.train.eval_steps):
-        m = eval_step(params, sharding.shard_batch(next(it), mesh), jax.random.fold_in(rng, i), ctx)
+    for i in range(steps):
+        m = eval_step(params, sharding.shard_batch(next(eval_iter), mesh), jax.random.fold_in(rng, i), ctx)
         totals = m if not totals else jax.tree.map(jnp.add, totals, m)
     return {k: float(v) for k, v in jax.device_get(step_lib.reduce_metrics(totals)).items()}
 
@@ -176,7 +168,6 @@ def init_params(config: ConfigDict, model_cfg: model.ModelConfig, mesh, rng) -> 
 
 def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train one stage; resumes from ``workdir`` if it holds a checkpoint. Returns the last train metrics."""
-    from gptjax import data
 
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
@@ -241,6 +232,17 @@ def _train(config: ConfigDict, workdir: str, mesh, model_cfg: model.ModelConfig)
         ctx_shardings=jax.tree.map(lambda x: x.sharding, ctx),
     )
     eval_step = step_lib.make_eval_step(loss_fn)
+    eval_iter = eval_start = None
+    if t.eval_every:
+        eval_iter = data.make_iterator(
+            config.data,
+            stage=config.stage,
+            batch_size=t.batch_size // jax.process_count(),
+            seq_len=t.seq_len,
+            seed=t.seed,
+            split="validation",
+        )
+        eval_start = eval_iter.get_state()
 
     start = int(jax.device_get(train_state.step))
     log = MetricLog(workdir, t.steps, start)
@@ -257,7 +259,10 @@ def _train(config: ConfigDict, workdir: str, mesh, model_cfg: model.ModelConfig)
             last = _flush(log, speed, *pending, t)
         pending = (step, metrics)
         if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-            log.write(step + 1, evaluate(eval_step, train_state.params, ctx, config, mesh, eval_rng), "eval")
+            metrics = evaluate(
+                eval_step, train_state.params, ctx, eval_iter, eval_start, t.eval_steps, mesh, eval_rng
+            )
+            log.write(step + 1, metrics, "eval")
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             checkpoint.save(mngr, train_state, data_state=train_iter.get_state(), meta=meta)
     if pending is not None:
