@@ -62,21 +62,19 @@ def make_mesh(mesh_cfg: Any = None, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
             raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}"
-        )
-    try:
-        dev_array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
-    except Exception:  # CPU and odd topologies: plain reshape is fine
-        dev_array = np.asarray(devices).reshape(sizes)
-    return Mesh(dev_array, MESH_AXES)
+        shape = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ValueError(f"mesh: {shape} needs {math.prod(sizes)} devices, found {len(devices)}")
+    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU, NVLink islands on GPU).
+    # Auto axes: GSPMD propagates shardings from the params and batch (jax.make_mesh defaults to Explicit).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
 
 
 def _mesh_size(mesh: Mesh, axes) -> int:
@@ -87,7 +85,7 @@ def _mesh_size(mesh: Mesh, axes) -> int:
 def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
     """PartitionSpec for one array; a dim that the mesh axis does not divide is replicated."""
     spec, used = [], set()
-    for name, dim in zip(axes, shape):
+    for name, dim in zip(axes, shape, strict=True):
         if name not in RULES:
             raise KeyError(f"logical axis {name!r} has no rule in gptjax.sharding.RULES")
         target = RULES[name]
