@@ -9,6 +9,7 @@ A checkpoint step holds separate items so that a later stage can read the params
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -152,8 +153,13 @@ def load_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
 
 def model_config_from_meta(meta: dict) -> model.ModelConfig:
     fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model"].items() if k in fields}
-    return model.ModelConfig(**kw)
+    unknown = sorted(set(meta["model"]) - fields)
+    if unknown:
+        raise ValueError(
+            f"checkpoint model config has field(s) {unknown} that this version of gptjax.model.ModelConfig "
+            "does not know: it was written by a different version; use that version to read it"
+        )
+    return model.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
 
 
 def load_params(
@@ -168,7 +174,7 @@ def load_params(
 
     Names in ``allow_missing`` (absent from the checkpoint) keep their value from ``target`` (e.g. a fresh
     scalar head for a reward model initialised from an SFT model); names in ``allow_extra`` (in the
-    checkpoint, not in the model, e.g. the SFT model's LM head) are ignored. Anything else that differs is an error.
+    checkpoint, not in the model, e.g. the SFT model's LM head) are ignored. Any other difference is an error.
     """
     mngr = manager(workdir, create=False)
     step = mngr.latest_step() if step is None else step
@@ -221,24 +227,84 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def load_model(workdir: str, step: int | None = None, mesh=None) -> tuple[model.ModelConfig, Params]:
-    """(ModelConfig, params) of a training workdir's latest (or given) checkpoint."""
-    step, meta = load_meta(workdir, step)
-    cfg = model_config_from_meta(meta)
+def _target(cfg: model.ModelConfig, mesh) -> Params:
     shapes = model.param_shapes(cfg)
-    if mesh is not None:
-        from gptjax import sharding
+    if mesh is None:
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+    from gptjax import sharding
 
-        shardings = sharding.param_shardings(cfg, mesh)
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes,
+        sharding.param_shardings(cfg, mesh),
+    )
+
+
+def lora_base_path(workdir: str, meta: dict) -> str:
+    """Where a LoRA run's frozen base came from: its ``train.init_from`` (a workdir or an HF directory)."""
+    config = meta.get("config")
+    config = json.loads(config) if isinstance(config, str) else config or {}
+    base = (config.get("train") or {}).get("init_from")
+    if not base:
+        raise ValueError(
+            f"{workdir} is a LoRA run without train.init_from in its meta: name its base explicitly"
         )
-    else:
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
-    mngr = manager(workdir, create=False)
-    check_params(mngr, step, target, where=f"{_ckpt_dir(workdir)}/{step}")
-    params = mngr.restore(step, args=ocp.args.Composite(params=_params_restore(target))).params
-    return cfg, params
+    return base
+
+
+def load_model(
+    path: str, step: int | None = None, mesh=None, base: str | None = None
+) -> tuple[model.ModelConfig, Params]:
+    """(ModelConfig, params) of a training workdir's latest (or given) checkpoint, or of an HF directory.
+
+    A LoRA run stores only its adapters (and a fresh scalar head): they come back on top of the frozen base
+    they were trained on, ``base`` or the run's own ``train.init_from`` (itself a workdir or HF directory).
+    """
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from gptjax import hf
+
+        return hf.load(path, mesh=mesh)
+    step, meta = load_meta(path, step)
+    cfg = model_config_from_meta(meta)
+    target = _target(cfg, mesh)
+    mngr = manager(path, create=False)
+    where = f"{_ckpt_dir(path)}/{step}"
+    if cfg.lora_rank == 0:
+        check_params(mngr, step, target, where=where)
+        return cfg, mngr.restore(step, args=ocp.args.Composite(params=_params_restore(target))).params
+
+    from gptjax import lora
+
+    base_path = base or lora_base_path(path, meta)
+    base_cfg, base_params = load_model(base_path, mesh=mesh)
+    if base_cfg.lora_rank:
+        base_cfg, base_params = lora.merge(base_cfg, base_params)
+    diff = [f for f in model.ARCH_FIELDS if getattr(base_cfg, f) != getattr(cfg, f)]
+    if diff:
+        raise ValueError(f"base {base_path} of the LoRA run {path} differs in {diff}; name the right base")
+    trained, frozen_target = lora.split(target, also=model.head_params(cfg))
+    check_params_like(base_params, frozen_target, where=f"base {base_path} of {path}")
+    check_params(mngr, step, trained, where=where)
+    adapters = mngr.restore(step, args=ocp.args.Composite(params=_params_restore(trained))).params
+    frozen_names = set(_flat_shapes(frozen_target))
+    frozen = {k: v for k, v in _flat(base_params).items() if k in frozen_names}
+    return cfg, lora.combine(adapters, _nest(frozen))
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {
+        "/".join(str(getattr(p, "key", p)) for p in path): x
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def check_params_like(params: Params, target: Params, *, where: str) -> None:
+    """Like ``check_params`` for params in memory; an LM head the target lacks is fine (LM -> scalar)."""
+    have, want = _flat_shapes(params), _flat_shapes(target)
+    problems = [f"  {n}: expected {s}, missing" for n, s in want.items() if n not in have]
+    problems += [f"  {n}: has {have[n]}, expected {s}" for n, s in want.items() if n in have and have[n] != s]
+    if problems:
+        raise ValueError(f"{where} does not match the model config:\n" + "\n".join(sorted(problems)))
 
 
 def meta_for(model_cfg: model.ModelConfig, stage: str, **extra) -> dict:

@@ -39,30 +39,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 # Fields of ModelConfig that describe the function a checkpoint computes (compared on save).
-ARCH_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "kv_heads",
-    "dim_head",
-    "dim_ff",
-    "max_len",
-    "norm",
-    "norm_eps",
-    "mlp",
-    "pos",
-    "rope_theta",
-    "rope_scaling",
-    "rope_factor",
-    "rope_low_freq_factor",
-    "rope_high_freq_factor",
-    "rope_original_max_len",
-    "tie_embeddings",
-    "qkv_bias",
-    "out_bias",
-    "mlp_bias",
-)
+ARCH_FIELDS = model.ARCH_FIELDS
 
 
 class UnsupportedConfig(ValueError):

@@ -151,6 +151,38 @@ def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     return total
 
 
+# Fields that define the function a model computes (not its numerics, head or adapters).
+ARCH_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "kv_heads",
+    "dim_head",
+    "dim_ff",
+    "max_len",
+    "norm",
+    "norm_eps",
+    "mlp",
+    "pos",
+    "rope_theta",
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
+    "tie_embeddings",
+    "qkv_bias",
+    "out_bias",
+    "mlp_bias",
+)
+
+
+def head_params(cfg: ModelConfig) -> tuple[str, ...]:
+    """Names of a scalar head's params: new to a model started from an LM, so they always train in full."""
+    return ("value_head", "value_bias") if cfg.head == "scalar" else ()
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6N plus causal attention scores.
 

@@ -147,14 +147,13 @@ def init_params(config: ConfigDict, model_cfg: model.ModelConfig, mesh, rng) -> 
         from gptjax import lora
 
         # a scalar head is new to every model that has one: it trains along with the adapters
-        also = ("value_head", "value_bias") if model_cfg.head == "scalar" else ()
-        adapters, base = lora.split(params, also=also)
+        adapters, base = lora.split(params, also=model.head_params(model_cfg))
         params, frozen = adapters, {"base": base}
     if config.train.init_from:
         target = frozen["base"] if lora_on else params
         # A scalar-head model (reward / value) starts from an LM: the LM head is dropped and the scalar
         # head keeps its fresh (zero) init.
-        allow_missing = ("value_head", "value_bias") if model_cfg.head == "scalar" else ()
+        allow_missing = model.head_params(model_cfg)
         allow_extra = ("lm_head",) if model_cfg.head == "scalar" else ()
         loaded = checkpoint.load_params(
             config.train.init_from, target, allow_missing=allow_missing, allow_extra=allow_extra

@@ -14,7 +14,6 @@ directory) or, by default, from the run's own ``train.init_from``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -53,43 +52,16 @@ def _copy_tokenizer(src: str, dst: str) -> list[str]:
     return hf.copy_tokenizer(src, dst)
 
 
-def _base_source(workdir: str, meta: dict, base: str | None) -> str:
-    if base:
-        return base
-    config = meta.get("config")
-    config = json.loads(config) if isinstance(config, str) else config or {}
-    init_from = (config.get("train") or {}).get("init_from")
-    if not init_from:
-        raise ValueError(f"{workdir} is a LoRA run without train.init_from in its meta; pass --base")
-    return init_from
-
-
-def load_any(path: str, step: int | None = None) -> tuple[model.ModelConfig, dict]:
-    """(cfg, params) from an HF directory or a workdir."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return hf.load(path)
-    return checkpoint.load_model(path, step)
-
-
 def to_hf(
     workdir: str, dst: str, step: int | None, base: str | None, tokenizer: str | None, max_shard_gb: float
 ) -> None:
     step, meta = checkpoint.load_meta(workdir, step)
-    cfg = checkpoint.model_config_from_meta(meta)
-    if cfg.lora_rank == 0:
-        cfg, params = checkpoint.load_model(workdir, step)
-        tok_src = [os.path.join(workdir, "tokenizer")]
-    else:  # the run saved only adapters: restore them and put them on the base they were trained on
-        base_path = _base_source(workdir, meta, base)
-        base_cfg, base_params = load_any(base_path)
-        want = cfg.replace(lora_rank=0)
-        diff = [f for f in hf.ARCH_FIELDS if getattr(base_cfg, f) != getattr(want, f)]
-        if diff:
-            raise ValueError(f"base {base_path} does not match {workdir}'s model in {diff}")
-        adapter_shapes = lora.split(model.param_shapes(cfg))[0]
-        adapters = checkpoint.load_params(workdir, adapter_shapes, step=step)
-        params = lora.combine(adapters, base_params)
-        tok_src = [os.path.join(workdir, "tokenizer"), os.path.join(base_path, "tokenizer"), base_path]
+    # a LoRA run comes back with its adapters on the base it was trained on; hf.save merges them
+    cfg, params = checkpoint.load_model(workdir, step, base=base)
+    tok_src = [os.path.join(workdir, "tokenizer")]
+    if cfg.lora_rank:
+        base_path = base or checkpoint.lora_base_path(workdir, meta)
+        tok_src += [os.path.join(base_path, "tokenizer"), base_path]
     tok = tokenizer or next(
         (
             d

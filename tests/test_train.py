@@ -143,6 +143,16 @@ def test_lora_sft_trains_and_stores_only_adapters(tmp_path):
     assert meta["model"]["lora_rank"] == 4
     saved = checkpoint._saved_param_shapes(checkpoint.manager(sft, create=False), 10)
     assert saved and all(name.endswith(("_lora_a", "_lora_b")) for name in saved), sorted(saved)
-    # the frozen base is still exactly the pretrained one: resuming rebuilds it from init_from
-    cfg, base = checkpoint.load_model(pre)
-    assert cfg.lora_rank == 0 and "embed" in base
+    # load_model puts the adapters back on the frozen base named by the run's init_from
+    base_cfg, base = checkpoint.load_model(pre)
+    cfg, params = checkpoint.load_model(sft)
+    assert cfg.lora_rank == 4 and base_cfg.lora_rank == 0
+    np.testing.assert_array_equal(params["embed"], base["embed"])
+    assert params["blocks"]["mlp"]["w_in_lora_b"].shape[0] == cfg.n_layers
+    assert float(np.abs(params["blocks"]["mlp"]["w_in_lora_b"]).max()) > 0  # trained away from zero init
+    with pytest.raises(ValueError, match="d_model"):
+        wrong = str(tmp_path / "wrong")
+        train.run(
+            tiny_config("pretrain", **{"train.steps": 1, "model.d_model": 32, "model.n_heads": 2}), wrong
+        )
+        checkpoint.load_model(sft, base=wrong)
