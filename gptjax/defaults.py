@@ -78,7 +78,7 @@ def load_config(spec: str):
 
 
 def own_data(stage: str, path: str, tokenizer: str = ""):
-    """The data section for a user's files: one source (text/JSONL glob) and optionally an HF tokenizer.json."""
+    """The data section for a user's files: one source (text/JSONL glob), optionally an HF tokenizer.json."""
     from gptjax import data
 
     section = data.default_config()

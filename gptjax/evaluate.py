@@ -61,7 +61,7 @@ def gold_reward_eval(
             return_info=True,
         )
         tokens_BT, ended_B, len_B = jax.device_get((out.tokens_BT, out.ended_B, out.lengths_B))
-        for p, toks, e, n in zip(chunk, tokens_BT, ended_B, len_B):
+        for p, toks, e, n in zip(chunk, tokens_BT, ended_B, len_B, strict=True):
             text = vocab.decode(toks[:n])
             r = gold(p, text, finished=bool(e))
             rewards.append(r)

@@ -11,7 +11,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``lr`` (step 0 already gets lr / warmup), then decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    """Linear warmup to ``lr`` (step 0 already gets lr / warmup), then decay to ``lr * min_lr_ratio``."""
     lr, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
     end = lr * float(optim_cfg.min_lr_ratio)
     decay_steps = max(int(total_steps) - warmup, 1)

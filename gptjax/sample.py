@@ -1,6 +1,6 @@
 """Jitted generation with a KV cache: greedy, temperature, top-k, top-p (nucleus) and EOS handling.
 
-    tokens_BT = generate(cfg, params, prompts_BP, rng, max_new_tokens=32, temperature=0.7, top_p=0.9, eos_id=2)
+    tokens_BT = generate(cfg, params, prompts_BP, rng, max_new_tokens=32, temperature=0.7, eos_id=2)
     out = generate(..., return_info=True)      # Generation: tokens_BT, logprobs_BT, mask_BT, lengths_B, ...
 
 Prompts are right-padded to P with per-row ``prompt_lengths_B``. One ``model.decode`` call prefills all P

@@ -1,4 +1,4 @@
-"""Train state (step, params, optimizer state, optional EMA of params), created directly in its sharded layout."""
+"""Train state (step, params, optimizer state, optional EMA of params), created in its sharded layout."""
 
 from __future__ import annotations
 

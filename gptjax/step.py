@@ -4,9 +4,9 @@ A loss has one signature::
 
     loss_sum, metrics = loss_fn(params, batch, rng, ctx)
 
-``loss_sum`` is a SUM over the batch (tokens, pairs, ...) and ``metrics`` maps names to ``(sum, count)`` pairs;
-``metrics["loss"]`` must be ``(loss_sum, count)``. The step adds sums and counts over micro-batches and divides
-once, so gradient accumulation is exactly the big-batch gradient of ``sum / count``.
+``loss_sum`` is a SUM over the batch (tokens, pairs, ...) and ``metrics`` maps names to ``(sum, count)``
+pairs; ``metrics["loss"]`` must be ``(loss_sum, count)``. The step adds sums and counts over micro-batches
+and divides once, so gradient accumulation is exactly the big-batch gradient of ``sum / count``.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def make_train_step(
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[Any, dict, jax.Array, Ctx], dict]:
-    """Jitted ``eval_step(params, batch, rng, ctx) -> {name: (sum, count)}``; add over batches, then reduce."""
+    """Jitted ``eval_step(params, batch, rng, ctx) -> {name: (sum, count)}``: add over batches, reduce."""
 
     def eval_step(params, batch, rng, ctx):
         _, metrics = loss_fn(full_params(params, ctx), batch, rng, ctx)

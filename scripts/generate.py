@@ -78,7 +78,7 @@ def main(argv):
         raise app.UsageError("an empty prompt needs --bos")
     lengths = np.array([len(x) for x in ids], np.int32)
     prompts = np.full((len(ids), lengths.max()), vocab.pad_id, np.int32)
-    for row, x in zip(prompts, ids):
+    for row, x in zip(prompts, ids, strict=True):
         row[: len(x)] = x
     out = sample.generate(
         cfg, params, prompts, jax.random.key(_SEED.value), prompt_lengths_B=lengths,

@@ -49,13 +49,13 @@ def plot_losses(workdir: str, stages: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    for ax, stage in zip(axes[0], stages, strict=True):
         with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         for split in ("train", "eval"):
             pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and "loss" in r]
             if pts:
-                ax.plot(*zip(*pts), label=split, marker="o" if split == "eval" else None)
+                ax.plot(*zip(*pts, strict=True), label=split, marker="o" if split == "eval" else None)
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

@@ -54,7 +54,7 @@ def test_mesh_2x2x2_equals_single_device():
     g1, m1 = fn(params, batch)
     g8, m8 = fn(sharded, sharding.shard_batch(batch, mesh))
     assert rel_err(m8["loss"][0], m1["loss"][0]) <= 1e-5
-    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -67,7 +67,7 @@ def test_gradient_accumulation_equals_full_batch():
     g4, m4 = grads(lm.loss_fn, params, batch, jax.random.key(0), ctx, 4)
     assert float(m4["loss"][1]) == float(m1["loss"][1]) == float(batch["weights_BL"].sum())
     assert rel_err(m4["loss"][0], m1["loss"][0]) <= 1e-6
-    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1), strict=True):
         assert rel_err(a, b) <= 1e-5
 
     # and a whole optimizer step (with EMA) lands on the same params
@@ -79,7 +79,10 @@ def test_gradient_accumulation_equals_full_batch():
     (s1, m1), (s4, m4) = outs
     assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-6)
     assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-5)
-    for a, b in zip(jax.tree.leaves((s1.params, s1.ema_params)), jax.tree.leaves((s4.params, s4.ema_params))):
+    pairs = zip(
+        jax.tree.leaves((s1.params, s1.ema_params)), jax.tree.leaves((s4.params, s4.ema_params)), strict=True
+    )
+    for a, b in pairs:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert int(s4.step) == 1
     with pytest.raises(ValueError, match="micro_batches=3"):
@@ -146,4 +149,3 @@ def test_indivisible_dims_are_replicated():
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8})
     spec = sharding.logical_to_spec(("vocab", "embed"), (259, 64), mesh)
     assert spec == jax.sharding.PartitionSpec(None, None)
-
