@@ -1,6 +1,6 @@
 """LLaMA-family checkpoints (LlamaForCausalLM; Mistral and Qwen2 when their architecture is the same).
 
-HF's q/k/v projections are already in the rotate-half rotary layout that ``model.rope`` uses, so the weights
+HF's q/k/v projections are already in the rotate-half rotary layout that ``layers.rope`` uses, so the weights
 only change from torch Linear [out, in] to our [in, heads, head_dim]. Qwen2 is LLaMA with q/k/v biases.
 """
 

@@ -150,7 +150,7 @@ def add_adapters(
     shapes = split(model.param_shapes(cfg))[0]
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
 
-    # Same rule as model.init (model._add_lora): A ~ N(0, 1/fan_in), B = 0, so the output is unchanged.
+    # Same rule as model.init (layers._add_lora): A ~ N(0, 1/fan_in), B = 0, so the output is unchanged.
     # One normal draw sliced into every A: each random op costs a separate, slow compile on CPU.
     def make(rng):
         is_a = [not _key_name(path[-1]).endswith("_lora_b") for path, _ in flat]

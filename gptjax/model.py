@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -21,11 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import attention as attn_lib
+from gptjax.layers import LORA_TARGETS, Block, Norm, make_param
 
 Params = dict[str, Any]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out")  # projections that can carry adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,231 +195,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + 3.0 * attn
 
 
-# ----------------------------------------------------------------------------------------------------
-# Modules
-
-
-def _param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:
-    if std is None:
-        value = jnp.zeros(shape, dtype)
-    elif std == "ones":
-        value = jnp.ones(shape, dtype)
-    else:
-        value = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
-    return nnx.Param(value, axes=axes)
-
-
-def _add_lora(module, cfg: ModelConfig, rngs: nnx.Rngs, name: str, in_axes: tuple, out_axes: tuple):
-    """Adapter pair next to weight ``name`` when it is a LoRA target: A [in..., R] normal, B [R, out...] zero.
-
-    B starts at zero so a fresh adapter leaves the model unchanged; A is fan-in scaled so x @ A is O(1).
-    """
-    if cfg.lora_rank == 0 or name not in cfg.lora_targets:
-        return
-    pd, R = jnp.dtype(cfg.param_dtype), cfg.lora_rank
-    shape = {
-        "embed": cfg.d_model,
-        "heads": cfg.n_heads,
-        "kv_heads": cfg.kv_heads,
-        "head_dim": cfg.dim_head,
-        "mlp": cfg.dim_ff,
-    }
-    in_shape, out_shape = tuple(shape[a] for a in in_axes), tuple(shape[a] for a in out_axes)
-    fan_in = math.prod(in_shape)
-    setattr(module, f"{name}_lora_a", _param(rngs, (*in_shape, R), (*in_axes, "lora_rank"), fan_in**-0.5, pd))
-    setattr(module, f"{name}_lora_b", _param(rngs, (R, *out_shape), ("lora_rank", *out_axes), None, pd))
-
-
-def _lora_delta(module, name: str, x: jax.Array, n_in: int, key: jax.Array | None) -> jax.Array | None:
-    """(dropout(x) @ A) @ B * alpha / r for weight ``name``; x's last ``n_in`` dims are its inputs."""
-    cfg = module.cfg
-    if cfg.lora_rank == 0 or name not in cfg.lora_targets:
-        return None
-    dt = x.dtype
-    if key is not None and cfg.lora_dropout > 0.0:
-        keep = jax.random.bernoulli(
-            jax.random.fold_in(key, LORA_TARGETS.index(name)), 1.0 - cfg.lora_dropout, x.shape
-        )
-        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(dt)
-    a = getattr(module, f"{name}_lora_a")[...].astype(dt)
-    b = getattr(module, f"{name}_lora_b")[...].astype(dt)
-    return jnp.tensordot(jnp.tensordot(x, a, axes=n_in), b, axes=1) * jnp.asarray(
-        cfg.lora_alpha / cfg.lora_rank, dt
-    )
-
-
-def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
-    return y if delta is None else y + delta
-
-
-class Norm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        pd = jnp.dtype(cfg.param_dtype)
-        self.scale = _param(rngs, (cfg.d_model,), ("embed",), "ones", pd)
-        if cfg.norm == "layernorm":
-            self.bias = _param(rngs, (cfg.d_model,), ("embed",), None, pd)
-
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        x = x_BLD.astype(jnp.float32)
-        if self.cfg.norm == "layernorm":
-            x = x - jnp.mean(x, axis=-1, keepdims=True)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        x = x * self.scale[...].astype(jnp.float32)
-        if self.cfg.norm == "layernorm":
-            x = x + self.bias[...].astype(jnp.float32)
-        return x.astype(x_BLD.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Rotary inverse frequencies [head_dim // 2], with the config's long-context scaling."""
-    D = cfg.dim_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
-    if cfg.rope_scaling == "linear":
-        return inv_freq / cfg.rope_factor
-    if cfg.rope_scaling == "llama3":  # slow rotations stretched by factor, fast ones kept, a ramp between
-        wavelen = 2 * jnp.pi / inv_freq
-        ramp = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
-        )
-        ramp = jnp.clip(ramp, 0.0, 1.0)
-        return (1 - ramp) * inv_freq / cfg.rope_factor + ramp * inv_freq
-    return inv_freq
-
-
-def rope(
-    x_BLHD: jax.Array, positions_BL: jax.Array, theta: float, inv_freq: jax.Array | None = None
-) -> jax.Array:
-    """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention)."""
-    D = x_BLHD.shape[-1]
-    if inv_freq is None:
-        inv_freq = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
-    angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
-    cos_BL1D = jnp.cos(jnp.concatenate([angles_BLd, angles_BLd], -1))[:, :, None, :]
-    sin_BL1D = jnp.sin(jnp.concatenate([angles_BLd, angles_BLd], -1))[:, :, None, :]
-    x = x_BLHD.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos_BL1D + rotated * sin_BL1D).astype(x_BLHD.dtype)
-
-
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_head
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-        out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2: residual projections scaled by depth
-        self.wq = _param(rngs, (D, H, E), ("embed", "heads", "head_dim"), std, pd)
-        self.wk = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), std, pd)
-        self.wv = _param(rngs, (D, K, E), ("embed", "kv_heads", "head_dim"), std, pd)
-        self.wo = _param(rngs, (H, E, D), ("heads", "head_dim", "embed"), out_std, pd)
-        if cfg.qkv_bias:
-            self.bq = _param(rngs, (H, E), ("heads", "head_dim"), None, pd)
-            self.bk = _param(rngs, (K, E), ("kv_heads", "head_dim"), None, pd)
-            self.bv = _param(rngs, (K, E), ("kv_heads", "head_dim"), None, pd)
-        if cfg.out_bias:
-            self.bo = _param(rngs, (D,), ("embed",), None, pd)
-        _add_lora(self, cfg, rngs, "wq", ("embed",), ("heads", "head_dim"))
-        _add_lora(self, cfg, rngs, "wk", ("embed",), ("kv_heads", "head_dim"))
-        _add_lora(self, cfg, rngs, "wv", ("embed",), ("kv_heads", "head_dim"))
-        _add_lora(self, cfg, rngs, "wo", ("heads", "head_dim"), ("embed",))
-
-    def _proj(self, x_BLD, w, b, name=None, lora_key=None):
-        dt = x_BLD.dtype
-        y = jnp.einsum("bld,dhe->blhe", x_BLD, w[...].astype(dt))
-        y = _plus(y, _lora_delta(self, name, x_BLD, 1, lora_key))
-        return y if b is None else y + b[...].astype(dt)
-
-    def qkv(self, x_BLD, positions_BL, lora_key=None):
-        cfg = self.cfg
-        q_BLHD = self._proj(x_BLD, self.wq, getattr(self, "bq", None), "wq", lora_key)
-        k_BLKD = self._proj(x_BLD, self.wk, getattr(self, "bk", None), "wk", lora_key)
-        v_BLKD = self._proj(x_BLD, self.wv, getattr(self, "bv", None), "wv", lora_key)
-        if cfg.pos == "rope":
-            inv_freq = rope_inv_freq(cfg)
-            q_BLHD = rope(q_BLHD, positions_BL, cfg.rope_theta, inv_freq)
-            k_BLKD = rope(k_BLKD, positions_BL, cfg.rope_theta, inv_freq)
-        return q_BLHD, k_BLKD, v_BLKD
-
-    def out(self, o_BLHD, lora_key=None):
-        dt = o_BLHD.dtype
-        y_BLD = jnp.einsum("blhe,hed->bld", o_BLHD, self.wo[...].astype(dt))
-        y_BLD = _plus(y_BLD, _lora_delta(self, "wo", o_BLHD, 2, lora_key))
-        return y_BLD + self.bo[...].astype(dt) if self.cfg.out_bias else y_BLD
-
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        D, F = cfg.d_model, cfg.dim_ff
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-        self.w_in = _param(rngs, (D, F), ("embed", "mlp"), std, pd)
-        if cfg.mlp == "swiglu":
-            self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), std, pd)
-        self.w_out = _param(rngs, (F, D), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd)
-        if cfg.mlp_bias:
-            self.b_in = _param(rngs, (F,), ("mlp",), None, pd)
-            self.b_out = _param(rngs, (D,), ("embed",), None, pd)
-        _add_lora(self, cfg, rngs, "w_in", ("embed",), ("mlp",))
-        if cfg.mlp == "swiglu":
-            _add_lora(self, cfg, rngs, "w_gate", ("embed",), ("mlp",))
-        _add_lora(self, cfg, rngs, "w_out", ("mlp",), ("embed",))
-
-    def __call__(self, x_BLD, lora_key=None):
-        cfg, dt = self.cfg, x_BLD.dtype
-        h_BLF = _plus(x_BLD @ self.w_in[...].astype(dt), _lora_delta(self, "w_in", x_BLD, 1, lora_key))
-        if cfg.mlp_bias:
-            h_BLF = h_BLF + self.b_in[...].astype(dt)
-        if cfg.mlp == "swiglu":
-            gate_BLF = x_BLD @ self.w_gate[...].astype(dt)
-            gate_BLF = _plus(gate_BLF, _lora_delta(self, "w_gate", x_BLD, 1, lora_key))
-            h_BLF = jax.nn.silu(gate_BLF) * h_BLF
-        elif cfg.mlp == "relu":
-            h_BLF = jax.nn.relu(h_BLF)
-        else:
-            h_BLF = jax.nn.gelu(h_BLF, approximate=cfg.mlp == "gelu")
-        y_BLD = _plus(h_BLF @ self.w_out[...].astype(dt), _lora_delta(self, "w_out", h_BLF, 1, lora_key))
-        return y_BLD + self.b_out[...].astype(dt) if cfg.mlp_bias else y_BLD
-
-
-class Block(nnx.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.attn_norm = Norm(cfg, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL, lora_key=None):
-        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL, lora_key)
-        o_BLHD = attn_lib.attention(
-            q, k, v, impl=self.cfg.attention_impl, causal=True, segment_ids_BL=segment_ids_BL
-        )
-        x_BLD = x_BLD + self.attn.out(o_BLHD, lora_key)
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD), lora_key)
-
-    def decode(self, x_BLD, positions_BL, k_cache_BSKD, v_cache_BSKD):
-        """Write this chunk's K/V at slots ``positions_BL`` and attend to the cache up to each slot."""
-        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
-        write = jax.vmap(lambda c, new, pos: c.at[pos].set(new.astype(c.dtype)))
-        k_cache_BSKD = write(k_cache_BSKD, k, positions_BL)
-        v_cache_BSKD = write(v_cache_BSKD, v, positions_BL)
-        o_BLHD = attn_lib.cached_attention(
-            q, k_cache_BSKD, v_cache_BSKD, positions_BL, impl=self.cfg.attention_impl
-        )
-        x_BLD = x_BLD + self.attn.out(o_BLHD)
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache_BSKD, v_cache_BSKD
-
-
 class GPT(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std, pd)
+        self.embed = make_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std, pd)
         if cfg.pos == "learned":
-            self.pos_embed = _param(rngs, (cfg.max_len, cfg.d_model), ("pos", "embed"), std / 2, pd)
+            self.pos_embed = make_param(rngs, (cfg.max_len, cfg.d_model), ("pos", "embed"), std / 2, pd)
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -430,11 +211,11 @@ class GPT(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = Norm(cfg, rngs)
         if cfg.head == "lm" and not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std, pd)
+            self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std, pd)
         if cfg.head == "scalar":
             head_std = None if cfg.scalar_head_init == "zero" else 1.0 / (cfg.d_model + 1) ** 0.5
-            self.value_head = _param(rngs, (cfg.d_model,), ("embed",), head_std, pd)
-            self.value_bias = _param(rngs, (), (), None, pd)
+            self.value_head = make_param(rngs, (cfg.d_model,), ("embed",), head_std, pd)
+            self.value_bias = make_param(rngs, (), (), None, pd)
 
     def embed_tokens(self, tokens_BL, positions_BL):
         dt = jnp.dtype(self.cfg.dtype)
