@@ -268,31 +268,23 @@ def flash_attention(
 
 
 def _all_ranges(c: fk.Static, q_seg, k_seg):
-    common = {"causal": c.causal, "offset": c.offset}
-    fwd = block_ranges(
-        n_rows=c.L,
-        n_cols=c.S,
-        br=c.block_q,
-        bc=c.block_k,
-        nr=c.Lp // c.block_q,
-        nc=c.Sp // c.block_k,
-        rows_are_q=True,
-        row_seg=q_seg,
-        col_seg=k_seg,
-        **common,
-    )
-    dq = block_ranges(
-        n_rows=c.L,
-        n_cols=c.S,
-        br=c.block_q_dq,
-        bc=c.block_k_dq,
-        nr=c.Lp // c.block_q_dq,
-        nc=c.Sp // c.block_k_dq,
-        rows_are_q=True,
-        row_seg=q_seg,
-        col_seg=k_seg,
-        **common,
-    )
+    """Visible block ranges of the forward and dq grids (rows: q blocks) and the dk/dv grid (rows: kv)."""
+
+    def q_rows(bq: int, bk: int):
+        return block_ranges(
+            n_rows=c.L,
+            n_cols=c.S,
+            br=bq,
+            bc=bk,
+            nr=c.Lp // bq,
+            nc=c.Sp // bk,
+            rows_are_q=True,
+            row_seg=q_seg,
+            col_seg=k_seg,
+            causal=c.causal,
+            offset=c.offset,
+        )
+
     dkdv = block_ranges(
         n_rows=c.S,
         n_cols=c.L,
@@ -303,9 +295,10 @@ def _all_ranges(c: fk.Static, q_seg, k_seg):
         rows_are_q=False,
         row_seg=k_seg,
         col_seg=q_seg,
-        **common,
+        causal=c.causal,
+        offset=c.offset,
     )
-    return fwd, dq, dkdv
+    return q_rows(c.block_q, c.block_k), q_rows(c.block_q_dq, c.block_k_dq), dkdv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
