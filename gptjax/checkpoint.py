@@ -100,9 +100,14 @@ def restore(
     return restored, dict(out.data or {})
 
 
+def _name(path) -> str:
+    """'blocks/attn/wq': a param's key path as one string (the names errors and logs use)."""
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(p, "key", p)) for p in path): tuple(x.shape) for path, x in flat}
+    return {_name(path): tuple(x.shape) for path, x in flat}
 
 
 def _saved_param_shapes(mngr: ocp.CheckpointManager, step: int) -> dict[str, tuple]:
@@ -189,20 +194,12 @@ def load_params(
         allow_extra=allow_extra,
     )
     saved = _saved_param_shapes(mngr, step)
-    flat_target = jax.tree_util.tree_flatten_with_path(target)[0]
-    wanted = {}
-    for path, x in flat_target:
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        if name in saved:
-            wanted[name] = x
+    wanted = {name: x for name, x in _flat(target).items() if name in saved}
     restore_tree = _nest({k: _abstract(v) for k, v in wanted.items()})
     out = mngr.restore(
         step, args=ocp.args.Composite(params=_params_restore(restore_tree, partial=True))
     ).params
-    restored = {
-        "/".join(str(getattr(p, "key", p)) for p in path): x
-        for path, x in jax.tree_util.tree_flatten_with_path(out)[0]
-    }
+    restored = _flat(out)
     logging.info(
         "init_from %s step %d: %d params restored, fresh: %s, ignored: %s",
         workdir,
@@ -211,9 +208,7 @@ def load_params(
         sorted(set(_flat_shapes(target)) - set(restored)) or "none",
         sorted(set(saved) - set(restored)) or "none",
     )
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: restored.get("/".join(str(getattr(p, "key", p)) for p in path), x), target
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, x: restored.get(_name(path), x), target)
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -292,10 +287,7 @@ def load_model(
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    return {
-        "/".join(str(getattr(p, "key", p)) for p in path): x
-        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    return {_name(path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def check_params_like(params: Params, target: Params, *, where: str) -> None:
