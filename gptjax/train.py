@@ -20,22 +20,9 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from gptjax import checkpoint, model, optim, sharding
+from gptjax import checkpoint, flops, model, optim, sharding
 from gptjax import state as state_lib
 from gptjax import step as step_lib
-
-# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
-PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 197e12),  # v5e reports "TPU v5 lite"
-    ("TPU v4", 275e12),
-)
-
 
 def setup_logging() -> None:
     """INFO from gptjax itself; only warnings and errors from libraries (orbax, seqio, TF are chatty)."""
@@ -51,13 +38,6 @@ def setup_logging() -> None:
 
     logging.get_absl_handler().addFilter(keep)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def peak_flops(device: jax.Device) -> float | None:
-    for key, flops in PEAK_FLOPS:
-        if key in device.device_kind:
-            return flops
-    return None
 
 
 def model_config(model_section: ConfigDict) -> model.ModelConfig:
@@ -247,7 +227,7 @@ def _train(config: ConfigDict, workdir: str, mesh, model_cfg: model.ModelConfig)
     log = MetricLog(workdir, t.steps, start)
     speed = Speed(
         model.flops_per_token(model_cfg, t.seq_len),
-        peak_flops(jax.devices()[0]),
+        flops.peak_flops(jax.devices()[0]),
         batch_tokens(first) * jax.process_count(),
     )
     pending, last = None, {}
@@ -293,8 +273,9 @@ class Speed:
         tps = self.tokens_per_step * self.steps / max(now - self.since, 1e-9)
         self.since, self.steps = now, 0
         out = {"tokens_per_s": tps}
-        if self.peak:
-            out["mfu"] = self.flops_per_token * tps / (self.peak * jax.device_count())
+        mfu = flops.mfu(self.flops_per_token, tps, self.peak, jax.device_count())
+        if mfu is not None:
+            out["mfu"] = mfu
         return out
 
 

@@ -59,7 +59,7 @@ def _visible_pairs(seg: np.ndarray | None, B: int, L: int, causal: bool) -> floa
     return total
 
 
-def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype):
+def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype, block_sizes=None):
     key = jax.random.PRNGKey(0)
     kq, kk, kv, kd = jax.random.split(key, 4)
     q = jax.random.normal(kq, (B, L, H, D), jnp.float32).astype(dtype)
@@ -68,6 +68,10 @@ def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype):
     do = jax.random.normal(kd, (B, L, H, D), jnp.float32).astype(dtype)
     seg_j = None if seg is None else jnp.asarray(seg)
     attn = functools.partial(attn_lib.attention, impl=impl, causal=causal)
+    if block_sizes is not None:  # tile tuning: the kernel itself, one device, these tiles
+        from gptjax.kernels import flash_attention as fa
+
+        attn = functools.partial(fa.flash_attention, causal=causal, block_sizes=block_sizes)
     if impl == "cudnn" and seg is not None:
         # cuDNN's best case on packed batches: the dense [B, 1, L, S] mask is built once, outside the timing.
         seg_j = attn_lib.attention_mask(L, L, causal, seg_j)[:, None]
@@ -109,6 +113,39 @@ def check_pallas(L, H, K, D, causal, seg, dtype) -> float:
     return float(max(errs))
 
 
+# Candidate tiles (block_q, block_k, block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, warps, stages):
+# the forward kernel wants wide q tiles and several pipeline stages, the dk/dv kernel wide kv tiles.
+TUNE_CANDIDATES = (
+    (128, 128, 64, 128, 128, 64, 4, 3),
+    (128, 64, 64, 64, 64, 64, 8, 3),
+    (128, 64, 64, 128, 64, 64, 4, 2),
+    (128, 128, 128, 128, 128, 128, 8, 2),
+    (64, 64, 64, 64, 64, 64, 4, 3),
+    (128, 32, 32, 64, 64, 32, 4, 4),
+    (64, 128, 32, 128, 128, 32, 4, 3),
+    (128, 64, 64, 128, 128, 64, 8, 2),
+)
+
+
+def tune(L, D, tokens, model_dim, gqa, iters, dtype):
+    """fwd and fwd+bwd ms of each candidate tiling (causal, unpacked); returns the rows and the best one."""
+    from gptjax.kernels import flash_attention as fa
+
+    H = max(1, model_dim // D)
+    K, B = max(1, H // gqa), max(1, tokens // L)
+    rows = []
+    for cand in TUNE_CANDIDATES:
+        bs = fa.BlockSizes(*cand)
+        try:
+            t_f, _, t_fb, fbtf = bench_attention("pallas", B, L, H, K, D, True, None, iters, dtype, bs)
+        except Exception as e:  # noqa: BLE001 - a tiling can exceed shared memory; report it and go on
+            print(f"  tune L={L} D={D} {cand}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        rows.append((cand, t_f, t_fb, fbtf))
+    best = min(rows, key=lambda r: r[2])[0] if rows else None
+    return rows, best
+
+
 def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
     key = jax.random.PRNGKey(1)
     kq, kk, kv = jax.random.split(key, 3)
@@ -143,6 +180,9 @@ def main():
     p.add_argument("--xla-max-seq", type=int, default=8192, help="skip xla above this (scores in memory)")
     p.add_argument("--check-max-seq", type=int, default=4096, help="check pallas vs reference up to here")
     p.add_argument("--hbm-gbps", type=float, default=3350.0)
+    p.add_argument("--max-err", type=float, default=0.0, help="exit 1 if a checked rel err exceeds this")
+    p.add_argument("--tune", action="store_true", help="sweep pallas tiles at --tune-seq, then rerun pallas")
+    p.add_argument("--tune-seq", type=int, default=4096)
     p.add_argument("--decode", default="8x4096,8x16384,32x2048,1x65536", help="BxS cache shapes")
     args = p.parse_args()
     if args.quick:
@@ -176,6 +216,29 @@ def main():
                     if impl == "pallas" and L <= args.check_max_seq:
                         err = check_pallas(L, H, K, D, True, seg, dtype)
                     rows.append((case, L, D, B, H, K, impl, *res, err))
+    best_by_dim = {}
+    if args.tune:
+        print(f"\nTile sweep: pallas, causal, seq {args.tune_seq}, bf16 (fwd+bwd ms, lower is better)")
+        print(f"{'hd':>4} {'(bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages)':52} {'fwd ms':>8} {'f+b ms':>8}")
+        for D in map(int, args.head_dims.split(",")):
+            tune_rows, best = tune(args.tune_seq, D, args.tokens, args.model_dim, args.gqa, args.iters, dtype)
+            for cand, t_f, t_fb, _ in tune_rows:
+                mark = " <- best" if cand == best else ""
+                print(f"{D:4d} {str(cand):52} {t_f:8.3f} {t_fb:8.3f}{mark}")
+            if best is not None:
+                best_by_dim[D] = best
+        for D, best in best_by_dim.items():
+            from gptjax.kernels import flash_attention as fa
+
+            H = max(1, args.model_dim // D)
+            K = max(1, H // args.gqa)
+            for L in map(int, args.seqs.split(",")):
+                B = max(1, args.tokens // L)
+                for case in ("causal", "packed"):
+                    seg = _packed_segments(rng, B, L, args.mean_doc or L // 4) if case == "packed" else None
+                    res = bench_attention("pallas", B, L, H, K, D, True, seg, args.iters, dtype,
+                                          fa.BlockSizes(*best))
+                    rows.append((case, L, D, B, H, K, "tuned", *res, float("nan")))
     print("\nAttention, bf16 (TFLOP/s over visible pairs; fwd+bwd counts 3.5x the forward FLOPs;")
     print("rel err: pallas output and q/k/v grads vs the fp32 reference, batch row 0)")
     hdr = (
@@ -185,6 +248,7 @@ def main():
     print(hdr)
     print("-" * len(hdr))
     cudnn_fb = {(r[0], r[1], r[2]): r[9] for r in rows if r[6] == "cudnn"}
+    rows.sort(key=lambda r: (r[2], r[1], r[0]))  # stable: impls keep their order within a shape
     for case, L, D, B, H, K, impl, tf, ftf, tfb, fbtf, err in rows:
         ref = cudnn_fb.get((case, L, D))
         ratio = f"{ref / tfb:11.2f}x" if ref else f"{'':12}"
@@ -192,6 +256,7 @@ def main():
         err_s = f"{err:8.1e}" if err == err else f"{'-':>8}"  # nan: not checked
         head = f"{case:7} {L:6d} {D:4d} {B:3d} {hk:>6} {impl:7}"
         print(f"{head} {tf:9.3f} {ftf:9.1f} {tfb:9.3f} {fbtf:9.1f} {ratio} {err_s}")
+    decode_errs = []
     print(f"\nDecode attention (pallas), bf16, full caches; HBM bound at {args.hbm_gbps:.0f} GB/s")
     hdr = f"{'B':>3} {'cache':>7} {'hd':>4} {'H/K':>6} {'ms':>9} {'GB/s':>8} {'bound ms':>9} {'x bound':>8} "
     hdr += f"{'max err':>8}"
@@ -207,6 +272,12 @@ def main():
             print(
                 f"{B:3d} {S:7d} {D:4d} {hk:>6} {ms:9.4f} {gbs:8.0f} {bound:9.4f} {ms / bound:8.2f} {err:8.1e}"
             )
+            decode_errs.append(err)
+    if args.max_err:
+        worst = max([r[-1] for r in rows if r[-1] == r[-1]] + decode_errs, default=0.0)
+        if worst > args.max_err:
+            raise SystemExit(f"FAILED: pallas error {worst:.2e} exceeds --max-err {args.max_err:.1e}")
+        print(f"correctness: worst pallas error {worst:.2e} <= {args.max_err:.1e}")
 
 
 if __name__ == "__main__":
