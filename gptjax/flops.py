@@ -1,4 +1,4 @@
-"""Peak FLOP/s per device and model FLOP utilisation (MFU), shared by the train loop, benchmarks and planner."""
+"""Peak FLOP/s per device and model FLOP utilisation (MFU): one table for the loop, benchmarks, planner."""
 
 from __future__ import annotations
 

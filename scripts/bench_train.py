@@ -5,8 +5,8 @@
 
 Builds the config's model, optimizer and the one jitted train step exactly as ``scripts/train.py`` does (same
 mesh, shardings, micro-batches and remat), feeds it random batches of the stage's shape and times ``--steps``
-steps after ``--warmup``. tokens/s and MFU count only real (non-padding) tokens: pretraining batches are packed
-full; SFT batches are padded to ``--fill`` of each row on average, like real demonstrations. The FLOPs per
+steps after ``--warmup``. tokens/s and MFU count only real (non-padding) tokens: pretraining batches are
+packed full; SFT batches are padded to ``--fill`` of each row on average, like real demonstrations. The FLOPs per
 token are ``gptjax.model.flops_per_token`` (6N + causal attention), the peak is ``gptjax.flops.PEAK_FLOPS``.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import FrozenConfigDict, config_flags
