@@ -24,6 +24,7 @@ from gptjax import checkpoint, flops, model, optim, sharding
 from gptjax import state as state_lib
 from gptjax import step as step_lib
 
+
 def setup_logging() -> None:
     """INFO from gptjax itself; only warnings and errors from libraries (orbax, seqio, TF are chatty)."""
     import logging as py_logging
