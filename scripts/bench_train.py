@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import FrozenConfigDict, config_flags
 
-from gptjax import flops, model, optim, sharding
+from gptjax import flops, model, optim, roles, sharding
 from gptjax import state as state_lib
 from gptjax import step as step_lib
 from gptjax import train
@@ -73,7 +73,7 @@ def main(argv):
     config, FLAGS = flags.FLAGS.config, flags.FLAGS
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
-    cfg = train.model_config(config.model)
+    cfg = roles.model_config(config.model)
     train.check_config(config, cfg, mesh)
     with jax.set_mesh(mesh):
         params = model.init(cfg, jax.random.key(0), mesh)
