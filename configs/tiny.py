@@ -13,7 +13,8 @@ Hardware: 2 CPU cores (about 1 s a step). Expected: a 3.3M-parameter model; pret
 gold reward of ~0.75 on held-out prompts (the noisy demonstrations themselves score ~0.82, the ideal 1.0).
 The RM (K = 4 ranked responses per prompt from simulated labelers, scalar head from the SFT model) reaches a
 held-out pairwise accuracy well above chance and orders pairs like the gold reward; its bias is then set so
-the SFT demonstrations score mean 0. DPO (ref = the frozen SFT model) raises the held-out chosen-minus-rejected
+the SFT demonstrations score mean 0. DPO (ref = the frozen SFT model) raises the held-out chosen-minus-
+rejected
 margin.
 """
 

@@ -307,12 +307,11 @@ def _target(cfg: model.ModelConfig, mesh) -> Params:
     shapes = model.param_shapes(cfg)
     if mesh is None:
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
-    from gptjax import sharding
 
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes,
-        sharding.param_shardings(cfg, mesh),
+        model.param_shardings(cfg, mesh),
     )
 
 

@@ -1,7 +1,8 @@
 """Reward models after training: normalisation, and evaluation against the labels and a gold reward.
 
 Normalisation (InstructGPT): the bias that makes the SFT demonstrations score mean 0 is folded into the scalar
-head's bias, so PPO, best-of-N and chat read normalised rewards with no special code. It runs as the RM stage's
+head's bias, so PPO, best-of-N and chat read normalised rewards with no special code. It runs as the RM
+stage's
 finishing step (``gptjax.stages``) on ``config.normalize.data`` (demonstrations, 'sft' records).
 """
 
@@ -94,7 +95,7 @@ def evaluate_rm(
     gold: Callable[[str, str], float] | None = None,
 ) -> dict[str, float]:
     """Held-out pairwise accuracy against the labels' order (best -> worst), reward mean / std, and with
-    ``gold(prompt, response)`` the fraction of pairs (gold not tied) that the RM orders like the gold reward."""
+    ``gold(prompt, response)`` the fraction of pairs (gold not tied) the RM orders like the gold reward."""
     rewards = score(ctx, params, vocab, list(rankings), seq_len)
     right = pairs = agree = gold_pairs = 0
     for (prompt, responses), r in zip(rankings, rewards, strict=True):

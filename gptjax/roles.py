@@ -132,7 +132,8 @@ def load_frozen(config: ConfigDict, stage: Stage, roles: list[Role], mesh) -> tu
         path = spec.init_from or (roles[0].init_from if not keyed(roles) else "")
         if not path:
             raise ValueError(
-                f"config.frozen.{name}.init_from is empty (and so is config.train.init_from): name the workdir "
+                f"config.frozen.{name}.init_from is empty (and so is config.train.init_from): name the "
+                "workdir "
                 "or Hugging Face directory this frozen role is loaded from"
             )
         cfg, params[name] = checkpoint.load_model(path, mesh=mesh, role=spec.role or None, ema=spec.ema)

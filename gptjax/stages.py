@@ -1,6 +1,7 @@
 """What each training stage is: its data format, default loss, head, frozen roles and batch source.
 
-A stage is a loss file + a batch source + a config (DESIGN.md §1); this table is where a new stage is declared.
+A stage is a loss file + a batch source + a config (DESIGN.md §1); this table is where a new stage is
+declared.
 ``data`` names the data layer's batch format (``gptjax.data``: 'pretrain' | 'sft' | 'rm' | 'prompts'), so the
 train loop never passes the stage name itself to the data layer.
 """

@@ -228,7 +228,8 @@ def main():
     if args.tune:
         print(f"\nTile sweep: pallas, causal, seq {args.tune_seq}, bf16 (fwd+bwd ms, lower is better)")
         print(
-            f"{'hd':>4} {'(bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages)':52} {'fwd ms':>8} {'f+b ms':>8}"
+            f"{'hd':>4} {'(bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages)':52} "
+            f"{'fwd ms':>8} {'f+b ms':>8}"
         )
         for D in map(int, args.head_dims.split(",")):
             tune_rows, best = tune(args.tune_seq, D, args.tokens, args.model_dim, args.gqa, args.iters, dtype)

@@ -6,7 +6,7 @@
 Builds the config's model, optimizer and the one jitted train step exactly as ``scripts/train.py`` does (same
 mesh, shardings, micro-batches and remat), feeds it random batches of the stage's shape and times ``--steps``
 steps after ``--warmup``. tokens/s and MFU count only real (non-padding) tokens: pretraining batches are
-packed full; SFT batches are padded to ``--fill`` of each row on average, like real demonstrations. The FLOPs per
+packed full; SFT batches are padded to ``--fill`` of each row on average, like real demonstrations. FLOPs per
 token are ``gptjax.model.flops_per_token`` (6N + causal attention), the peak is ``gptjax.flops.PEAK_FLOPS``.
 """
 
@@ -119,14 +119,16 @@ def main(argv):
         f"model: {n_params / 1e9:.3f}B params, {cfg.n_layers} layers, d {cfg.d_model}, "
         f"attention {cfg.attention_impl}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}"
     )
-    hdr = f"{'stage':8} {'batch':>6} {'seq':>6} {'real tok':>9} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s/dev':>12} "
+    hdr = f"{'stage':8} {'batch':>6} {'seq':>6} {'real tok':>9} {'step ms':>9} {'tokens/s':>10} "
+    hdr += f"{'TFLOP/s/dev':>12} "
     hdr += f"{'MFU':>6} {'warmup s':>9} {'loss':>7}"
     print(hdr)
     print("-" * len(hdr))
     tflops = fpt * tps / jax.device_count() / 1e12
     mfu_s = f"{util:6.1%}" if util is not None else f"{'-':>6}"
     print(
-        f"{config.stage:8} {t.batch_size:6d} {t.seq_len:6d} {real / total:9.0%} {step_s * 1e3:9.1f} {tps:10.0f} "
+        f"{config.stage:8} {t.batch_size:6d} {t.seq_len:6d} {real / total:9.0%} {step_s * 1e3:9.1f} "
+        f"{tps:10.0f} "
         f"{tflops:12.1f} {mfu_s} {warm_s:9.1f} {loss:7.3f}"
     )
 

@@ -159,8 +159,8 @@ def write_report(results: dict) -> None:
                 ],
             ),
             "",
-            "Pairwise accuracy: held-out pairs the RM orders like the simulated labelers (chance 0.5). Gold agreement:",
-            "pairs (gold reward not tied) the RM orders like the hidden gold reward.",
+            "Pairwise accuracy: held-out pairs the RM orders like the simulated labelers (chance 0.5).",
+            "Gold agreement: pairs (gold reward not tied) the RM orders like the hidden gold reward.",
             "",
         ]
     if "dpo" in results:

@@ -66,7 +66,7 @@ def test_two_trained_roles_update_independently_and_frozen_stays_frozen():
     assert float(metrics["lr/policy"]) == pytest.approx(1e-2) and float(metrics["lr/value"]) == pytest.approx(
         1e-4
     )
-    # Adam's first update is ~lr per element whatever the gradient's scale: the step sizes follow each role's lr.
+    # Adam's first update is ~lr per element whatever the gradient's scale: steps follow each role's lr.
     d_pol = max(
         float(np.max(np.abs(a - b)))
         for a, b in zip(
