@@ -112,6 +112,7 @@ def test_pipeline_rerun_on_a_finished_workdir_rebuilds_the_report(tmp_path):
         "--quick",
         "--stages=pretrain",
         "--eval_prompts=8",
+        "--steps=5",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
