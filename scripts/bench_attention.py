@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from gptjax.kernels import decode_attention as da
+from gptjax.kernels import flash_attention as fa
 
 from gptjax import attention as attn_lib
 
@@ -69,8 +70,6 @@ def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype, block_sizes=
     seg_j = None if seg is None else jnp.asarray(seg)
     attn = functools.partial(attn_lib.attention, impl=impl, causal=causal)
     if block_sizes is not None:  # tile tuning: the kernel itself, one device, these tiles
-        from gptjax.kernels import flash_attention as fa
-
         attn = functools.partial(fa.flash_attention, causal=causal, block_sizes=block_sizes)
     if impl == "cudnn" and seg is not None:
         # cuDNN's best case on packed batches: the dense [B, 1, L, S] mask is built once, outside the timing.
@@ -91,8 +90,6 @@ def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype, block_sizes=
 
 def check_pallas(L, H, K, D, causal, seg, dtype) -> float:
     """Max relative error of the pallas output and q/k/v grads vs the fp32 reference (batch row 0)."""
-    from gptjax.kernels import flash_attention as fa
-
     ks = jax.random.split(jax.random.PRNGKey(2), 4)
     q = jax.random.normal(ks[0], (1, L, H, D), jnp.float32).astype(dtype)
     k = jax.random.normal(ks[1], (1, L, K, D), jnp.float32).astype(dtype)
@@ -129,8 +126,6 @@ TUNE_CANDIDATES = (
 
 def tune(L, D, tokens, model_dim, gqa, iters, dtype):
     """fwd and fwd+bwd ms of each candidate tiling (causal, unpacked); returns the rows and the best one."""
-    from gptjax.kernels import flash_attention as fa
-
     H = max(1, model_dim // D)
     K, B = max(1, H // gqa), max(1, tokens // L)
     rows = []
@@ -203,29 +198,8 @@ def main():
         f"jax {jax.__version__}, device: {jax.devices()[0].device_kind} ({backend}); bf16; "
         f"impls {impls}{'' if 'cudnn' in impls else ' (cudnn needs a GPU)'}"
     )
-    rng = np.random.default_rng(0)
-    rows = []
-    for D in map(int, args.head_dims.split(",")):
-        H = max(1, args.model_dim // D)
-        K = max(1, H // args.gqa)
-        for L in map(int, args.seqs.split(",")):
-            B = max(1, args.tokens // L)
-            for case in ("causal", "packed"):
-                seg = _packed_segments(rng, B, L, args.mean_doc or L // 4) if case == "packed" else None
-                for impl in impls:
-                    if impl == "xla" and L > args.xla_max_seq:
-                        continue
-                    try:
-                        res = bench_attention(impl, B, L, H, K, D, True, seg, args.iters, dtype)
-                    except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported shape)
-                        print(f"  {impl} {case} L={L} D={D}: {type(e).__name__}: {str(e)[:200]}")
-                        continue
-                    err = float("nan")
-                    if impl == "pallas" and L <= args.check_max_seq:
-                        err = check_pallas(L, H, K, D, True, seg, dtype)
-                    rows.append((case, L, D, B, H, K, impl, *res, err))
     best_by_dim = {}
-    if args.tune:
+    if args.tune:  # first, so the tuned tiles join the table below as impl 'tuned'
         print(f"\nTile sweep: pallas, causal, seq {args.tune_seq}, bf16 (fwd+bwd ms, lower is better)")
         print(
             f"{'hd':>4} {'(bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages)':52} "
@@ -238,19 +212,30 @@ def main():
                 print(f"{D:4d} {str(cand):52} {t_f:8.3f} {t_fb:8.3f}{mark}")
             if best is not None:
                 best_by_dim[D] = best
-        for D, best in best_by_dim.items():
-            from gptjax.kernels import flash_attention as fa
-
-            H = max(1, args.model_dim // D)
-            K = max(1, H // args.gqa)
-            for L in map(int, args.seqs.split(",")):
-                B = max(1, args.tokens // L)
-                for case in ("causal", "packed"):
-                    seg = _packed_segments(rng, B, L, args.mean_doc or L // 4) if case == "packed" else None
-                    res = bench_attention(
-                        "pallas", B, L, H, K, D, True, seg, args.iters, dtype, fa.BlockSizes(*best)
-                    )
-                    rows.append((case, L, D, B, H, K, "tuned", *res, float("nan")))
+    rng = np.random.default_rng(0)
+    rows = []
+    for D in map(int, args.head_dims.split(",")):
+        H = max(1, args.model_dim // D)
+        K = max(1, H // args.gqa)
+        for L in map(int, args.seqs.split(",")):
+            B = max(1, args.tokens // L)
+            for case in ("causal", "packed"):
+                seg = _packed_segments(rng, B, L, args.mean_doc or L // 4) if case == "packed" else None
+                for impl in impls + (["tuned"] if D in best_by_dim else []):
+                    if impl == "xla" and L > args.xla_max_seq:
+                        continue
+                    tiles = fa.BlockSizes(*best_by_dim[D]) if impl == "tuned" else None
+                    try:
+                        res = bench_attention(
+                            "pallas" if tiles else impl, B, L, H, K, D, True, seg, args.iters, dtype, tiles
+                        )
+                    except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported shape)
+                        print(f"  {impl} {case} L={L} D={D}: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    err = float("nan")
+                    if impl == "pallas" and L <= args.check_max_seq:
+                        err = check_pallas(L, H, K, D, True, seg, dtype)
+                    rows.append((case, L, D, B, H, K, impl, *res, err))
     print("\nAttention, bf16 (TFLOP/s over visible pairs; fwd+bwd counts 3.5x the forward FLOPs;")
     print("rel err: pallas output and q/k/v grads vs the fp32 reference, batch row 0)")
     hdr = (
@@ -260,7 +245,6 @@ def main():
     print(hdr)
     print("-" * len(hdr))
     cudnn_fb = {(r[0], r[1], r[2]): r[9] for r in rows if r[6] == "cudnn"}
-    rows.sort(key=lambda r: (r[2], r[1], r[0]))  # stable: impls keep their order within a shape
     for case, L, D, B, H, K, impl, tf, ftf, tfb, fbtf, err in rows:
         ref = cudnn_fb.get((case, L, D))
         ratio = f"{ref / tfb:11.2f}x" if ref else f"{'':12}"
