@@ -2,8 +2,10 @@
 initialise a new stage from an earlier stage's params (``init_from``).
 
 A checkpoint step holds separate items so that a later stage can read the params alone:
-``params`` and ``opt`` (optimizer state, step, EMA) as arrays, ``data`` (the iterator position) and ``meta``
-(model config, stage) as JSON.
+``params`` (the trained params; with several trained roles a dict keyed by role), ``ema`` (the EMA of the
+params, when kept), ``opt`` (optimizer state and step) as arrays, ``data`` (the batch source's position) and
+``meta`` (stage, each role's model config, the run config) as JSON. Any role of a workdir, or its EMA, loads
+on its own: ``load_model(workdir, role="value", ema=True)``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.Checkpoi
     handlers = {
         # PyTree handler (same format as Standard) so that init_from can restore a subset of the params
         "params": ocp.PyTreeCheckpointHandler(),
+        "ema": ocp.PyTreeCheckpointHandler(),
         "opt": ocp.StandardCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
@@ -42,18 +45,15 @@ def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.Checkpoi
 def save(mngr: ocp.CheckpointManager, state: TrainState, *, data_state: dict | None, meta: dict) -> None:
     """Write one step (async; call ``mngr.wait_until_finished()`` before exiting)."""
     step = int(jax.device_get(state.step))
-    opt = {"step": state.step, "opt_state": state.opt_state}
-    if state.ema_params is not None:
-        opt["ema_params"] = state.ema_params
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(state.params),
-            opt=ocp.args.StandardSave(opt),
-            data=ocp.args.JsonSave(data_state or {}),
-            meta=ocp.args.JsonSave(meta),
-        ),
+    items = dict(
+        params=ocp.args.PyTreeSave(state.params),
+        opt=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+        data=ocp.args.JsonSave(data_state or {}),
+        meta=ocp.args.JsonSave(meta),
     )
+    if state.ema_params is not None:
+        items["ema"] = ocp.args.PyTreeSave(state.ema_params)
+    mngr.save(step, args=ocp.args.Composite(**items))
 
 
 def _abstract(tree: Any) -> Any:
@@ -80,22 +80,19 @@ def restore(
     """Restore (state, data_state) into the layout of ``state`` (an initialised or abstract state)."""
     step = mngr.latest_step() if step is None else step
     check_params(mngr, step, state.params, where=f"{mngr.directory}/{step}")
-    opt = {"step": state.step, "opt_state": state.opt_state}
-    if state.ema_params is not None:
-        opt["ema_params"] = state.ema_params
-    out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=_params_restore(state.params),
-            opt=ocp.args.StandardRestore(_abstract(opt)),
-            data=ocp.args.JsonRestore(),
-        ),
+    items = dict(
+        params=_params_restore(state.params),
+        opt=ocp.args.StandardRestore(_abstract({"step": state.step, "opt_state": state.opt_state})),
+        data=ocp.args.JsonRestore(),
     )
+    if state.ema_params is not None:
+        items["ema"] = _params_restore(state.ema_params)
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
     restored = TrainState(
         step=out.opt["step"],
         params=out.params,
         opt_state=out.opt["opt_state"],
-        ema_params=out.opt.get("ema_params"),
+        ema_params=out.ema if state.ema_params is not None else None,
     )
     return restored, dict(out.data or {})
 
@@ -110,11 +107,17 @@ def _flat_shapes(tree: Any) -> dict[str, tuple]:
     return {_name(path): tuple(x.shape) for path, x in flat}
 
 
-def _saved_param_shapes(mngr: ocp.CheckpointManager, step: int) -> dict[str, tuple]:
+def _saved_param_shapes(
+    mngr: ocp.CheckpointManager, step: int, item: str = "params", prefix: str = ""
+) -> dict[str, tuple]:
+    """Saved ``item``'s shapes by param name; with ``prefix`` ('policy/') only that subtree, unprefixed."""
     meta = mngr.item_metadata(step)
-    params_meta = meta["params"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else meta.params
-    tree = getattr(params_meta, "tree", params_meta)
-    return _flat_shapes(tree)
+    item_meta = meta[item] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else getattr(meta, item)
+    if item_meta is None:
+        raise FileNotFoundError(f"{mngr.directory}/{step} has no {item!r} item")
+    tree = getattr(item_meta, "tree", item_meta)
+    shapes = _flat_shapes(tree)
+    return {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
 def check_params(
@@ -125,26 +128,39 @@ def check_params(
     where: str,
     allow_missing: tuple[str, ...] = (),
     allow_extra: tuple[str, ...] = (),
+    item: str = "params",
+    prefix: str = "",
 ) -> None:
     """Raise naming every parameter whose shape differs, is missing from, or is extra in the checkpoint."""
-    saved = _saved_param_shapes(mngr, step)
-    want = _flat_shapes(target)
+    problems = shape_problems(
+        _saved_param_shapes(mngr, step, item, prefix), _flat_shapes(target), allow_missing, allow_extra
+    )
+    if problems:
+        raise ValueError(
+            f"checkpoint {where} does not match the model config:\n"
+            + "\n".join(problems)
+            + "\nUse the model config the checkpoint was trained with (see its meta.json), or start fresh."
+        )
+
+
+def shape_problems(
+    saved: dict[str, tuple],
+    want: dict[str, tuple],
+    allow_missing: tuple[str, ...] = (),
+    allow_extra: tuple[str, ...] = (),
+) -> list[str]:
+    """One line per param missing from, extra in, or shaped differently in ``saved`` than in ``want``."""
     problems = []
     for name, shape in want.items():
         if name not in saved:
-            if not name.startswith(allow_missing) or not allow_missing:
+            if not allow_missing or not name.startswith(allow_missing):
                 problems.append(f"  {name}: expected {shape}, not in the checkpoint")
         elif saved[name] != shape:
             problems.append(f"  {name}: checkpoint has {saved[name]}, model expects {shape}")
     for name in saved.keys() - want.keys():
         if not allow_extra or not name.startswith(allow_extra):
             problems.append(f"  {name}: in the checkpoint {saved[name]}, not in the model")
-    if problems:
-        raise ValueError(
-            f"checkpoint {where} does not match the model config:\n"
-            + "\n".join(sorted(problems))
-            + "\nUse the model config the checkpoint was trained with (see its meta.json), or start fresh."
-        )
+    return sorted(problems)
 
 
 def load_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
@@ -156,59 +172,124 @@ def load_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     return step, dict(meta)
 
 
-def model_config_from_meta(meta: dict) -> model.ModelConfig:
+def roles_of(meta: dict) -> dict[str, dict]:
+    """{role: model-config fields} of a checkpoint's meta; a single-model run holds one role, 'model'."""
+    return meta.get("roles") or {"model": meta["model"]}
+
+
+def _role(meta: dict, role: str | None, where: str) -> tuple[str, str]:
+    """(role, key prefix of its params): runs with several trained roles key their params by role."""
+    roles = roles_of(meta)
+    if not role:
+        if len(roles) > 1:
+            raise ValueError(f"{where} holds the roles {sorted(roles)}: name the one to load (role=...)")
+        role = next(iter(roles))
+    if role not in roles:
+        raise ValueError(f"{where} has no role {role!r}; it holds {sorted(roles)}")
+    return role, (f"{role}/" if meta.get("keyed_by_role") else "")
+
+
+def model_config_from_meta(meta: dict, role: str | None = None) -> model.ModelConfig:
+    fields_in_meta = roles_of(meta)[_role(meta, role, "checkpoint")[0]]
     fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
-    unknown = sorted(set(meta["model"]) - fields)
+    unknown = sorted(set(fields_in_meta) - fields)
     if unknown:
         raise ValueError(
             f"checkpoint model config has field(s) {unknown} that this version of gptjax.model.ModelConfig "
             "does not know: it was written by a different version; use that version to read it"
         )
-    return model.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
+    return model.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_in_meta.items()})
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def load_params(
-    workdir: str,
+    path: str,
     target: Params,
     *,
     step: int | None = None,
+    role: str | None = None,
+    ema: bool = False,
     allow_missing: tuple[str, ...] = (),
     allow_extra: tuple[str, ...] = (),
 ) -> Params:
-    """Params of an earlier run restored into ``target``'s shapes and shardings.
+    """Params of an earlier run (a workdir: one ``role`` of it, optionally its ``ema``) or of a Hugging Face
+    directory, restored into ``target``'s shapes, dtypes and shardings.
 
     Names in ``allow_missing`` (absent from the checkpoint) keep their value from ``target`` (e.g. a fresh
     scalar head for a reward model initialised from an SFT model); names in ``allow_extra`` (in the
     checkpoint, not in the model, e.g. the SFT model's LM head) are ignored. Any other difference is an error.
     """
-    mngr = manager(workdir, create=False)
+    if is_hf_dir(path):
+        return _load_hf_params(path, target, role, ema, allow_missing, allow_extra)
+    mngr = manager(path, create=False)
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"init_from: no checkpoint in {_ckpt_dir(workdir)}")
+        raise FileNotFoundError(f"init_from: no checkpoint in {_ckpt_dir(path)}")
+    _, meta = load_meta(path, step)
+    role, prefix = _role(meta, role, path)
+    item = "ema" if ema else "params"
+    has_ema = item in os.listdir(os.path.join(_ckpt_dir(path), str(step)))
+    if ema and (not has_ema or not _saved_param_shapes(mngr, step, item, prefix)):
+        raise ValueError(f"{path} step {step} has no EMA weights of role {role!r} (optim.ema_decay was 0)")
+    where = f"{_ckpt_dir(path)}/{step}" + (
+        f" (role {role!r}{', EMA' if ema else ''})" if prefix or ema else ""
+    )
     check_params(
         mngr,
         step,
         target,
-        where=f"{_ckpt_dir(workdir)}/{step}",
+        where=where,
         allow_missing=allow_missing,
         allow_extra=allow_extra,
+        item=item,
+        prefix=prefix,
     )
-    saved = _saved_param_shapes(mngr, step)
-    wanted = {name: x for name, x in _flat(target).items() if name in saved}
+    saved = _saved_param_shapes(mngr, step, item, prefix)
+    wanted = {prefix + name: x for name, x in _flat(target).items() if name in saved}
     restore_tree = _nest({k: _abstract(v) for k, v in wanted.items()})
-    out = mngr.restore(
-        step, args=ocp.args.Composite(params=_params_restore(restore_tree, partial=True))
-    ).params
-    restored = _flat(out)
+    out = mngr.restore(step, args=ocp.args.Composite(**{item: _params_restore(restore_tree, partial=True)}))
+    restored = {k[len(prefix) :]: v for k, v in _flat(out[item]).items()}
     logging.info(
-        "init_from %s step %d: %d params restored, fresh: %s, ignored: %s",
-        workdir,
+        "params from %s step %d%s: %d restored, kept from the target: %s, ignored: %s",
+        path,
         step,
+        f" role {role}" + (" (EMA)" if ema else ""),
         len(restored),
         sorted(set(_flat_shapes(target)) - set(restored)) or "none",
         sorted(set(saved) - set(restored)) or "none",
     )
     return jax.tree_util.tree_map_with_path(lambda path, x: restored.get(_name(path), x), target)
+
+
+def _load_hf_params(path, target, role, ema, allow_missing, allow_extra) -> Params:
+    """A Hugging Face directory's weights into ``target`` (same name rules as ``load_params``)."""
+    from gptjax import hf
+
+    if role or ema:
+        raise ValueError(f"{path} is a Hugging Face directory: it has no roles or EMA to choose from")
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(target)]
+    mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
+    _, loaded = hf.load(path, mesh=mesh)
+    problems = shape_problems(_flat_shapes(loaded), _flat_shapes(target), allow_missing, allow_extra)
+    if problems:
+        raise ValueError(
+            f"Hugging Face checkpoint {path} does not match the model config:\n" + "\n".join(problems)
+        )
+    flat = _flat(loaded)
+
+    def place(name_path, x):
+        name = _name(name_path)
+        if name not in flat:
+            return x
+        y = flat[name].astype(x.dtype)
+        sharding = getattr(x, "sharding", None)
+        return jax.device_put(y, sharding) if sharding is not None else y
+
+    logging.info("init_from %s (Hugging Face): %d params restored", path, len(set(flat) & set(_flat(target))))
+    return jax.tree_util.tree_map_with_path(place, target)
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -226,12 +307,11 @@ def _target(cfg: model.ModelConfig, mesh) -> Params:
     shapes = model.param_shapes(cfg)
     if mesh is None:
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
-    from gptjax import sharding
 
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes,
-        sharding.param_shardings(cfg, mesh),
+        model.param_shardings(cfg, mesh),
     )
 
 
@@ -248,25 +328,32 @@ def lora_base_path(workdir: str, meta: dict) -> str:
 
 
 def load_model(
-    path: str, step: int | None = None, mesh=None, base: str | None = None
+    path: str,
+    step: int | None = None,
+    mesh=None,
+    base: str | None = None,
+    *,
+    role: str | None = None,
+    ema: bool = False,
 ) -> tuple[model.ModelConfig, Params]:
     """(ModelConfig, params) of a training workdir's latest (or given) checkpoint, or of an HF directory.
 
-    A LoRA run stores only its adapters (and a fresh scalar head): they come back on top of the frozen base
-    they were trained on, ``base`` or the run's own ``train.init_from`` (itself a workdir or HF directory).
+    ``role`` picks one trained role of a multi-role run (e.g. PPO's 'policy' or 'value'; a single-model run
+    needs none) and ``ema`` its EMA weights. A LoRA run stores only its adapters (and a fresh scalar head):
+    they come back on top of the frozen base they were trained on, ``base`` or the run's own
+    ``train.init_from`` (itself a workdir or HF directory).
     """
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if is_hf_dir(path):
         from gptjax import hf
 
+        if role or ema:
+            raise ValueError(f"{path} is a Hugging Face directory: it has no roles or EMA to choose from")
         return hf.load(path, mesh=mesh)
     step, meta = load_meta(path, step)
-    cfg = model_config_from_meta(meta)
+    cfg = model_config_from_meta(meta, role)
     target = _target(cfg, mesh)
-    mngr = manager(path, create=False)
-    where = f"{_ckpt_dir(path)}/{step}"
     if cfg.lora_rank == 0:
-        check_params(mngr, step, target, where=where)
-        return cfg, mngr.restore(step, args=ocp.args.Composite(params=_params_restore(target))).params
+        return cfg, load_params(path, target, step=step, role=role, ema=ema)
 
     from gptjax import lora
 
@@ -279,8 +366,7 @@ def load_model(
         raise ValueError(f"base {base_path} of the LoRA run {path} differs in {diff}; name the right base")
     trained, frozen_target = lora.split(target, also=model.head_params(cfg))
     check_params_like(base_params, frozen_target, where=f"base {base_path} of {path}")
-    check_params(mngr, step, trained, where=where)
-    adapters = mngr.restore(step, args=ocp.args.Composite(params=_params_restore(trained))).params
+    adapters = load_params(path, trained, step=step, role=role, ema=ema)
     frozen_names = set(_flat_shapes(frozen_target))
     frozen = {k: v for k, v in _flat(base_params).items() if k in frozen_names}
     return cfg, lora.combine(adapters, _nest(frozen))
@@ -299,6 +385,15 @@ def check_params_like(params: Params, target: Params, *, where: str) -> None:
         raise ValueError(f"{where} does not match the model config:\n" + "\n".join(sorted(problems)))
 
 
-def meta_for(model_cfg: model.ModelConfig, stage: str, **extra) -> dict:
-    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_cfg).items()}
-    return {"model": fields, "stage": stage, **extra}
+def _fields(cfg: model.ModelConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def meta_for(model_cfg: model.ModelConfig, stage: str, *, roles: dict | None = None, **extra) -> dict:
+    """A run's meta: ``model`` (the first trained role's config) and, with several trained roles, ``roles``
+    ({role: config}) with ``keyed_by_role`` (its params tree is keyed by role)."""
+    meta = {"model": _fields(model_cfg), "stage": stage, **extra}
+    if roles and len(roles) > 1:
+        meta["roles"] = {name: _fields(cfg) for name, cfg in roles.items()}
+        meta["keyed_by_role"] = True
+    return meta

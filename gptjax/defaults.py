@@ -18,7 +18,7 @@ def base_config(stage: str) -> ConfigDict:
     c = ConfigDict()
     c.stage = stage
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.loss = ConfigDict({"name": "lm"})
+    c.loss = loss_section(stage)
     c.train = ConfigDict(
         {
             "steps": 100,
@@ -31,7 +31,9 @@ def base_config(stage: str) -> ConfigDict:
             "eval_steps": 4,
             "checkpoint_every": 100,
             "keep_checkpoints": 3,
-            "init_from": "",  # workdir of an earlier stage whose params start this one
+            "init_from": "",  # workdir of an earlier stage (or a Hugging Face directory) starting this one
+            "init_role": "",  # which trained role of init_from's workdir (runs with several roles)
+            "init_ema": False,  # start from init_from's EMA weights
         }
     )
     c.optim = ConfigDict(
@@ -48,6 +50,31 @@ def base_config(stage: str) -> ConfigDict:
             "ema_decay": 0.0,  # > 0 keeps an EMA of the params (InstructGPT PPO: 0.992)
         }
     )
+    return c
+
+
+# Each loss's options with their defaults (``--config.loss.<key>=...`` then works from the command line).
+LOSS_OPTIONS = {
+    "lm": {},
+    # InstructGPT K-wise ranking; reward_at: 'last' (the EOS) | 'mean' (over response tokens)
+    "ranking": {"margin": 0.0, "center_coef": 0.0, "reward_at": "last"},
+    # DPO (Rafailov et al. 2023); label_smoothing > 0: conservative DPO
+    "dpo": {"beta": 0.1, "label_smoothing": 0.0},
+}
+
+
+def loss_section(stage: str) -> ConfigDict:
+    from gptjax import stages
+
+    name = stages.get(stage).loss
+    return ConfigDict({"name": name, **LOSS_OPTIONS.get(name, {})})
+
+
+def frozen_role(init_from: str = "", role: str = "", ema: bool = False) -> ConfigDict:
+    """A frozen role: a workdir (one ``role`` of it, its ``ema``) or HF directory; '' = the trained model's
+    own ``train.init_from``."""
+    c = ConfigDict({"init_from": init_from, "role": role, "ema": ema})
+    c.lock()
     return c
 
 
@@ -82,7 +109,7 @@ def own_data(stage: str, path: str, tokenizer: str = ""):
     from gptjax import data
 
     section = data.default_config()
-    fmt = {"pretrain": "text", "sft": "sft", "rm": "rank", "prompts": "prompt"}[stage]
+    fmt = {"pretrain": "text", "sft": "sft", "rm": "rank", "dpo": "rank", "prompts": "prompt"}[stage]
     section.sources.main = data.source(format=fmt, path=path)
     if tokenizer:
         section.vocab.kind, section.vocab.path = "hf", tokenizer

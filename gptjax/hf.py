@@ -299,7 +299,7 @@ def load(
 ) -> tuple[model.ModelConfig, Params]:
     """(ModelConfig, params) from a local HF checkpoint directory.
 
-    With a ``mesh`` every param is created directly in its ``sharding.param_shardings`` layout, each device
+    With a ``mesh`` every param is created directly in its ``model.param_shardings`` layout, each device
     shard cut from one layer's HF tensor at a time (see ``_place``). ``dtype`` (param dtype) defaults to the
     checkpoint's (float16 becomes float32); compute dtype is bfloat16 for bfloat16 params, else float32.
     """
@@ -325,9 +325,7 @@ def load(
     if mesh is None:
         shardings = {p: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for p in shapes}
     else:
-        from gptjax import sharding
-
-        shardings = _flat(sharding.param_shardings(cfg, mesh))
+        shardings = _flat(model.param_shardings(cfg, mesh))
     where_of = {p: (e, j) for e in entries for j, p in enumerate(e.ours)}
     if set(where_of) != set(shapes):
         raise AssertionError(f"hf table for {cfg.family} misses {sorted(set(shapes) - set(where_of))}")

@@ -128,10 +128,9 @@ def _check_structure(cfg: model.ModelConfig, params: Params, what: str) -> None:
 
 
 def adapter_shardings(cfg: model.ModelConfig, mesh: jax.sharding.Mesh) -> Params:
-    """NamedShardings of the adapters of ``cfg`` (the adapter half of ``sharding.param_shardings``)."""
-    from gptjax import sharding
+    """NamedShardings of the adapters of ``cfg`` (the adapter half of ``model.param_shardings``)."""
 
-    return split(sharding.param_shardings(cfg, mesh))[0]
+    return split(model.param_shardings(cfg, mesh))[0]
 
 
 def add_adapters(

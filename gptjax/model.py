@@ -357,9 +357,14 @@ def _init_fn(cfg: ModelConfig, mesh: jax.sharding.Mesh | None):
 
     if mesh is None:
         return jax.jit(make)
+    return jax.jit(make, out_shardings=param_shardings(cfg, mesh))
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
+    """Params-shaped pytree of NamedSharding: the logical axes mapped by ``gptjax.sharding``'s one table."""
     from gptjax import sharding
 
-    return jax.jit(make, out_shardings=sharding.param_shardings(cfg, mesh))
+    return sharding.shardings_for(logical_axes(cfg), param_shapes(cfg), mesh)
 
 
 def init(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:

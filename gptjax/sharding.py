@@ -110,13 +110,6 @@ def shardings_for(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
     )
 
 
-def param_shardings(cfg, mesh: Mesh) -> Any:
-    """Params-shaped pytree of NamedSharding for a model config."""
-    from gptjax import model
-
-    return shardings_for(model.logical_axes(cfg), model.param_shapes(cfg), mesh)
-
-
 def batch_spec(ndim: int) -> P:
     return P(RULES["batch"], *([None] * (ndim - 1)))
 

@@ -17,7 +17,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-    ema_params: Any = None  # None when EMA is off
+    ema_params: Any = None  # None when EMA is off; with params keyed by role, {role: tree} of the EMA roles
 
 
 def _dict_keys(path) -> tuple:
@@ -46,7 +46,7 @@ def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh: Mesh
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(for_opt_leaf, abstract_state.opt_state)
-    ema = None if abstract_state.ema_params is None else param_shardings
+    ema = jax.tree_util.tree_map_with_path(for_opt_leaf, abstract_state.ema_params)  # EMA mirrors params
     return TrainState(step=replicated, params=param_shardings, opt_state=opt, ema_params=ema)
 
 
@@ -54,18 +54,25 @@ def create(
     params: Any,
     optimizer: optax.GradientTransformation,
     *,
-    ema: bool,
+    ema: bool | tuple[str, ...],
     param_shardings: Any = None,
     mesh: Mesh | None = None,
 ) -> TrainState:
-    """Wrap (possibly sharded) params into a fresh TrainState; optimizer state built sharded like params."""
+    """Wrap (possibly sharded) params into a fresh TrainState; optimizer state built sharded like params.
+
+    ``ema``: keep an EMA of the params (True), or, with params keyed by role, of the roles named.
+    """
 
     def make(params):
+        if isinstance(ema, tuple):
+            ema_params = {name: jax.tree.map(jnp.copy, params[name]) for name in ema} if ema else None
+        else:
+            ema_params = jax.tree.map(jnp.copy, params) if ema else None
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=optimizer.init(params),
-            ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+            ema_params=ema_params,
         )
 
     if mesh is None:

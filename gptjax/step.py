@@ -7,6 +7,13 @@ A loss has one signature::
 ``loss_sum`` is a SUM over the batch (tokens, pairs, ...) and ``metrics`` maps names to ``(sum, count)``
 pairs; ``metrics["loss"]`` must be ``(loss_sum, count)``. The step adds sums and counts over micro-batches
 and divides once, so gradient accumulation is exactly the big-batch gradient of ``sum / count``.
+
+Losses whose terms have different denominators (PPO: policy and value per response token, ptx per
+pretraining token) give the step a ``denominators(batch, ctx) -> {name: count}`` function: the step computes
+it on the FULL batch before splitting it into micro-batches and hands it to every micro-batch as
+``ctx.denominators``, so each term can divide by its full-batch count (and report ``metrics["loss"]`` with
+count = its micro-batch's share, summing to 1). Dynamic scalars (a KL coefficient that changes during
+training) travel in ``ctx.scalars``: traced values, so changing them never recompiles.
 """
 
 from __future__ import annotations
@@ -34,13 +41,20 @@ class Ctx:
     are trained, the frozen base weights ('base', combined with the adapters before the loss sees them).
     """
 
-    model_cfg: Any = flax.struct.field(pytree_node=False)
+    model_cfg: Any = flax.struct.field(pytree_node=False)  # the (first) trained role's config
     loss_cfg: Any = flax.struct.field(pytree_node=False, default=None)  # hashable (FrozenConfigDict)
     frozen: dict = flax.struct.field(default_factory=dict)
     frozen_cfgs: tuple = flax.struct.field(pytree_node=False, default=())  # ((name, ModelConfig), ...)
+    role_cfgs: tuple = flax.struct.field(pytree_node=False, default=())  # trained roles' ((name, cfg), ...)
+    scalars: dict = flax.struct.field(default_factory=dict)  # dynamic scalars, e.g. {'kl_coef': 0.02}
+    denominators: dict = flax.struct.field(default_factory=dict)  # full-batch counts (set by the step)
 
     def cfg_of(self, name: str):
-        return dict(self.frozen_cfgs)[name]
+        """Model config of a frozen or trained role by name."""
+        cfgs = dict(self.role_cfgs + self.frozen_cfgs)
+        if name not in cfgs:
+            raise KeyError(f"no role {name!r}; roles: {sorted(cfgs)}")
+        return cfgs[name]
 
 
 def full_params(params: Any, ctx: Ctx) -> Any:
@@ -93,6 +107,24 @@ def grads_and_metrics(
     return grads, metrics
 
 
+def with_denominators(ctx: Ctx, batch: dict, denominators_fn: Callable | None) -> Ctx:
+    """ctx carrying the loss's full-batch denominators (computed before any micro-batch split)."""
+    if denominators_fn is None:
+        return ctx
+    return ctx.replace(denominators=denominators_fn(batch, ctx))
+
+
+def update_ema(ema: Any, params: Any, decay: float | dict[str, float]) -> Any:
+    """ema <- decay * ema + (1 - decay) * params; per role when ``decay`` is {role: decay}."""
+
+    def one(e, p, d):
+        return jax.tree.map(lambda a, b: d * a + (1.0 - d) * b, e, p)
+
+    if isinstance(decay, dict):
+        return {name: one(ema[name], params[name], d) for name, d in decay.items()}
+    return one(ema, params, decay)
+
+
 def reduce_metrics(metrics: dict) -> dict:
     """{name: (sum, count)} -> {name: sum / count}."""
     return {k: s / jnp.maximum(c, 1e-9) for k, (s, c) in metrics.items()}
@@ -103,8 +135,9 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     micro_batches: int = 1,
-    ema_decay: float = 0.0,
-    lr_schedule: optax.Schedule | None = None,
+    ema_decay: float | dict[str, float] = 0.0,
+    lr_schedule: optax.Schedule | dict[str, optax.Schedule] | None = None,
+    denominators_fn: Callable | None = None,
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
     batch_shardings: Any = None,
@@ -113,11 +146,13 @@ def make_train_step(
     """Jitted ``train_step(state, batch, rng, ctx) -> (state, metrics)``; the state is donated.
 
     With a mesh, the state/batch/ctx shardings are the explicit in/out shardings of the one compiled step
-    (rng and metrics are replicated).
+    (rng and metrics are replicated). With several trained roles (params keyed by role) ``ema_decay`` and
+    ``lr_schedule`` may be dicts by role; grad and update norms are then logged per role too.
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array, ctx: Ctx):
         rng = jax.random.fold_in(rng, state.step)
+        ctx = with_denominators(ctx, batch, denominators_fn)
         grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, ctx, micro_batches)
         count = jnp.maximum(metrics["loss"][1], 1e-9)
         grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
@@ -125,7 +160,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            ema = update_ema(ema, params, ema_decay)
         out = reduce_metrics(metrics)
         out.update(
             grad_norm=optax.tree.norm(grads),
@@ -133,7 +168,12 @@ def make_train_step(
             update_norm=optax.tree.norm(updates),
             tokens=metrics["loss"][1],
         )
-        if lr_schedule is not None:
+        if isinstance(lr_schedule, dict):  # several roles: params keyed by role
+            for name, schedule in lr_schedule.items():
+                out[f"lr/{name}"] = schedule(state.step)
+                out[f"grad_norm/{name}"] = optax.tree.norm(grads[name])
+                out[f"update_norm/{name}"] = optax.tree.norm(updates[name])
+        elif lr_schedule is not None:
             out["lr"] = lr_schedule(state.step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         return new_state, out
@@ -149,10 +189,13 @@ def make_train_step(
     )
 
 
-def make_eval_step(loss_fn: LossFn) -> Callable[[Any, dict, jax.Array, Ctx], dict]:
+def make_eval_step(
+    loss_fn: LossFn, denominators_fn: Callable | None = None
+) -> Callable[[Any, dict, jax.Array, Ctx], dict]:
     """Jitted ``eval_step(params, batch, rng, ctx) -> {name: (sum, count)}``: add over batches, reduce."""
 
     def eval_step(params, batch, rng, ctx):
+        ctx = with_denominators(ctx, batch, denominators_fn)
         _, metrics = loss_fn(full_params(params, ctx), batch, rng, ctx)
         return metrics
 

@@ -20,21 +20,10 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from gptjax import checkpoint, model, optim, sharding
+from gptjax import checkpoint, flops, model, sharding, sources, stages
+from gptjax import roles as roles_lib
 from gptjax import state as state_lib
 from gptjax import step as step_lib
-
-# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
-PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 197e12),  # v5e reports "TPU v5 lite"
-    ("TPU v4", 275e12),
-)
 
 
 def setup_logging() -> None:
@@ -51,23 +40,6 @@ def setup_logging() -> None:
 
     logging.get_absl_handler().addFilter(keep)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def peak_flops(device: jax.Device) -> float | None:
-    for key, flops in PEAK_FLOPS:
-        if key in device.device_kind:
-            return flops
-    return None
-
-
-def model_config(model_section: ConfigDict) -> model.ModelConfig:
-    """ModelConfig from the config's ``model`` section; an unknown key fails with its name."""
-    fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
-    values = model_section.to_dict()
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"config.model: unknown key(s) {unknown}; known: {sorted(fields)}")
-    return model.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None:
@@ -87,6 +59,23 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def drop_rows_after(path: str, step: int) -> None:
+    """Remove rows of ``metrics.jsonl`` logged after ``step`` (a run that died after its last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        logging.info(
+            "metrics.jsonl: dropped %d row(s) after step %d (replayed)", len(lines) - len(kept), step
+        )
+
+
 class MetricLog:
     """Console (progress bar), TensorBoard and metrics.jsonl in the workdir; process 0 only."""
 
@@ -99,7 +88,9 @@ class MetricLog:
         from tqdm import tqdm
 
         self.writer = SummaryWriter(os.path.join(workdir, "tb"))
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        drop_rows_after(path, initial)  # steps after the resumed checkpoint are replayed: log them once
+        self.file = open(path, "a")
         self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
@@ -128,142 +119,140 @@ class MetricLog:
             self.file.close()
 
 
-def evaluate(eval_step, params, ctx, eval_iter, start_state: dict, steps: int, mesh, rng) -> dict[str, float]:
+def validation_metrics(
+    eval_step, params, ctx, eval_source, start_state: dict, steps: int, mesh, rng
+) -> dict[str, float]:
     """Metrics over the first ``steps`` validation batches (the same batches at every evaluation)."""
-    eval_iter.set_state(start_state)
+    eval_source.set_state(start_state)
     totals: dict[str, Any] = {}
     for i in range(steps):
-        m = eval_step(params, sharding.shard_batch(next(eval_iter), mesh), jax.random.fold_in(rng, i), ctx)
+        m = eval_step(params, sharding.shard_batch(eval_source.next(), mesh), jax.random.fold_in(rng, i), ctx)
         totals = m if not totals else jax.tree.map(jnp.add, totals, m)
     return {k: float(v) for k, v in jax.device_get(step_lib.reduce_metrics(totals)).items()}
-
-
-def init_params(config: ConfigDict, model_cfg: model.ModelConfig, mesh, rng) -> tuple[Any, dict]:
-    """(trained params, frozen dict): fresh or ``train.init_from``; with LoRA only adapters are trained."""
-    params = model.init(model_cfg, rng, mesh)
-    lora_on = getattr(model_cfg, "lora_rank", 0) > 0
-    frozen: dict = {}
-    if lora_on:
-        from gptjax import lora
-
-        # a scalar head is new to every model that has one: it trains along with the adapters
-        adapters, base = lora.split(params, also=model.head_params(model_cfg))
-        params, frozen = adapters, {"base": base}
-    if config.train.init_from:
-        target = frozen["base"] if lora_on else params
-        # A scalar-head model (reward / value) starts from an LM: the LM head is dropped and the scalar
-        # head keeps its fresh (zero) init.
-        allow_missing = model.head_params(model_cfg)
-        allow_extra = ("lm_head",) if model_cfg.head == "scalar" else ()
-        loaded = checkpoint.load_params(
-            config.train.init_from, target, allow_missing=allow_missing, allow_extra=allow_extra
-        )
-        if lora_on:
-            frozen["base"] = loaded
-        else:
-            params = loaded
-    return params, frozen
 
 
 def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train one stage; resumes from ``workdir`` if it holds a checkpoint. Returns the last train metrics."""
 
     sharding.maybe_initialize_distributed()
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir!r} is a file, not a directory: choose another path")
+    stage = stages.get(config.stage)
     mesh = sharding.make_mesh(config.mesh)
-    model_cfg = model_config(config.model)
-    check_config(config, model_cfg, mesh)
+    roles = roles_lib.trained_roles(config, stage)
+    for role in roles:
+        check_config(config, role.cfg, mesh)
     os.makedirs(workdir, exist_ok=True)
     # The mesh in context lets kernels that need shard_map (Pallas attention) split work per device.
     with jax.set_mesh(mesh):
-        return _train(config, workdir, mesh, model_cfg)
+        return _train(config, workdir, mesh, stage, roles)
 
 
-def _train(config: ConfigDict, workdir: str, mesh, model_cfg: model.ModelConfig) -> dict[str, float]:
+def load_loss(name: str):
+    """The loss module: ``gptjax.losses.<name>``, or any importable module path containing a dot."""
+    module = name if "." in name else f"gptjax.losses.{name}"
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ValueError(f"config.loss.name={name!r}: no module {module}") from None
+
+
+def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[str, float]:
     from gptjax import data
 
     t = config.train
-
     vocab = data.get_vocabulary(config.data)
-    if vocab.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the vocabulary "
-            f"({vocab.vocab_size} ids): raise model.vocab_size"
-        )
-    loss_fn = importlib.import_module(f"gptjax.losses.{config.loss.name}").loss_fn
-    optimizer = optim.make_optimizer(config.optim, t.steps)
-    schedule = optim.make_schedule(config.optim, t.steps)
+    for role in roles:
+        if vocab.vocab_size > role.cfg.vocab_size:
+            raise ValueError(
+                f"role {role.name!r}: model.vocab_size={role.cfg.vocab_size} is smaller than the vocabulary "
+                f"({vocab.vocab_size} ids): raise model.vocab_size"
+            )
+    loss_mod = load_loss(config.loss.name)
+    denominators_fn = getattr(loss_mod, "denominators", None)
+    optimizer, schedules = roles_lib.make_optimizer(roles, t.steps)
+    keyed = roles_lib.keyed(roles)
+    decays = roles_lib.ema_decays(roles)
 
     rng = jax.random.key(t.seed)
     init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
-    params, frozen = init_params(config, model_cfg, mesh, init_rng)
+    params, frozen = roles_lib.init_trained(roles, mesh, init_rng)
+    frozen_params, frozen_cfgs = roles_lib.load_frozen(config, stage, roles, mesh)
+    frozen.update(frozen_params)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    ema = config.optim.ema_decay > 0
+    ema = tuple(decays) if keyed else decays > 0
     train_state = state_lib.create(params, optimizer, ema=ema, param_shardings=param_shardings, mesh=mesh)
     del params
 
-    train_iter = data.make_iterator(
-        config.data,
-        stage=config.stage,
-        batch_size=t.batch_size // jax.process_count(),
-        seq_len=t.seq_len,
-        seed=t.seed,
-    )
+    per_host = t.batch_size // jax.process_count()
+    source = sources.make_source(config, stage, batch_size=per_host)
     mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
-    meta = checkpoint.meta_for(model_cfg, config.stage, config=config.to_json_best_effort())
+    meta = checkpoint.meta_for(
+        roles[0].cfg,
+        config.stage,
+        roles={r.name: r.cfg for r in roles},
+        config=config.to_json_best_effort(),
+    )
     if mngr.latest_step() is not None:
-        train_state, data_state = checkpoint.restore(mngr, train_state)
-        train_iter.set_state(data_state)
+        train_state, source_state = checkpoint.restore(mngr, train_state)
+        source.set_state(source_state)
         logging.info("resumed from %s at step %d", workdir, int(train_state.step))
 
-    ctx = step_lib.Ctx(model_cfg=model_cfg, loss_cfg=FrozenConfigDict(config.loss), frozen=frozen)
+    ctx = step_lib.Ctx(
+        model_cfg=roles[0].cfg,
+        loss_cfg=FrozenConfigDict(config.loss),
+        frozen=frozen,
+        frozen_cfgs=frozen_cfgs,
+        role_cfgs=tuple((r.name, r.cfg) for r in roles),
+    )
     state_shardings = state_lib.state_shardings(train_state, param_shardings, mesh)
-    first = next(train_iter)  # its shapes fix the batch shardings; it is still the first step's batch
+    first = source.next(train_state)  # its shapes fix the batch shardings; it is still the first step's batch
     batch_shardings = sharding.batch_shardings(first, mesh)
     train_step = step_lib.make_train_step(
-        loss_fn,
+        loss_mod.loss_fn,
         optimizer,
         micro_batches=t.micro_batches,
-        ema_decay=config.optim.ema_decay,
-        lr_schedule=schedule,
+        ema_decay=decays,
+        lr_schedule=schedules if keyed else schedules[roles_lib.SINGLE],
+        denominators_fn=denominators_fn,
         mesh=mesh,
         state_shardings=state_shardings,
         batch_shardings=batch_shardings,
         ctx_shardings=jax.tree.map(lambda x: x.sharding, ctx),
     )
-    eval_step = step_lib.make_eval_step(loss_fn)
-    eval_iter = eval_start = None
+    eval_step = step_lib.make_eval_step(loss_mod.loss_fn, denominators_fn)
+    eval_source = eval_start = None
     if t.eval_every:
-        eval_iter = data.make_iterator(
-            config.data,
-            stage=config.stage,
-            batch_size=t.batch_size // jax.process_count(),
-            seq_len=t.seq_len,
-            seed=t.seed,
-            split="validation",
-        )
-        eval_start = eval_iter.get_state()
+        eval_source = sources.make_source(config, stage, batch_size=per_host, split="validation")
+        eval_start = eval_source.get_state()
 
     start = int(jax.device_get(train_state.step))
     log = MetricLog(workdir, t.steps, start)
     speed = Speed(
-        model.flops_per_token(model_cfg, t.seq_len),
-        peak_flops(jax.devices()[0]),
+        sum(model.flops_per_token(r.cfg, t.seq_len) for r in roles),
+        flops.peak_flops(jax.devices()[0]),
         batch_tokens(first) * jax.process_count(),
     )
+    finish = stages.finish_fn(stage)  # a stage's last touch before its final checkpoint (RM: normalise)
     pending, last = None, {}
     for step in range(start, t.steps):
-        batch, first = (first, None) if first is not None else (next(train_iter), None)
+        batch, first = (first, None) if first is not None else (source.next(train_state), None)
         train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
         if pending is not None:  # fetch step t-1's metrics only after step t is dispatched
             last = _flush(log, speed, *pending, t)
         pending = (step, metrics)
         if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-            metrics = evaluate(
-                eval_step, train_state.params, ctx, eval_iter, eval_start, t.eval_steps, mesh, eval_rng
+            metrics = validation_metrics(
+                eval_step, train_state.params, ctx, eval_source, eval_start, t.eval_steps, mesh, eval_rng
             )
             log.write(step + 1, metrics, "eval")
+        if step + 1 == t.steps and finish is not None:
+            train_state, extra = finish(config, train_state, ctx, mesh)
+            log.write(step + 1, extra, "finish")
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-            checkpoint.save(mngr, train_state, data_state=train_iter.get_state(), meta=meta)
+            checkpoint.save(mngr, train_state, data_state=source.get_state(), meta=meta)
     if pending is not None:
         last = _flush(log, speed, *pending, t)
     mngr.wait_until_finished()
@@ -293,8 +282,9 @@ class Speed:
         tps = self.tokens_per_step * self.steps / max(now - self.since, 1e-9)
         self.since, self.steps = now, 0
         out = {"tokens_per_s": tps}
-        if self.peak:
-            out["mfu"] = self.flops_per_token * tps / (self.peak * jax.device_count())
+        mfu = flops.mfu(self.flops_per_token, tps, self.peak, jax.device_count())
+        if mfu is not None:
+            out["mfu"] = mfu
         return out
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from gptjax.kernels import decode_attention as da
+from gptjax.kernels import flash_attention as fa
 
 from gptjax import attention as attn_lib
 
@@ -59,7 +60,7 @@ def _visible_pairs(seg: np.ndarray | None, B: int, L: int, causal: bool) -> floa
     return total
 
 
-def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype):
+def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype, block_sizes=None):
     key = jax.random.PRNGKey(0)
     kq, kk, kv, kd = jax.random.split(key, 4)
     q = jax.random.normal(kq, (B, L, H, D), jnp.float32).astype(dtype)
@@ -68,6 +69,8 @@ def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype):
     do = jax.random.normal(kd, (B, L, H, D), jnp.float32).astype(dtype)
     seg_j = None if seg is None else jnp.asarray(seg)
     attn = functools.partial(attn_lib.attention, impl=impl, causal=causal)
+    if block_sizes is not None:  # tile tuning: the kernel itself, one device, these tiles
+        attn = functools.partial(fa.flash_attention, causal=causal, block_sizes=block_sizes)
     if impl == "cudnn" and seg is not None:
         # cuDNN's best case on packed batches: the dense [B, 1, L, S] mask is built once, outside the timing.
         seg_j = attn_lib.attention_mask(L, L, causal, seg_j)[:, None]
@@ -87,8 +90,6 @@ def bench_attention(impl, B, L, H, K, D, causal, seg, iters, dtype):
 
 def check_pallas(L, H, K, D, causal, seg, dtype) -> float:
     """Max relative error of the pallas output and q/k/v grads vs the fp32 reference (batch row 0)."""
-    from gptjax.kernels import flash_attention as fa
-
     ks = jax.random.split(jax.random.PRNGKey(2), 4)
     q = jax.random.normal(ks[0], (1, L, H, D), jnp.float32).astype(dtype)
     k = jax.random.normal(ks[1], (1, L, K, D), jnp.float32).astype(dtype)
@@ -109,6 +110,37 @@ def check_pallas(L, H, K, D, causal, seg, dtype) -> float:
     return float(max(errs))
 
 
+# Candidate tiles (block_q, block_k, block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, warps, stages):
+# the forward kernel wants wide q tiles and several pipeline stages, the dk/dv kernel wide kv tiles.
+TUNE_CANDIDATES = (
+    (128, 128, 64, 128, 128, 64, 4, 3),
+    (128, 64, 64, 64, 64, 64, 8, 3),
+    (128, 64, 64, 128, 64, 64, 4, 2),
+    (128, 128, 128, 128, 128, 128, 8, 2),
+    (64, 64, 64, 64, 64, 64, 4, 3),
+    (128, 32, 32, 64, 64, 32, 4, 4),
+    (64, 128, 32, 128, 128, 32, 4, 3),
+    (128, 64, 64, 128, 128, 64, 8, 2),
+)
+
+
+def tune(L, D, tokens, model_dim, gqa, iters, dtype):
+    """fwd and fwd+bwd ms of each candidate tiling (causal, unpacked); returns the rows and the best one."""
+    H = max(1, model_dim // D)
+    K, B = max(1, H // gqa), max(1, tokens // L)
+    rows = []
+    for cand in TUNE_CANDIDATES:
+        bs = fa.BlockSizes(*cand)
+        try:
+            t_f, _, t_fb, fbtf = bench_attention("pallas", B, L, H, K, D, True, None, iters, dtype, bs)
+        except Exception as e:  # noqa: BLE001 - a tiling can exceed shared memory; report it and go on
+            print(f"  tune L={L} D={D} {cand}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        rows.append((cand, t_f, t_fb, fbtf))
+    best = min(rows, key=lambda r: r[2])[0] if rows else None
+    return rows, best
+
+
 def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
     key = jax.random.PRNGKey(1)
     kq, kk, kv = jax.random.split(key, 3)
@@ -118,12 +150,20 @@ def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
     lengths = jnp.full((B,), S, jnp.int32)
     fn = jax.jit(da.decode_attention)
     ref = jax.jit(da.decode_attention_reference)
+    steps = 50
+
+    @jax.jit
+    def decode_loop(q, kc, vc, lengths):
+        # Decoding runs inside one jitted loop, each step needing the last: time it so, without per-call
+        # dispatch (which alone costs more than a small cache read).
+        return jax.lax.fori_loop(0, steps, lambda i, q: da.decode_attention(q, kc, vc, lengths), q)
+
     err = float(
         jnp.max(
             jnp.abs(fn(q, kc, vc, lengths).astype(jnp.float32) - ref(q, kc, vc, lengths).astype(jnp.float32))
         )
     )
-    ms = _time(fn, q, kc, vc, lengths, iters=iters)
+    ms = _time(decode_loop, q, kc, vc, lengths, iters=iters) / steps
     nbytes = 2 * B * S * K * D * jnp.dtype(dtype).itemsize
     bound_ms = nbytes / (hbm_gbps * 1e9) * 1e3
     return ms, nbytes / ms / 1e6, bound_ms, err
@@ -143,6 +183,9 @@ def main():
     p.add_argument("--xla-max-seq", type=int, default=8192, help="skip xla above this (scores in memory)")
     p.add_argument("--check-max-seq", type=int, default=4096, help="check pallas vs reference up to here")
     p.add_argument("--hbm-gbps", type=float, default=3350.0)
+    p.add_argument("--max-err", type=float, default=0.0, help="exit 1 if a checked rel err exceeds this")
+    p.add_argument("--tune", action="store_true", help="sweep pallas tiles at --tune-seq, then rerun pallas")
+    p.add_argument("--tune-seq", type=int, default=4096)
     p.add_argument("--decode", default="8x4096,8x16384,32x2048,1x65536", help="BxS cache shapes")
     args = p.parse_args()
     if args.quick:
@@ -155,6 +198,20 @@ def main():
         f"jax {jax.__version__}, device: {jax.devices()[0].device_kind} ({backend}); bf16; "
         f"impls {impls}{'' if 'cudnn' in impls else ' (cudnn needs a GPU)'}"
     )
+    best_by_dim = {}
+    if args.tune:  # first, so the tuned tiles join the table below as impl 'tuned'
+        print(f"\nTile sweep: pallas, causal, seq {args.tune_seq}, bf16 (fwd+bwd ms, lower is better)")
+        print(
+            f"{'hd':>4} {'(bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages)':52} "
+            f"{'fwd ms':>8} {'f+b ms':>8}"
+        )
+        for D in map(int, args.head_dims.split(",")):
+            tune_rows, best = tune(args.tune_seq, D, args.tokens, args.model_dim, args.gqa, args.iters, dtype)
+            for cand, t_f, t_fb, _ in tune_rows:
+                mark = " <- best" if cand == best else ""
+                print(f"{D:4d} {str(cand):52} {t_f:8.3f} {t_fb:8.3f}{mark}")
+            if best is not None:
+                best_by_dim[D] = best
     rng = np.random.default_rng(0)
     rows = []
     for D in map(int, args.head_dims.split(",")):
@@ -164,11 +221,14 @@ def main():
             B = max(1, args.tokens // L)
             for case in ("causal", "packed"):
                 seg = _packed_segments(rng, B, L, args.mean_doc or L // 4) if case == "packed" else None
-                for impl in impls:
+                for impl in impls + (["tuned"] if D in best_by_dim else []):
                     if impl == "xla" and L > args.xla_max_seq:
                         continue
+                    tiles = fa.BlockSizes(*best_by_dim[D]) if impl == "tuned" else None
                     try:
-                        res = bench_attention(impl, B, L, H, K, D, True, seg, args.iters, dtype)
+                        res = bench_attention(
+                            "pallas" if tiles else impl, B, L, H, K, D, True, seg, args.iters, dtype, tiles
+                        )
                     except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported shape)
                         print(f"  {impl} {case} L={L} D={D}: {type(e).__name__}: {str(e)[:200]}")
                         continue
@@ -192,6 +252,7 @@ def main():
         err_s = f"{err:8.1e}" if err == err else f"{'-':>8}"  # nan: not checked
         head = f"{case:7} {L:6d} {D:4d} {B:3d} {hk:>6} {impl:7}"
         print(f"{head} {tf:9.3f} {ftf:9.1f} {tfb:9.3f} {fbtf:9.1f} {ratio} {err_s}")
+    decode_errs = []
     print(f"\nDecode attention (pallas), bf16, full caches; HBM bound at {args.hbm_gbps:.0f} GB/s")
     hdr = f"{'B':>3} {'cache':>7} {'hd':>4} {'H/K':>6} {'ms':>9} {'GB/s':>8} {'bound ms':>9} {'x bound':>8} "
     hdr += f"{'max err':>8}"
@@ -207,6 +268,12 @@ def main():
             print(
                 f"{B:3d} {S:7d} {D:4d} {hk:>6} {ms:9.4f} {gbs:8.0f} {bound:9.4f} {ms / bound:8.2f} {err:8.1e}"
             )
+            decode_errs.append(err)
+    if args.max_err:
+        worst = max([r[-1] for r in rows if r[-1] == r[-1]] + decode_errs, default=0.0)
+        if worst > args.max_err:
+            raise SystemExit(f"FAILED: pallas error {worst:.2e} exceeds --max-err {args.max_err:.1e}")
+        print(f"correctness: worst pallas error {worst:.2e} <= {args.max_err:.1e}")
 
 
 if __name__ == "__main__":

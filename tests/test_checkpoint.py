@@ -12,7 +12,7 @@ CFG = model.ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, 
 def make_state(cfg=CFG, seed=0, mesh=None):
     opt = optim.make_optimizer(defaults.base_config("pretrain").optim, 10)
     params = model.init(cfg, jax.random.key(seed), mesh)
-    ps = None if mesh is None else sharding.param_shardings(cfg, mesh)
+    ps = None if mesh is None else model.param_shardings(cfg, mesh)
     return state.create(params, opt, ema=True, param_shardings=ps, mesh=mesh)
 
 

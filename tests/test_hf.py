@@ -146,7 +146,7 @@ def test_load_streams_into_sharded_layout(tmp_path, monkeypatch):
     assert sorted(reads) == sorted(m.state_dict())  # every tensor read exactly once, for all 8 devices
     monkeypatch.undo()
     _, ref = hf.load(tmp_path)
-    want = sharding.param_shardings(cfg, mesh)
+    want = M.param_shardings(cfg, mesh)
     for (path, x), s, r in zip(
         jax.tree_util.tree_flatten_with_path(params)[0],
         jax.tree.leaves(want),

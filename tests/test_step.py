@@ -130,7 +130,7 @@ def test_weight_decay_mask_skips_vectors():
 def test_state_shardings_follow_params():
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     opt = optim.make_optimizer(optim_cfg(), 10)
-    ps = sharding.param_shardings(CFG, mesh)
+    ps = model.param_shardings(CFG, mesh)
     s = state.create(model.init(CFG, jax.random.key(0), mesh), opt, ema=True, param_shardings=ps, mesh=mesh)
     mu = [x for x in jax.tree.leaves(s.opt_state) if x.shape == s.params["blocks"]["mlp"]["w_in"].shape]
     assert mu and all(x.sharding.spec == ps["blocks"]["mlp"]["w_in"].spec for x in mu)

@@ -1,0 +1,68 @@
+"""Results tables and plots shared by the demo pipeline, sweeps and benchmarks (markdown + PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """Rows of a run's metrics.jsonl ([] when there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def last_row(workdir: str, split: str = "train") -> dict:
+    """The last logged row of ``split`` in a run's metrics ({} when there is none)."""
+    rows = [r for r in read_metrics(workdir) if r.get("split") == split]
+    return rows[-1] if rows else {}
+
+
+def plot_curves(runs: dict[str, str], path: str, metric: str = "loss") -> None:
+    """One panel per run ({title: workdir}): ``metric`` against step for its train and eval rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False)
+    for ax, (title, workdir) in zip(axes[0], runs.items(), strict=True):
+        rows = read_metrics(workdir)
+        for split in ("train", "eval"):
+            pts = [(r["step"], r[metric]) for r in rows if r["split"] == split and metric in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=split, marker="o" if split == "eval" else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    """A table cell: numbers formatted, missing values as '-'."""
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    """A markdown table (cells already strings)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write(path: str, lines: Sequence[str], results: dict | None = None) -> None:
+    """The report's markdown at ``path`` and, given ``results``, results.json beside it."""
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if results is not None:
+        with open(os.path.join(os.path.dirname(path), "results.json"), "w") as f:
+            json.dump(results, f, indent=1)

@@ -1,0 +1,119 @@
+"""Reward models after training: normalisation, and evaluation against the labels and a gold reward.
+
+Normalisation (InstructGPT): the bias that makes the SFT demonstrations score mean 0 is folded into the scalar
+head's bias, so PPO, best-of-N and chat read normalised rewards with no special code. It runs as the RM
+stage's
+finishing step (``gptjax.stages``) on ``config.normalize.data`` (demonstrations, 'sft' records).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from gptjax.losses import ranking
+
+
+def ranked_batch(vocab, rankings: Sequence[tuple[str, Sequence[str]]], seq_len: int, counts=None) -> dict:
+    """An 'rm' batch (tokens_BKL, lengths_BK, prompt_lengths_BK, valid_BK) of (prompt, responses) pairs,
+    tokenized like the data layer (BOS prompt response EOS); K = the most responses any prompt has."""
+    from gptjax.data import convert
+
+    counts = collections.Counter() if counts is None else counts
+    items = []
+    for prompt, responses in rankings:
+        recs = [{"prompt": prompt, "response": r} for r in responses]
+        items.append([it for it in convert.tokenize("sft", recs, vocab, seq_len, "truncate", counts) if it])
+    K = max(len(it) for it in items)
+    return convert.rm_batch(items, list(range(len(items))), K, seq_len, vocab.pad_id)
+
+
+def score(ctx, params, vocab, rankings, seq_len: int, batch_size: int = 64) -> list[np.ndarray]:
+    """Rewards of each prompt's responses (a list of [K_i] arrays) under the scalar-head model ``params``."""
+    fn = jax.jit(lambda p, b: ranking.rewards(p, b, ctx))
+    out = []
+    for start in range(0, len(rankings), batch_size):
+        chunk = rankings[start : start + batch_size]
+        batch = ranked_batch(vocab, chunk, seq_len)
+        r_BK = np.asarray(jax.device_get(fn(params, batch)))
+        out += [r_BK[b, : len(chunk[b][1])] for b in range(len(chunk))]
+    return out
+
+
+def demonstrations(data_cfg, vocab, n: int) -> list[tuple[str, list[str]]]:
+    """Up to ``n`` (prompt, [response]) demonstrations of a data section's 'sft' sources (train split)."""
+    from gptjax.data import pipeline
+
+    counts: dict = collections.defaultdict(collections.Counter)
+    per_source = pipeline.load_records(data_cfg, "sft", "train", vocab, counts)
+    recs = [r for name in sorted(per_source) for r in per_source[name]]
+    return [(r["prompt"], [r["response"]]) for r in recs[:n]]
+
+
+def normalize_state(config, train_state, ctx, mesh) -> tuple[Any, dict]:
+    """Fold -mean(reward of the demonstrations) into the scalar head's bias (params and EMA)."""
+    del mesh
+    section = config.get("normalize")
+    if section is None or not section.examples:
+        return train_state, {}
+    from gptjax import data
+    from gptjax.step import full_params
+
+    vocab = data.get_vocabulary(section.data)
+    demos = demonstrations(section.data, vocab, section.examples)
+    if not demos:
+        raise ValueError("config.normalize.data yields no demonstrations ('sft' records) to normalise with")
+    mean = float(
+        np.mean(
+            np.concatenate(
+                score(ctx, full_params(train_state.params, ctx), vocab, demos, config.train.seq_len)
+            )
+        )
+    )
+
+    def shift(params):
+        return {**params, "value_bias": params["value_bias"] - jnp.asarray(mean, params["value_bias"].dtype)}
+
+    ema = train_state.ema_params
+    train_state = train_state.replace(params=shift(train_state.params), ema_params=ema and shift(ema))
+    logging.info("reward normalised: demonstrations scored %.4f on average; folded into value_bias", mean)
+    return train_state, {"demo_reward_before": mean, "demos": float(len(demos))}
+
+
+def evaluate_rm(
+    ctx,
+    params,
+    vocab,
+    rankings: Sequence[tuple[str, Sequence[str]]],
+    seq_len: int,
+    gold: Callable[[str, str], float] | None = None,
+) -> dict[str, float]:
+    """Held-out pairwise accuracy against the labels' order (best -> worst), reward mean / std, and with
+    ``gold(prompt, response)`` the fraction of pairs (gold not tied) the RM orders like the gold reward."""
+    rewards = score(ctx, params, vocab, list(rankings), seq_len)
+    right = pairs = agree = gold_pairs = 0
+    for (prompt, responses), r in zip(rankings, rewards, strict=True):
+        g = [gold(prompt, x) for x in responses] if gold else None
+        for i in range(len(r)):
+            for j in range(i + 1, len(r)):
+                pairs += 1
+                right += r[i] > r[j]
+                if g is not None and g[i] != g[j]:
+                    gold_pairs += 1
+                    agree += (r[i] > r[j]) == (g[i] > g[j])
+    flat = np.concatenate(rewards)
+    out = {
+        "pairwise_accuracy": right / max(pairs, 1),
+        "reward_mean": float(flat.mean()),
+        "reward_std": float(flat.std()),
+        "pairs": float(pairs),
+    }
+    if gold is not None:
+        out["gold_agreement"] = agree / max(gold_pairs, 1)
+    return out

@@ -1,0 +1,47 @@
+"""What each training stage is: its data format, default loss, head, frozen roles and batch source.
+
+A stage is a loss file + a batch source + a config (DESIGN.md §1); this table is where a new stage is
+declared.
+``data`` names the data layer's batch format (``gptjax.data``: 'pretrain' | 'sft' | 'rm' | 'prompts'), so the
+train loop never passes the stage name itself to the data layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    data: str  # the data layer's batch format the source reads
+    loss: str  # default config.loss.name (a module of gptjax.losses, or a dotted module path)
+    head: str = "lm"  # the trained model's head: 'lm' | 'scalar'
+    frozen: tuple[str, ...] = ()  # frozen roles the loss reads from ctx.frozen
+    source: str = "data"  # 'data': a data iterator (gptjax.sources)
+    # 'module:function' run on the train state before the final checkpoint: f(config, state, ctx, mesh) ->
+    # (state, metrics), e.g. the reward model's normalisation
+    finish: str = ""
+
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage(data="pretrain", loss="lm"),
+    "sft": Stage(data="sft", loss="lm"),
+    "rm": Stage(data="rm", loss="ranking", head="scalar", finish="gptjax.reward:normalize_state"),
+    "dpo": Stage(data="rm", loss="dpo", frozen=("ref",)),
+}
+
+
+def get(name: str) -> Stage:
+    if name not in STAGES:
+        raise ValueError(f"config.stage={name!r} is unknown; stages: {sorted(STAGES)}")
+    return STAGES[name]
+
+
+def finish_fn(stage: Stage):
+    """The stage's finishing function, or None."""
+    if not stage.finish:
+        return None
+    import importlib
+
+    module, _, fn = stage.finish.partition(":")
+    return getattr(importlib.import_module(module), fn)

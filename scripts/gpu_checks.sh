@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU checks in one go (about 8 minutes on one H100): kernel tests compiled (not interpreted), attention
+# against cuDNN (TUNE=1: with a tile sweep first), decode attention against the HBM bound, and a ~1.2B LLaMA train step's MFU.
+#
+#   bash scripts/gpu_checks.sh            # prints one table per item; exits 1 on a correctness failure
+#
+# Runs from the repo root with whatever python has jax[cuda], flax and optax. The package is used in place
+# (no install needed); ml_collections is taken from .whl/ when python lacks it (pip download it there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+# gptjax in place: the package plus kernels/ as gptjax.kernels (what pyproject's package-dir does).
+SITE=$(mktemp -d)
+mkdir -p "$SITE/gptjax" && cp -r gptjax/. "$SITE/gptjax/" && cp -r kernels "$SITE/gptjax/kernels"
+if ! $PY -c "import ml_collections" 2>/dev/null && ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target "$SITE" .whl/ml_collections-*.whl
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fail=0
+section() { echo; echo "=== $1 ($(date +%T))"; }
+
+section "0. device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+
+section "1. tests/test_kernels.py compiled on the GPU (fp32 compared at full fp32 precision, and bf16)"
+# fp32 references must not silently use TF32 on the GPU, or they, not the kernels, would be off.
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+  || { echo "FAILED: kernel tests"; fail=1; }
+
+section "2-3. attention vs cuDNN (causal, GQA 4, packed), tile sweep at 4k, decode vs the HBM bound"
+timeout "${ATTN_TIMEOUT:-330}" $PY scripts/bench_attention.py --seqs 2048,4096,8192 --head-dims 64,128 --impls cudnn,pallas \
+  --gqa 4 --iters 5 ${TUNE:+--tune} --check-max-seq 2048 --max-err 3e-2 --hbm-gbps "${HBM_GBPS:-3350}" \
+  || { echo "FAILED: attention bench"; fail=1; }
+
+section "4. MFU: ~1.2B LLaMA (configs/llama_1b.py) pretraining step, one GPU, batch 4 x 4096"
+for variant in ${MFU_VARIANTS:-pallas:dots_no_batch pallas:none cudnn:none}; do
+  timeout 100 $PY scripts/bench_train.py --config configs/llama_1b.py --config.train.batch_size=4 \
+    --config.train.seq_len=4096 --config.model.attention_impl="${variant%%:*}" \
+    --config.model.remat="${variant##*:}" --steps 5 --warmup 2 2>&1 | grep -v "libtpu" \
+    || echo "bench_train $variant did not finish"
+done
+echo; echo "gpu_checks: $([ $fail = 0 ] && echo ALL CORRECTNESS CHECKS PASSED || echo CORRECTNESS FAILURES)"
+exit $fail
