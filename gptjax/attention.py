@@ -56,26 +56,100 @@ def xla_attention(
     mask_BLS: jax.Array,
     softmax_scale: float | None = None,
 ) -> jax.Array:
-    """Plain-jnp grouped-query attention with an explicit mask; fp32 softmax. Output dtype = q dtype."""
+    """Plain-jnp grouped-query attention with an explicit mask; fp32 softmax. Output dtype = q dtype.
+
+    The backward pass is written out (``_xla_attention_bwd``) rather than left to autodiff: autodiff of a
+    masked softmax adds a gradient through the row max (which cancels), a separate pass for the division
+    and one for the mask, each over the [B, H, L, S] scores; the written-out one is one elementwise pass.
+    """
+    D = q_BLHD.shape[-1]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    return _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale)
+
+
+def _probs(q_BLHD, k_BSKD, mask_BLS, scale):
+    """Softmax probabilities p_BKGLS (fp32; rows with no visible key are all zero)."""
     B, L, H, D = q_BLHD.shape
     K = k_BSKD.shape[2]
-    G = H // K
-    scale = D**-0.5 if softmax_scale is None else softmax_scale
-    q_BLKGD = q_BLHD.reshape(B, L, K, G, D)
-    scores_BKGLS = (
-        jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
-    )
-    mask_B11LS = mask_BLS[:, None, None, :, :]
-    scores_BKGLS = jnp.where(mask_B11LS, scores_BKGLS, -jnp.inf)
+    # Scaling q (B*L*H*D values) is cheaper than scaling the scores (B*H*L*S).
+    q_BLKGD = (q_BLHD * jnp.asarray(scale, q_BLHD.dtype)).reshape(B, L, K, H // K, D)
+    scores_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD, preferred_element_type=jnp.float32)
+    scores_BKGLS = jnp.where(mask_BLS[:, None, None], scores_BKGLS, -jnp.inf)
     max_BKGL1 = jnp.max(scores_BKGLS, axis=-1, keepdims=True)
     max_BKGL1 = jnp.where(jnp.isfinite(max_BKGL1), max_BKGL1, 0.0)
     p_BKGLS = jnp.exp(scores_BKGLS - max_BKGL1)
     denom_BKGL1 = jnp.sum(p_BKGLS, axis=-1, keepdims=True)
-    p_BKGLS = p_BKGLS / jnp.where(denom_BKGL1 == 0.0, 1.0, denom_BKGL1)
+    return p_BKGLS * (1.0 / jnp.where(denom_BKGL1 == 0.0, 1.0, denom_BKGL1))
+
+
+def _pv(p_BKGLS, v_BSKD, out_shape, dtype):
     out_BLKGD = jnp.einsum(
         "bkgls,bskd->blkgd", p_BKGLS.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32
     )
-    return out_BLKGD.reshape(B, L, H, D).astype(q_BLHD.dtype)
+    return out_BLKGD.reshape(out_shape).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale):
+    return _pv(_probs(q_BLHD, k_BSKD, mask_BLS, scale), v_BSKD, q_BLHD.shape, q_BLHD.dtype)
+
+
+def _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale):
+    p_BKGLS = _probs(q_BLHD, k_BSKD, mask_BLS, scale)
+    out_BLHD = _pv(p_BKGLS, v_BSKD, q_BLHD.shape, q_BLHD.dtype)
+    return out_BLHD, (q_BLHD, k_BSKD, v_BSKD, mask_BLS, p_BKGLS, out_BLHD)
+
+
+def _xla_attention_bwd(scale, res, dout_BLHD):
+    """dS = P * (dP - rowsum(dO * O)): the softmax Jacobian applied in one pass (FlashAttention's form)."""
+    q_BLHD, k_BSKD, v_BSKD, mask_BLS, p_BKGLS, out_BLHD = res
+    B, L, H, D = q_BLHD.shape
+    K = k_BSKD.shape[2]
+    G = H // K
+    f32 = jnp.float32
+    dout_BLKGD = dout_BLHD.reshape(B, L, K, G, D)
+    dv_BSKD = jnp.einsum(
+        "bkgls,blkgd->bskd",
+        p_BKGLS.astype(v_BSKD.dtype),
+        dout_BLKGD.astype(v_BSKD.dtype),
+        preferred_element_type=f32,
+    )
+    dp_BKGLS = jnp.einsum(
+        "blkgd,bskd->bkgls", dout_BLKGD.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=f32
+    )
+    delta_BLKG = jnp.sum(dout_BLHD.astype(f32) * out_BLHD.astype(f32), axis=-1).reshape(B, L, K, G)
+    delta_BKGL1 = jnp.transpose(delta_BLKG, (0, 2, 3, 1))[..., None]
+    ds_BKGLS = (p_BKGLS * (dp_BKGLS - delta_BKGL1)).astype(q_BLHD.dtype)
+    dq_BLKGD = jnp.einsum(
+        "bkgls,bskd->blkgd", ds_BKGLS, k_BSKD.astype(q_BLHD.dtype), preferred_element_type=f32
+    )
+    q_BLKGD = q_BLHD.reshape(B, L, K, G, D).astype(f32) * scale
+    dk_BSKD = jnp.einsum(
+        "bkgls,blkgd->bskd", ds_BKGLS, q_BLKGD.astype(q_BLHD.dtype), preferred_element_type=f32
+    )
+    dq_BLHD = (dq_BLKGD * scale).reshape(B, L, H, D)
+    return (
+        dq_BLHD.astype(q_BLHD.dtype),
+        dk_BSKD.astype(k_BSKD.dtype),
+        dv_BSKD.astype(v_BSKD.dtype),
+        None,
+    )
+
+
+_xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
+def causal_chunks(L: int, S: int) -> int:
+    """Query chunks for causal 'xla' attention (1 = one block): the masked upper triangle of the scores is
+    skipped chunk by chunk. Only self-attention (L == S) of at least 256 tokens is split, into at most 4
+    chunks of at least 64 rows (more, smaller chunks cost more in per-op overhead than they skip).
+    """
+    if L != S or L < 256:
+        return 1
+    for chunks in range(4, 1, -1):
+        if L % chunks == 0 and L // chunks >= 64:
+            return chunks
+    return 1
 
 
 def _mesh_axes(batch: int, heads: tuple[int, ...]):
@@ -174,8 +248,25 @@ def attention(
 ) -> jax.Array:
     """Self/cross attention over full sequences (training and prefill)."""
     if impl == "xla":
-        mask_BLS = attention_mask(q_BLHD.shape[1], k_BSKD.shape[1], causal, segment_ids_BL, kv_segment_ids_BS)
-        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale)
+        L, S = q_BLHD.shape[1], k_BSKD.shape[1]
+        mask_BLS = attention_mask(L, S, causal, segment_ids_BL, kv_segment_ids_BS)
+        chunks = causal_chunks(L, S) if causal else 1
+        if chunks == 1:
+            return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale)
+        # Query chunk c sees keys up to its last row only: (chunks + 1) / (2 * chunks) of the scores.
+        mask_BLS = jnp.broadcast_to(mask_BLS, (q_BLHD.shape[0], L, S))
+        n = L // chunks
+        outs = [
+            xla_attention(
+                q_BLHD[:, c * n : (c + 1) * n],
+                k_BSKD[:, : (c + 1) * n],
+                v_BSKD[:, : (c + 1) * n],
+                mask_BLS[:, c * n : (c + 1) * n, : (c + 1) * n],
+                softmax_scale,
+            )
+            for c in range(chunks)
+        ]
+        return jnp.concatenate(outs, axis=1)
     if impl == "cudnn":
         return cudnn_attention(
             q_BLHD,
@@ -225,4 +316,29 @@ def cached_attention(
         return _shard_call(call, mesh, args, (P(b, h, None), cache, cache, P(b)), P(b, h, None))[:, None]
     S = k_cache_BSKD.shape[1]
     mask_BLS = q_positions_BL[:, :, None] >= jnp.arange(S)[None, None, :]
+    if q_BLHD.shape[1] == 1:
+        return _decode_attention_xla(q_BLHD, k_cache_BSKD, v_cache_BSKD, mask_BLS, softmax_scale)
     return xla_attention(q_BLHD, k_cache_BSKD, v_cache_BSKD, mask_BLS, softmax_scale)
+
+
+def _decode_attention_xla(q_B1HD, k_cache_BSKD, v_cache_BSKD, mask_B1S, softmax_scale):
+    """One query per row as multiply-and-reduce over the cache in its own [B, S, K, D] layout.
+
+    A batched matmul would first transpose the whole cache of the layer to put the kv-head axis before the
+    slot axis (every token, every layer); a query row is a matrix-vector product anyway, which XLA fuses
+    into one pass over the cache.
+    """
+    B, _, H, D = q_B1HD.shape
+    K = k_cache_BSKD.shape[2]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    f32 = jnp.float32
+    q_B1KGD = (q_B1HD.astype(f32) * scale).reshape(B, 1, K, H // K, D)
+    scores_BSKG = jnp.sum(q_B1KGD * k_cache_BSKD.astype(f32)[:, :, :, None, :], axis=-1)
+    scores_BSKG = jnp.where(mask_B1S[:, 0, :, None, None], scores_BSKG, -jnp.inf)
+    max_B1KG = jnp.max(scores_BSKG, axis=1, keepdims=True)
+    max_B1KG = jnp.where(jnp.isfinite(max_B1KG), max_B1KG, 0.0)
+    p_BSKG = jnp.exp(scores_BSKG - max_B1KG)
+    denom_B1KG = jnp.sum(p_BSKG, axis=1, keepdims=True)
+    p_BSKG = p_BSKG / jnp.where(denom_B1KG == 0.0, 1.0, denom_B1KG)
+    out_BKGD = jnp.sum(p_BSKG[..., None] * v_cache_BSKD.astype(f32)[:, :, :, None, :], axis=1)
+    return out_BKGD.reshape(B, 1, H, D).astype(q_B1HD.dtype)

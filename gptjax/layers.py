@@ -221,14 +221,24 @@ class Block(nnx.Module):
         x_BLD = x_BLD + self.attn.out(o_BLHD, lora_key)
         return x_BLD + self.mlp(self.mlp_norm(x_BLD), lora_key)
 
-    def decode(self, x_BLD, positions_BL, k_cache_BSKD, v_cache_BSKD):
-        """Write this chunk's K/V at slots ``positions_BL`` and attend to the cache up to each slot."""
+    def decode(self, x_BLD, positions_BL, k_cache, v_cache, layer):
+        """Write this chunk's K/V into cache layer ``layer`` at slots ``positions_BL`` and attend to that
+        layer's cache up to each slot. The caches are [N, B, S, K, D] arrays or tuples of N [B, S, K, D]
+        arrays (``gptjax.model.init_cache``); either way the write is one scatter, in place.
+        """
         q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
-        write = jax.vmap(lambda c, new, pos: c.at[pos].set(new.astype(c.dtype)))
-        k_cache_BSKD = write(k_cache_BSKD, k, positions_BL)
-        v_cache_BSKD = write(v_cache_BSKD, v, positions_BL)
-        o_BLHD = attn_lib.cached_attention(
-            q, k_cache_BSKD, v_cache_BSKD, positions_BL, impl=self.cfg.attention_impl
-        )
+        k_cache, k_BSKD = _cache_write(k_cache, layer, positions_BL, k)
+        v_cache, v_BSKD = _cache_write(v_cache, layer, positions_BL, v)
+        o_BLHD = attn_lib.cached_attention(q, k_BSKD, v_BSKD, positions_BL, impl=self.cfg.attention_impl)
         x_BLD = x_BLD + self.attn.out(o_BLHD)
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache_BSKD, v_cache_BSKD
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache, v_cache
+
+
+def _cache_write(cache, layer, positions_BL, new_BLKD):
+    """(cache with layer ``layer`` written at each row's slots, that layer's [B, S, K, D] cache)."""
+    rows_B1 = jnp.arange(new_BLKD.shape[0])[:, None]
+    if isinstance(cache, tuple):  # one buffer per layer: nothing to slice out for the attention
+        layer_BSKD = cache[layer].at[rows_B1, positions_BL].set(new_BLKD.astype(cache[layer].dtype))
+        return (*cache[:layer], layer_BSKD, *cache[layer + 1 :]), layer_BSKD
+    cache = cache.at[layer, rows_B1, positions_BL].set(new_BLKD.astype(cache.dtype))
+    return cache, cache[layer]

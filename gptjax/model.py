@@ -5,7 +5,8 @@ Outside this module a model is a config plus a params pytree (a nested dict of a
     params = init(cfg, rng, mesh=None)
     logits_BLV = apply(cfg, params, tokens_BL)          # scalar head: values_BL
 
-Layers are stacked on a leading 'layers' axis and run with ``jax.lax.scan`` (one compiled layer body).
+Layers are stacked on a leading 'layers' axis and run with ``jax.lax.scan`` (one compiled layer body) or,
+with ``scan_layers=False`` (the CPU default), as an unrolled loop over the same stacked params.
 Every parameter carries logical axis names (``logical_axes(cfg)``); ``gptjax.sharding`` maps them to the mesh.
 """
 
@@ -61,6 +62,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # see REMAT_POLICIES
+    # True: jax.lax.scan over one compiled layer body (compile time independent of depth: accelerators).
+    # False: a Python loop over the stacked layers; on CPU XLA then skips copying each layer's params and
+    # saved activations in and out of the scan's stacked buffers. None: False on CPU, True elsewhere.
+    scan_layers: bool | None = None
     attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'pallas'
     # LoRA adapters (gptjax.lora): y = x @ W + (dropout(x) @ A) @ B * (lora_alpha / lora_rank); 0 = off
     lora_rank: int = 0
@@ -95,6 +100,13 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig: {msg}")
         if isinstance(self.lora_targets, list):  # hashable, so configs can key caches
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    @property
+    def scan(self) -> bool:
+        """Whether layers run under jax.lax.scan (``scan_layers``, resolved by backend when None)."""
+        if self.scan_layers is None:
+            return jax.default_backend() != "cpu"
+        return self.scan_layers
 
     @property
     def kv_heads(self) -> int:
@@ -243,25 +255,53 @@ class GPT(nnx.Module):
             layer_params, key = xs
             return nnx.merge(graphdef, layer_params)(x_BLD, positions_BL, segment_ids_BL, key), None
 
-        x_BLD, _ = jax.lax.scan(_remat(body, self.cfg.remat), x_BLD, (stacked, keys_N))
+        body = _remat(body, self.cfg.remat)
+        x_BLD, _ = over_layers(self.cfg, lambda x_BLD, xs, _: body(x_BLD, xs), x_BLD, (stacked, keys_N))
         out = self.head_out(x_BLD)
         return (out, x_BLD) if return_hidden else out
 
-    def decode(self, tokens_BL, positions_BL, cache, logits_at_B=None):
+    def decode(self, tokens_BL, positions_BL, cache, logits_at_B=None, layers=None):
+        """``layers``: per-layer block states (``unstack_layers``) to use instead of slicing self.blocks."""
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
         graphdef, stacked = nnx.split(self.blocks)
 
-        def body(x_BLD, xs):
-            layer_params, k_BSKD, v_BSKD = xs
-            x_BLD, k_BSKD, v_BSKD = nnx.merge(graphdef, layer_params).decode(
-                x_BLD, positions_BL, k_BSKD, v_BSKD
-            )
-            return x_BLD, (k_BSKD, v_BSKD)
+        # The whole cache rides in the carry and each layer writes its own slots in place; as scanned xs/ys
+        # it would be sliced out and stacked back (a copy of the cache per token).
+        def body(carry, layer_params, layer):
+            x_BLD, k_cache, v_cache = carry
+            return nnx.merge(graphdef, layer_params).decode(
+                x_BLD, positions_BL, k_cache, v_cache, layer
+            ), None
 
-        x_BLD, (k_NBSKD, v_NBSKD) = jax.lax.scan(body, x_BLD, (stacked, cache["k"], cache["v"]))
+        (x_BLD, k_cache, v_cache), _ = over_layers(
+            self.cfg,
+            body,
+            (x_BLD, cache["k"], cache["v"]),
+            stacked if layers is None else layers,
+            unstacked=layers is not None,
+        )
         if logits_at_B is not None:  # project one position per row: a prefill never builds [B, P, V]
             x_BLD = jnp.take_along_axis(x_BLD, logits_at_B[:, None, None], axis=1)
-        return self.head_out(x_BLD), {"k": k_NBSKD, "v": v_NBSKD}
+        return self.head_out(x_BLD), {"k": k_cache, "v": v_cache}
+
+
+def over_layers(cfg: ModelConfig, body, carry, xs, unstacked: bool = False):
+    """``jax.lax.scan`` of ``body(carry, layer_xs, layer) -> (carry, y)`` over the layers axis of ``xs``, or
+    the same loop unrolled (``cfg.scan``); ``layer`` is the layer index (a static int when unrolled).
+    ``unstacked`` (unrolled only): xs is already a tuple of per-layer trees.
+    """
+    if cfg.scan:
+        if unstacked:
+            raise ValueError("per-layer (unstacked) params need scan_layers=False")
+        return jax.lax.scan(lambda c, x: body(c, *x), carry, (xs, jnp.arange(cfg.n_layers)))
+    ys = []
+    for i in range(cfg.n_layers):
+        layer_xs = xs[i] if unstacked else jax.tree.map(lambda a, i=i: a[i], xs)
+        carry, y = body(carry, layer_xs, i)
+        ys.append(y)
+    if jax.tree.leaves(ys[0]):
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+    return carry, None
 
 
 def _remat(fn, policy: str):
@@ -371,11 +411,15 @@ def apply(
     )
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-    """Empty KV cache: k, v of shape [N, B, S, K, D]."""
-    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_head)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
+    """Empty KV cache: k, v of shape [N, B, S, K, D]; with unrolled layers (``cfg.scan`` False) tuples of N
+    [B, S, K, D] arrays instead, so a layer's attention reads its own buffer rather than a slice copy.
+    """
+    shape = (batch, max_len, cfg.kv_heads, cfg.dim_head)
     dt = jnp.dtype(dtype or cfg.dtype)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    if cfg.scan:
+        return {"k": jnp.zeros((cfg.n_layers, *shape), dt), "v": jnp.zeros((cfg.n_layers, *shape), dt)}
+    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)) for name in ("k", "v")}
 
 
 def decode(
@@ -388,9 +432,27 @@ def decode(
 ) -> tuple[jax.Array, dict]:
     """Run tokens at cache slots ``positions_BL`` (prefill: a whole prompt; decode: one token per row).
 
+    ``params`` may come from ``unstack_layers`` (what a decode loop should pass when layers are unrolled).
+
     Positions are both the rotary/learned positions and the cache slots, so rows of a batch may sit at
     different lengths (right-padded prompts). Returns (logits_BLV or values_BL, updated cache); with
     ``logits_at_B`` only the output at that index of each row is computed (shape [B, 1, ...]).
     """
+    layers = params["blocks"] if isinstance(params["blocks"], tuple) else None
+    if layers is not None:  # merge needs the blocks' tree structure (not their shapes): any layer has it
+        params = {**params, "blocks": layers[0]}
     model = nnx.merge(_abstract(cfg)[0], params)
-    return model.decode(tokens_BL, positions_BL, cache, logits_at_B)
+    return model.decode(tokens_BL, positions_BL, cache, logits_at_B, layers)
+
+
+def unstack_layers(cfg: ModelConfig, params: Params) -> Params:
+    """Params for ``decode`` with the stacked layers split into a tuple of per-layer trees (unrolled layers).
+
+    A decode loop calls the model once per token; slicing each layer's weights out of the stacked arrays
+    inside the loop copies all of them every token (XLA:CPU does not hoist the slices), so generation
+    slices once before its loop. Scanned layers read their slices in place and keep the stacked params.
+    """
+    if cfg.scan:
+        return params
+    blocks = params["blocks"]
+    return {**params, "blocks": tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(cfg.n_layers))}

@@ -128,6 +128,7 @@ def _generate(
         _sample, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p
     )
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+    params = model_lib.unstack_layers(cfg, params)  # once, not per token
 
     cache = model_lib.init_cache(cfg, B, P + T, dtype=cache_dtype)
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))

@@ -145,6 +145,53 @@ def test_kv_cache_decode_matches_full_forward(cfg_params):
             np.testing.assert_allclose(logits[b, 0], full[0, -1], atol=5e-5)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unrolled_layers_match_scanned(family, remat):
+    """scan_layers=False (a Python loop over the stacked params) computes the scan's logits and grads."""
+    scanned = FAMILIES[family].replace(scan_layers=True, remat=remat)
+    unrolled = scanned.replace(scan_layers=False)
+    assert scanned.scan and not unrolled.scan
+    params = model.init(scanned, jax.random.key(3))
+    t, seg = tokens((2, 12), seed=3), jnp.array([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2])
+
+    def loss(cfg, p):
+        logits = model.apply(cfg, p, t, segment_ids_BL=seg)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(12)), logits
+
+    (l0, logits0), g0 = jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True)(params)
+    (l1, logits1), g1 = jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True)(params)
+    np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
+    for path, a in jax.tree_util.tree_leaves_with_path(g0):
+        b = g1
+        for k in path:
+            b = b[k.key]
+        # float sums in another order; the key bias's grad is zero up to rounding (softmax ignores it)
+        scale = max(1.0, float(jnp.abs(a).max()))
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
+    assert float(jnp.abs(g0["blocks"]["mlp"]["w_out"][-1]).max()) > 1e-3  # the last layer gets gradient
+
+
+def test_decode_unrolled_matches_scanned(cfg_params):
+    """The unrolled decode path (per-layer cache buffers, unstacked params) equals the scanned one."""
+    cfg, params = cfg_params
+    outs = {}
+    for scan in (True, False):
+        c = cfg.replace(scan_layers=scan)
+        p = model.unstack_layers(c, params)
+        assert isinstance(p["blocks"], dict) == scan
+        cache = model.init_cache(c, 2, 12)
+        prompt_logits, cache = model.decode(
+            c, p, tokens((2, 5), seed=4), jnp.broadcast_to(jnp.arange(5), (2, 5)), cache
+        )
+        pos_B1 = jnp.array([[5], [3]])  # rows at different slots
+        logits, cache = model.decode(c, p, tokens((2, 1), seed=5), pos_B1, cache)
+        outs[scan] = (prompt_logits, logits, np.asarray(cache["k"]), np.asarray(cache["v"]))
+    for a, b in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert np.abs(outs[True][2][:, 1, 3]).max() > 0 and np.abs(outs[True][2][:, 1, 4]).max() > 0
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="n_kv_heads"):
         model.ModelConfig(n_heads=4, n_kv_heads=3)

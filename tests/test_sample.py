@@ -40,9 +40,11 @@ def _teacher_forced(cfg, prompts_BP, plen_B, out):
     return np.asarray(jnp.take_along_axis(logits_BLV, idx_BT[:, :, None], axis=1)), np.asarray(resp_mask_BL)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_greedy_equals_full_forward_argmax(family):
-    cfg = CFGS[family]
+def test_greedy_equals_full_forward_argmax(family, scan_layers):
+    # scan_layers: both decode paths (a stacked cache in a layer scan; per-layer cache buffers, unrolled)
+    cfg = CFGS[family].replace(scan_layers=scan_layers)
     prompts = _prompts(cfg)
     out = sample.generate(
         cfg,
