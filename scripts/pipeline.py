@@ -27,7 +27,7 @@ flags.DEFINE_string("config", "configs/tiny.py", "Config file; its arg selects t
 flags.DEFINE_list("stages", ["pretrain", "sft", "rm"], f"Stages to run, in order, from {list(STAGES)}.")
 flags.DEFINE_bool("quick", False, "Fewer steps and a smaller eval, for a smoke run.")
 flags.DEFINE_integer("eval_prompts", 200, "Held-out prompts for the gold-reward evaluation.")
-flags.DEFINE_integer("steps", 0, "Train each stage this many steps (0: the config's, or a tenth with --quick).")
+flags.DEFINE_integer("steps", 0, "Steps per stage (0: the config's, or a tenth of it with --quick).")
 FLAGS = flags.FLAGS
 
 
