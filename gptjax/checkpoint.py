@@ -214,6 +214,7 @@ def load_params(
     ema: bool = False,
     allow_missing: tuple[str, ...] = (),
     allow_extra: tuple[str, ...] = (),
+    cfg: model.ModelConfig | None = None,
 ) -> Params:
     """Params of an earlier run (a workdir: one ``role`` of it, optionally its ``ema``) or of a Hugging Face
     directory, restored into ``target``'s shapes, dtypes and shardings.
@@ -221,9 +222,11 @@ def load_params(
     Names in ``allow_missing`` (absent from the checkpoint) keep their value from ``target`` (e.g. a fresh
     scalar head for a reward model initialised from an SFT model); names in ``allow_extra`` (in the
     checkpoint, not in the model, e.g. the SFT model's LM head) are ignored. Any other difference is an error.
+    With ``cfg`` (the target's model config), an HF checkpoint of another architecture (norm, activation,
+    rope settings: what shapes cannot show) is refused too.
     """
     if is_hf_dir(path):
-        return _load_hf_params(path, target, role, ema, allow_missing, allow_extra)
+        return _load_hf_params(path, target, role, ema, allow_missing, allow_extra, cfg)
     mngr = manager(path, create=False)
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -264,7 +267,13 @@ def load_params(
     return jax.tree_util.tree_map_with_path(lambda path, x: restored.get(_name(path), x), target)
 
 
-def _load_hf_params(path, target, role, ema, allow_missing, allow_extra) -> Params:
+def arch_differences(a: model.ModelConfig, b: model.ModelConfig) -> list[str]:
+    """'field: a vs b' for each architecture field that differs (rope fields only when rope is used)."""
+    fields = [f for f in model.ARCH_FIELDS if a.pos == "rope" or not f.startswith("rope")]
+    return [f"{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}" for f in fields if getattr(a, f) != getattr(b, f)]
+
+
+def _load_hf_params(path, target, role, ema, allow_missing, allow_extra, cfg=None) -> Params:
     """A Hugging Face directory's weights into ``target`` (same name rules as ``load_params``)."""
     from gptjax import hf
 
@@ -272,7 +281,13 @@ def _load_hf_params(path, target, role, ema, allow_missing, allow_extra) -> Para
         raise ValueError(f"{path} is a Hugging Face directory: it has no roles or EMA to choose from")
     shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(target)]
     mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
-    _, loaded = hf.load(path, mesh=mesh)
+    hf_cfg, loaded = hf.load(path, mesh=mesh)
+    diff = arch_differences(hf_cfg, cfg) if cfg is not None else []
+    if diff:
+        raise ValueError(
+            f"Hugging Face checkpoint {path} has another architecture than the model config (checkpoint vs "
+            f"config): {'; '.join(diff)}. Set the model config to match it."
+        )
     problems = shape_problems(_flat_shapes(loaded), _flat_shapes(target), allow_missing, allow_extra)
     if problems:
         raise ValueError(
@@ -361,7 +376,7 @@ def load_model(
     base_cfg, base_params = load_model(base_path, mesh=mesh)
     if base_cfg.lora_rank:
         base_cfg, base_params = lora.merge(base_cfg, base_params)
-    diff = [f for f in model.ARCH_FIELDS if getattr(base_cfg, f) != getattr(cfg, f)]
+    diff = arch_differences(base_cfg, cfg)
     if diff:
         raise ValueError(f"base {base_path} of the LoRA run {path} differs in {diff}; name the right base")
     trained, frozen_target = lora.split(target, also=model.head_params(cfg))

@@ -29,19 +29,27 @@ def ranked_batch(vocab, rankings: Sequence[tuple[str, Sequence[str]]], seq_len: 
     items = []
     for prompt, responses in rankings:
         recs = [{"prompt": prompt, "response": r} for r in responses]
-        items.append([it for it in convert.tokenize("sft", recs, vocab, seq_len, "truncate", counts) if it])
+        seqs = convert.tokenize("sft", recs, vocab, seq_len, "truncate", counts)
+        if any(x is None for x in seqs):  # a score must belong to its response: refuse rather than shift
+            raise ValueError(
+                f"prompt {prompt[:60]!r} leaves no room for a response in {seq_len} tokens: raise "
+                "train.seq_len or shorten the prompt"
+            )
+        items.append(seqs)
     K = max(len(it) for it in items)
     return convert.rm_batch(items, list(range(len(items))), K, seq_len, vocab.pad_id)
 
 
+_rewards = jax.jit(ranking.rewards)  # ctx is a pytree whose static fields are hashable (FrozenConfigDict)
+
+
 def score(ctx, params, vocab, rankings, seq_len: int, batch_size: int = 64) -> list[np.ndarray]:
     """Rewards of each prompt's responses (a list of [K_i] arrays) under the scalar-head model ``params``."""
-    fn = jax.jit(lambda p, b: ranking.rewards(p, b, ctx))
     out = []
     for start in range(0, len(rankings), batch_size):
         chunk = rankings[start : start + batch_size]
         batch = ranked_batch(vocab, chunk, seq_len)
-        r_BK = np.asarray(jax.device_get(fn(params, batch)))
+        r_BK = np.asarray(jax.device_get(_rewards(params, batch, ctx)))
         out += [r_BK[b, : len(chunk[b][1])] for b in range(len(chunk))]
     return out
 
@@ -57,33 +65,39 @@ def demonstrations(data_cfg, vocab, n: int) -> list[tuple[str, list[str]]]:
 
 
 def normalize_state(config, train_state, ctx, mesh) -> tuple[Any, dict]:
-    """Fold -mean(reward of the demonstrations) into the scalar head's bias (params and EMA)."""
+    """Fold -mean(reward of the demonstrations) into the scalar head's bias, for the params and (scored on
+    its own) the EMA. Called first with ``train_state=None`` to check the data before training starts."""
     del mesh
     section = config.get("normalize")
     if section is None or not section.examples:
+        if train_state is None:
+            logging.warning("config.normalize is not set: the reward model's scores will not be normalised")
         return train_state, {}
     from gptjax import data
     from gptjax.step import full_params
 
     vocab = data.get_vocabulary(section.data)
-    demos = demonstrations(section.data, vocab, section.examples)
+    demos = demonstrations(section.data, vocab, section.examples if train_state is not None else 1)
     if not demos:
         raise ValueError("config.normalize.data yields no demonstrations ('sft' records) to normalise with")
-    mean = float(
-        np.mean(
-            np.concatenate(
-                score(ctx, full_params(train_state.params, ctx), vocab, demos, config.train.seq_len)
-            )
-        )
-    )
+    if train_state is None:
+        return None, {}
 
-    def shift(params):
+    def mean_reward(params) -> float:
+        rewards = score(ctx, full_params(params, ctx), vocab, demos, config.train.seq_len)
+        return float(np.mean(np.concatenate(rewards)))
+
+    def shift(params, mean):
         return {**params, "value_bias": params["value_bias"] - jnp.asarray(mean, params["value_bias"].dtype)}
 
-    ema = train_state.ema_params
-    train_state = train_state.replace(params=shift(train_state.params), ema_params=ema and shift(ema))
+    mean = mean_reward(train_state.params)
+    out = {"demo_reward_before": mean, "demos": float(len(demos))}
+    train_state = train_state.replace(params=shift(train_state.params, mean))
+    if train_state.ema_params is not None:
+        out["demo_reward_before_ema"] = ema_mean = mean_reward(train_state.ema_params)
+        train_state = train_state.replace(ema_params=shift(train_state.ema_params, ema_mean))
     logging.info("reward normalised: demonstrations scored %.4f on average; folded into value_bias", mean)
-    return train_state, {"demo_reward_before": mean, "demos": float(len(demos))}
+    return train_state, out
 
 
 def evaluate_rm(

@@ -101,6 +101,7 @@ def _init_one(role: Role, mesh, rng) -> tuple[Any, dict]:
             ema=role.init_ema,
             allow_missing=model.head_params(cfg),
             allow_extra=("lm_head",) if cfg.head == "scalar" else (),
+            cfg=cfg,
         )
         if cfg.lora_rank > 0:
             frozen["base"] = loaded
@@ -129,14 +130,15 @@ def load_frozen(config: ConfigDict, stage: Stage, roles: list[Role], mesh) -> tu
         raise ValueError(f"stage {config.stage!r} needs frozen role(s) {missing}: add config.frozen.<name>")
     params, cfgs = {}, []
     for name, spec in section.items():
-        path = spec.init_from or (roles[0].init_from if not keyed(roles) else "")
+        path, role, ema = spec.init_from, spec.role, spec.ema
+        if not path and not keyed(roles):  # where the trained model starts: its role and EMA choice too
+            path, role, ema = roles[0].init_from, role or roles[0].init_role, ema or roles[0].init_ema
         if not path:
             raise ValueError(
-                f"config.frozen.{name}.init_from is empty (and so is config.train.init_from): name the "
-                "workdir "
-                "or Hugging Face directory this frozen role is loaded from"
+                f"config.frozen.{name}.init_from is empty and there is no single trained model's init_from "
+                "to default to: name the workdir or Hugging Face directory this frozen role loads"
             )
-        cfg, params[name] = checkpoint.load_model(path, mesh=mesh, role=spec.role or None, ema=spec.ema)
+        cfg, params[name] = checkpoint.load_model(path, mesh=mesh, role=role or None, ema=ema)
         cfgs.append((name, cfg))
     return params, tuple(cfgs)
 

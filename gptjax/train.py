@@ -63,9 +63,16 @@ def drop_rows_after(path: str, step: int) -> None:
     """Remove rows of ``metrics.jsonl`` logged after ``step`` (a run that died after its last checkpoint)."""
     if not os.path.exists(path):
         return
+
+    def logged_by(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # a row cut short by a kill
+            return False
+
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if line.strip() and logged_by(line)]
     if len(kept) != len(lines):
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -206,6 +213,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
         frozen=frozen,
         frozen_cfgs=frozen_cfgs,
         role_cfgs=tuple((r.name, r.cfg) for r in roles),
+        scalars=source_scalars(source),
     )
     state_shardings = state_lib.state_shardings(train_state, param_shardings, mesh)
     first = source.next(train_state)  # its shapes fix the batch shardings; it is still the first step's batch
@@ -236,9 +244,13 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
         batch_tokens(first) * jax.process_count(),
     )
     finish = stages.finish_fn(stage)  # a stage's last touch before its final checkpoint (RM: normalise)
+    if finish is not None and start < t.steps:
+        finish(config, None, ctx, mesh)  # check its inputs now, not after the whole run
     pending, last = None, {}
     for step in range(start, t.steps):
         batch, first = (first, None) if first is not None else (source.next(train_state), None)
+        if ctx.scalars:  # e.g. an adaptive KL coefficient the source updates: traced, so no recompile
+            ctx = ctx.replace(scalars=source_scalars(source))
         train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
         if pending is not None:  # fetch step t-1's metrics only after step t is dispatched
             last = _flush(log, speed, *pending, t)
@@ -252,12 +264,20 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
             train_state, extra = finish(config, train_state, ctx, mesh)
             log.write(step + 1, extra, "finish")
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+            if pending is not None:  # the step's row is logged before its checkpoint exists (never lost)
+                last, pending = _flush(log, speed, *pending, t), None
             checkpoint.save(mngr, train_state, data_state=source.get_state(), meta=meta)
     if pending is not None:
         last = _flush(log, speed, *pending, t)
     mngr.wait_until_finished()
     log.close()
     return last
+
+
+def source_scalars(source) -> dict:
+    """The source's dynamic loss scalars (``source.scalars()``, optional) as fp32 arrays."""
+    scalars = getattr(source, "scalars", None)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in (scalars() if scalars else {}).items()}
 
 
 def batch_tokens(batch: dict) -> int:

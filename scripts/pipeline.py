@@ -15,6 +15,7 @@ import os
 
 import jax
 from absl import app, flags, logging
+from ml_collections import FrozenConfigDict
 
 from gptjax import checkpoint, defaults, evaluate, report, reward, step, train
 from gptjax.data import get_vocabulary, tiny
@@ -65,7 +66,7 @@ def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
     cfg, params = checkpoint.load_model(workdir)
     out = {"final_train_loss": report.last_row(workdir).get("loss")}
     if stage == "rm":
-        ctx = step.Ctx(model_cfg=cfg, loss_cfg=config.loss)
+        ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(config.loss))
         n = 40 if FLAGS.quick else 300
         held_out = [
             (r["prompt"], r["responses"]) for r in tiny.records("rank", "validation", config.data.tiny)

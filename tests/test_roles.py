@@ -213,6 +213,13 @@ def test_init_from_a_hugging_face_directory(tmp_path, head):
             assert name not in want_flat  # a fresh scalar head for the reward model
         else:
             np.testing.assert_array_equal(np.asarray(x), np.asarray(want_flat[name]), err_msg=name)
+    # What shapes cannot show (the activation here) is refused, naming the field.
+    with pytest.raises(ValueError, match="mlp: 'gelu' vs 'gelu_exact'"):
+        roles.init_trained(
+            [roles.Role("model", role.cfg.replace(mlp="gelu_exact"), str(tmp_path / "hf"))],
+            None,
+            jax.random.key(0),
+        )
     with pytest.raises(ValueError, match="no roles or EMA"):
         roles.init_trained(
             [role.__class__("model", role.cfg, str(tmp_path / "hf"), "policy")], None, jax.random.key(0)

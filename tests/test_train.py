@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from ml_collections import FrozenConfigDict
 
 from gptjax import checkpoint, defaults, reward, step, train
 from gptjax.data import get_vocabulary, tiny
@@ -172,7 +173,7 @@ def test_sft_then_reward_model_then_dpo(tmp_path):
     cfg, params = checkpoint.load_model(rm)
     assert cfg.head == "scalar"
     vocab = get_vocabulary(c.data)
-    ctx = step.Ctx(model_cfg=cfg, loss_cfg=c.loss)
+    ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(c.loss))
     held_out = [(r["prompt"], r["responses"]) for r in tiny.records("rank", "validation", c.data.tiny)][:200]
     ev = reward.evaluate_rm(ctx, params, vocab, held_out, c.train.seq_len, tiny.gold_reward)
     assert ev["pairwise_accuracy"] > 0.6, ev  # chance: 0.5, over 1,200 held-out pairs
@@ -228,7 +229,7 @@ def test_rm_preset_from_a_hugging_face_directory(tmp_path):
     last = train.run(c, str(tmp_path / "rm"))
     assert np.isfinite(last["loss"])
     cfg, params = checkpoint.load_model(str(tmp_path / "rm"))
-    ctx = step.Ctx(model_cfg=cfg, loss_cfg=c.loss)
+    ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(c.loss))
     vocab = get_vocabulary(c.data)
     demos = reward.demonstrations(c.normalize.data, vocab, 30)
     assert len(demos) == 30
