@@ -191,14 +191,13 @@ def _role(meta: dict, role: str | None, where: str) -> tuple[str, str]:
 
 def model_config_from_meta(meta: dict, role: str | None = None) -> model.ModelConfig:
     fields_in_meta = roles_of(meta)[_role(meta, role, "checkpoint")[0]]
-    fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
-    unknown = sorted(set(fields_in_meta) - fields)
+    unknown = model.unknown_fields(fields_in_meta)
     if unknown:
         raise ValueError(
             f"checkpoint model config has field(s) {unknown} that this version of gptjax.model.ModelConfig "
             "does not know: it was written by a different version; use that version to read it"
         )
-    return model.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_in_meta.items()})
+    return model.config_from_dict(fields_in_meta)
 
 
 def is_hf_dir(path: str) -> bool:

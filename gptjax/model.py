@@ -154,6 +154,16 @@ class ModelConfig:
         return cls(**{**base, **kw})
 
 
+def unknown_fields(values: dict) -> list[str]:
+    """Keys of ``values`` that are not ModelConfig fields (sorted)."""
+    return sorted(set(values) - {f.name for f in dataclasses.fields(ModelConfig)})
+
+
+def config_from_dict(values: dict) -> ModelConfig:
+    """ModelConfig from a plain dict (JSON or ConfigDict): lists become the tuples the dataclass holds."""
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     shapes = jax.tree.leaves(param_shapes(cfg))
     total = sum(int(jnp.prod(jnp.array(s.shape))) for s in shapes)

@@ -36,12 +36,12 @@ class Role:
 
 def model_config(model_section: ConfigDict, where: str = "config.model") -> model.ModelConfig:
     """ModelConfig from a config's model section; an unknown key fails with its name."""
-    fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
     values = model_section.to_dict()
-    unknown = sorted(set(values) - fields)
+    unknown = model.unknown_fields(values)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    return model.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        known = sorted(f.name for f in dataclasses.fields(model.ModelConfig))
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {known}")
+    return model.config_from_dict(values)
 
 
 def trained_roles(config: ConfigDict, stage: Stage) -> list[Role]:
