@@ -24,19 +24,22 @@ from ml_collections import ConfigDict
 from gptjax import data, defaults
 from gptjax.model import ModelConfig
 
-STAGES = ("pretrain", "sft", "rm", "dpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+
+
+def tiny_model(head: str = "lm") -> ModelConfig:
+    return ModelConfig.gpt2(vocab_size=288, d_model=256, n_layers=4, n_heads=4, max_len=128, head=head)
 
 
 def get_config(arg: str | None = None):
-    args = defaults.parse_arg(arg, {"stage": "pretrain"})
+    args = defaults.parse_arg(arg, {"stage": "pretrain", "sft": "runs/tiny/sft", "rm": "runs/tiny/rm"})
     stage = args["stage"]
     if stage not in STAGES:
         raise ValueError(f"configs/tiny.py: stage={stage!r}; choose one of {STAGES}")
+    if stage == "ppo":
+        return ppo_config(args["sft"], args["rm"])
     c = defaults.base_config(stage)
-    head = "scalar" if stage == "rm" else "lm"
-    c.model = defaults.model_section(
-        ModelConfig.gpt2(vocab_size=288, d_model=256, n_layers=4, n_heads=4, max_len=128, head=head)
-    )
+    c.model = defaults.model_section(tiny_model("scalar" if stage == "rm" else "lm"))
     c.data = data.tiny_config("rm" if stage == "dpo" else stage)
     c.train.batch_size = 16
     c.train.seq_len = 128
@@ -62,5 +65,36 @@ def get_config(arg: str | None = None):
         c.optim.lr = 5e-4
         c.optim.warmup_steps = 10
     c.train.checkpoint_every = c.train.steps
+    c.lock()
+    return c
+
+
+def ppo_config(sft: str, rm: str):
+    """PPO-ptx with an EMA policy and an RM-initialised critic: policy and ref from ``sft``, value and reward
+    from ``rm``. A step is one minibatch of 32 responses; a rollout is 64 prompts (2 steps)."""
+    c = defaults.base_config("ppo")
+    c.data = data.tiny_config("prompts")
+    policy_optim = c.optim.copy_and_resolve_references()
+    policy_optim.update(lr=3e-5, warmup_steps=5, schedule="constant", ema_decay=0.992)
+    value_optim = c.optim.copy_and_resolve_references()
+    value_optim.update(lr=1e-4, warmup_steps=5, schedule="constant")
+    c.roles = ConfigDict(
+        {
+            "policy": defaults.trained_role(tiny_model("lm"), policy_optim, init_from=sft),
+            "value": defaults.trained_role(tiny_model("scalar"), value_optim, init_from=rm),
+        }
+    )
+    c.frozen = ConfigDict({"ref": defaults.frozen_role(sft), "reward": defaults.frozen_role(rm)})
+    c.rollout = defaults.rollout_section()
+    c.rollout.update(
+        batch_size=64, prompt_len=16, max_new_tokens=16, epochs=2, gold="gptjax.data.tiny:gold_reward"
+    )
+    c.ptx = defaults.ptx_section(data.tiny_config("pretrain"), ratio=0.0, seq_len=64)
+    c.train.batch_size = 32
+    c.train.seq_len = c.rollout.prompt_len + c.rollout.max_new_tokens
+    c.train.steps = 120
+    c.train.log_every = 4
+    c.train.checkpoint_every = c.train.steps
+    del c.optim  # each role has its own
     c.lock()
     return c

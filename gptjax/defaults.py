@@ -60,6 +60,8 @@ LOSS_OPTIONS = {
     "ranking": {"margin": 0.0, "center_coef": 0.0, "reward_at": "last"},
     # DPO (Rafailov et al. 2023); label_smoothing > 0: conservative DPO
     "dpo": {"beta": 0.1, "label_smoothing": 0.0},
+    # PPO (InstructGPT: clip 0.2); ptx_coef: PPO-ptx's gamma (InstructGPT 27.8) with config.ptx.ratio > 0
+    "ppo": {"clip": 0.2, "value_clip": 0.2, "vf_coef": 0.5, "entropy_coef": 0.0, "ptx_coef": 0.0},
 }
 
 
@@ -76,6 +78,62 @@ def frozen_role(init_from: str = "", role: str = "", ema: bool = False) -> Confi
     c = ConfigDict({"init_from": init_from, "role": role, "ema": ema})
     c.lock()
     return c
+
+
+def rollout_section() -> ConfigDict:
+    """PPO's rollouts and experience (InstructGPT defaults where the paper gives them, DESIGN.md §5)."""
+    return ConfigDict(
+        {
+            "batch_size": 512,  # prompts per rollout (global); a multiple of train.batch_size (the minibatch)
+            "epochs": 1,  # passes over each rollout's minibatches
+            "prompt_len": 256,  # P: prompts are right-padded to it (longer ones follow data.overflow)
+            "max_new_tokens": 256,
+            "temperature": 1.0,
+            "top_k": 0,  # PPO refuses truncated sampling (its samples would be off-policy)
+            "top_p": 1.0,
+            "kl_kind": "k1",  # per-token KL estimator in the reward: k1 | k2 | k3
+            "kl_coef": 0.02,  # beta; the adaptive controller's starting value when kl_target > 0
+            "kl_target": 0.0,  # > 0: adaptive KL controller steering the per-response KL to this many nats
+            "kl_horizon": 10000,
+            "gamma": 1.0,
+            "lam": 0.95,
+            "whiten_advantages": True,
+            "reward_norm": False,  # normalise the RM scores over each rollout batch
+            "reward_clip": 0.0,  # > 0: clip the score to +-reward_clip
+            "missing_eos_penalty": 0.0,  # subtracted from the score of a response that never emitted EOS
+            "mesh": ConfigDict({}),  # the rollout layout, e.g. {data: 1, fsdp: 1, tensor: -1}; {}: training's
+            "gold": "",  # 'module:function' gold reward logged per rollout (the tiny task's: built in)
+        }
+    )
+
+
+def ptx_section(data_cfg=None, ratio: float = 0.0, seq_len: int = 128) -> ConfigDict:
+    """PPO-ptx: ``ratio`` pretraining sequences (of ``seq_len`` tokens) per RL sequence in each minibatch;
+    the LM loss on them is weighted by ``loss.ptx_coef``."""
+    from gptjax import data
+
+    return ConfigDict(
+        {
+            "data": data_cfg if data_cfg is not None else data.default_config(),
+            "ratio": ratio,
+            "seq_len": seq_len,
+        }
+    )
+
+
+def trained_role(
+    model_cfg: ModelConfig, optim: ConfigDict, init_from: str = "", init_role: str = ""
+) -> ConfigDict:
+    """One ``config.roles.<name>`` entry of a multi-role stage (PPO's policy / value)."""
+    return ConfigDict(
+        {
+            "model": model_section(model_cfg),
+            "init_from": init_from,
+            "init_role": init_role,
+            "init_ema": False,
+            "optim": optim,
+        }
+    )
 
 
 def parse_arg(arg: str | None, defaults: dict) -> dict:

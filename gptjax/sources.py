@@ -33,10 +33,14 @@ class DataSource:
         self.iterator.set_state(state)
 
 
-def make_source(config, stage: Stage, *, batch_size: int, split: str = "train") -> DataSource:
-    """The stage's source over ``config.data`` (per-host ``batch_size``)."""
+def make_source(config, stage: Stage, *, batch_size: int, split: str = "train", ctx=None, mesh=None):
+    """The stage's source over ``config.data`` (per-host ``batch_size``); rollouts need ctx and mesh."""
     from gptjax import data
 
+    if stage.source == "rollout":
+        from gptjax.rollout import RolloutSource
+
+        return RolloutSource(config, batch_size=batch_size, ctx=ctx, mesh=mesh)
     if stage.source != "data":
         raise ValueError(f"batch source {stage.source!r} is not available in this version")
     return DataSource(

@@ -17,7 +17,7 @@ class Stage:
     loss: str  # default config.loss.name (a module of gptjax.losses, or a dotted module path)
     head: str = "lm"  # the trained model's head: 'lm' | 'scalar'
     frozen: tuple[str, ...] = ()  # frozen roles the loss reads from ctx.frozen
-    source: str = "data"  # 'data': a data iterator (gptjax.sources)
+    source: str = "data"  # 'data': a data iterator (gptjax.sources) | 'rollout': PPO's (gptjax.rollout)
     # 'module:function' run on the train state before the final checkpoint: f(config, state, ctx, mesh) ->
     # (state, metrics), e.g. the reward model's normalisation
     finish: str = ""
@@ -28,6 +28,7 @@ STAGES: dict[str, Stage] = {
     "sft": Stage(data="sft", loss="lm"),
     "rm": Stage(data="rm", loss="ranking", head="scalar", finish="gptjax.reward:normalize_state"),
     "dpo": Stage(data="rm", loss="dpo", frozen=("ref",)),
+    "ppo": Stage(data="prompts", loss="ppo", frozen=("ref", "reward"), source="rollout"),
 }
 
 

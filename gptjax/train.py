@@ -53,6 +53,11 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
             f"train.batch_size={t.batch_size} must be divisible by train.micro_batches ({t.micro_batches}) "
             f"x data-parallel devices ({dp})"
         )
+    if t.eval_every and stages.get(config.stage).source != "data":
+        problems.append(
+            f"train.eval_every={t.eval_every}: stage {config.stage!r} has no validation batches (its source "
+            "samples them); set it to 0 and evaluate the checkpoints (scripts/pipeline.py does)"
+        )
     if t.seq_len > model_cfg.max_len and model_cfg.pos == "learned":
         problems.append(f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}")
     if problems:
@@ -193,8 +198,15 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
     train_state = state_lib.create(params, optimizer, ema=ema, param_shardings=param_shardings, mesh=mesh)
     del params
 
+    ctx = step_lib.Ctx(
+        model_cfg=roles[0].cfg,
+        loss_cfg=FrozenConfigDict(config.loss),
+        frozen=frozen,
+        frozen_cfgs=frozen_cfgs,
+        role_cfgs=tuple((r.name, r.cfg) for r in roles),
+    )
     per_host = t.batch_size // jax.process_count()
-    source = sources.make_source(config, stage, batch_size=per_host)
+    source = sources.make_source(config, stage, batch_size=per_host, ctx=ctx, mesh=mesh)
     mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
     meta = checkpoint.meta_for(
         roles[0].cfg,
@@ -207,14 +219,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
         source.set_state(source_state)
         logging.info("resumed from %s at step %d", workdir, int(train_state.step))
 
-    ctx = step_lib.Ctx(
-        model_cfg=roles[0].cfg,
-        loss_cfg=FrozenConfigDict(config.loss),
-        frozen=frozen,
-        frozen_cfgs=frozen_cfgs,
-        role_cfgs=tuple((r.name, r.cfg) for r in roles),
-        scalars=source_scalars(source),
-    )
+    ctx = ctx.replace(scalars=source_scalars(source))
     state_shardings = state_lib.state_shardings(train_state, param_shardings, mesh)
     first = source.next(train_state)  # its shapes fix the batch shardings; it is still the first step's batch
     batch_shardings = sharding.batch_shardings(first, mesh)
@@ -249,6 +254,9 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
     pending, last = None, {}
     for step in range(start, t.steps):
         batch, first = (first, None) if first is not None else (source.next(train_state), None)
+        extra = pop_metrics(source)  # a rollout source's numbers for the rollout this step starts using
+        if extra:
+            log.write(step + 1, extra, "rollout")
         if ctx.scalars:  # e.g. an adaptive KL coefficient the source updates: traced, so no recompile
             ctx = ctx.replace(scalars=source_scalars(source))
         train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
@@ -274,6 +282,12 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
     return last
 
 
+def pop_metrics(source) -> dict[str, float]:
+    """Metrics the source produced since the last call (``source.pop_metrics()``, optional)."""
+    pop = getattr(source, "pop_metrics", None)
+    return pop() if pop else {}
+
+
 def source_scalars(source) -> dict:
     """The source's dynamic loss scalars (``source.scalars()``, optional) as fp32 arrays."""
     scalars = getattr(source, "scalars", None)
@@ -281,7 +295,7 @@ def source_scalars(source) -> dict:
 
 
 def batch_tokens(batch: dict) -> int:
-    for key in ("inputs_BL", "tokens_BKL", "prompt_BP"):
+    for key in ("inputs_BL", "tokens_BKL", "tokens_BL"):
         if key in batch:
             return int(np.prod(batch[key].shape))
     raise KeyError(f"cannot count tokens in a batch with keys {sorted(batch)}")

@@ -46,7 +46,7 @@ def response_logprobs(
     """
     L = tokens_BKL.shape[-1]
     logits_BKLV = forward(cfg, params, tokens_BKL, dropout_rng)
-    if temperature != 1.0:
+    if not (isinstance(temperature, (int, float)) and temperature == 1.0):  # may be traced
         logits_BKLV = logits_BKLV / temperature
     # Logits at t - 1 predict token t; position 0 (BOS) has no prediction.
     logp_BKL = token_logprobs(logits_BKLV[..., :-1, :], tokens_BKL[..., 1:])

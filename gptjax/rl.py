@@ -1,0 +1,167 @@
+"""Experience for PPO: per-token KL penalty, GAE, whitening, the KL controller, and one rollout's experience.
+
+Everything here is a pure function (jittable); ``gptjax.rollout`` drives them from the train loop.
+
+Layout: a rollout row is ``BOS prompt response [EOS] pad...`` of length L = P + T, right-padded, and every
+per-token array is aligned with the tokens: ``x_BL[b, t]`` belongs to token t (its log-prob is predicted at
+t - 1), and ``mask_BL`` is True on the response tokens (EOS included). The value of the state before token t
+(``values_BL[b, t]``) is the value head's output at t - 1, the reward of the whole response sits on its last
+token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gptjax import model
+from gptjax.losses import logprobs
+
+KL_KINDS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str = "k1") -> jax.Array:
+    """Per-token estimate of KL(pi || ref) from the sampled token's log-probs (Schulman's k1 / k2 / k3).
+
+    k1 = log r, k2 = (log r)^2 / 2, k3 = (1/r - 1) + log r, with r = pi / ref. All three have the true KL as
+    expectation (k2 to second order); k2 and k3 are never negative, k3 is unbiased.
+    """
+    log_r = logp_BT.astype(jnp.float32) - ref_logp_BT.astype(jnp.float32)
+    if kind == "k1":
+        return log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return jnp.expm1(-log_r) + log_r
+    raise ValueError(f"KL estimator kind={kind!r}; use one of {KL_KINDS}")
+
+
+def gae(
+    rewards_BT: jax.Array, values_BT: jax.Array, mask_BT: jax.Array, gamma: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation along T; returns (advantages_BT, returns_BT), 0 off the mask.
+
+    The step after t is the next position with mask 1 (positions with mask 0 are skipped, not ends), and the
+    episode ends after the row's last masked position (next value 0):
+    delta_t = r_t + gamma * V_next - V_t,  A_t = delta_t + gamma * lam * A_next,  returns = A + V.
+    """
+    mask_BT = mask_BT.astype(bool)
+    r_TB = jnp.where(mask_BT, rewards_BT.astype(jnp.float32), 0.0).T
+    v_TB = jnp.where(mask_BT, values_BT.astype(jnp.float32), 0.0).T
+
+    def step(carry, xs):
+        next_v_B, next_a_B = carry
+        r_B, v_B, m_B = xs
+        a_B = r_B + gamma * next_v_B - v_B + gamma * lam * next_a_B
+        carry = (jnp.where(m_B, v_B, next_v_B), jnp.where(m_B, a_B, next_a_B))
+        return carry, jnp.where(m_B, a_B, 0.0)
+
+    zeros_B = jnp.zeros(r_TB.shape[1], jnp.float32)
+    _, adv_TB = jax.lax.scan(step, (zeros_B, zeros_B), (r_TB, v_TB, mask_BT.T), reverse=True)
+    adv_BT = adv_TB.T
+    return adv_BT, jnp.where(mask_BT, adv_BT + v_TB.T, 0.0)
+
+
+def masked_mean_var(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    mean = jnp.sum(x * m) / n
+    return mean, jnp.sum(jnp.square(x - mean) * m) / n
+
+
+def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / std over the masked elements (mean kept when ``shift_mean`` is False); 0 off the mask."""
+    mean, var = masked_mean_var(x, mask)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(mask, out, 0.0)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, n_steps: int) -> float:
+    """Ziegler et al. (2019) proportional controller: the error kl/target - 1 is clipped to +-0.2 and the
+    coefficient moves by ``error * n_steps / horizon`` of itself (n_steps: episodes since the last update)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def shift_right(x_BL: jax.Array) -> jax.Array:
+    """x[t - 1] at t (0 at t = 0): the value head's output at t - 1 is the value of the state before t."""
+    return jnp.concatenate([jnp.zeros_like(x_BL[:, :1]), x_BL[:, :-1]], axis=1)
+
+
+def last_token_scores(values_BL: jax.Array, lengths_B: jax.Array) -> jax.Array:
+    """The scalar head's output at each row's last real token (a reward model's score)."""
+    idx_B = jnp.clip(lengths_B - 1, 0, values_BL.shape[1] - 1)
+    return jnp.take_along_axis(values_BL, idx_B[:, None], axis=1)[:, 0]
+
+
+def experience(
+    params: dict[str, Any],
+    cfgs: dict[str, model.ModelConfig],
+    tokens_BL: jax.Array,
+    prompt_lengths_B: jax.Array,
+    lengths_B: jax.Array,
+    ended_B: jax.Array,
+    kl_coef: jax.Array,
+    temperature: jax.Array,
+    opts: Any,
+) -> dict[str, jax.Array]:
+    """One rollout batch's experience: old log-probs and values, reference log-probs, scores, rewards, GAE.
+
+    ``params`` / ``cfgs`` hold the roles 'policy', 'value', 'ref' and 'reward'; ``lengths_B`` counts all real
+    tokens (prompt + response); ``opts`` is the rollout section (kl_kind, gamma, lam, whiten_advantages,
+    reward_norm, reward_clip, missing_eos_penalty). Old log-probs are recomputed with a full forward pass
+    (the numbers the loss compares against), at the sampling temperature.
+    """
+    logp_BL, mask_BL = logprobs.response_logprobs(
+        cfgs["policy"], params["policy"], tokens_BL, prompt_lengths_B, lengths_B, temperature=temperature
+    )
+    ref_logp_BL, _ = logprobs.response_logprobs(
+        cfgs["ref"], params["ref"], tokens_BL, prompt_lengths_B, lengths_B, temperature=temperature
+    )
+    values_BL = shift_right(model.apply(cfgs["value"], params["value"], tokens_BL).astype(jnp.float32))
+    values_BL = jnp.where(mask_BL, values_BL, 0.0)
+    raw_score_B = last_token_scores(
+        model.apply(cfgs["reward"], params["reward"], tokens_BL).astype(jnp.float32), lengths_B
+    )
+    score_B = raw_score_B - jnp.where(ended_B, 0.0, opts.missing_eos_penalty)
+    if opts.reward_norm:  # over the rollout batch
+        mean, var = masked_mean_var(score_B, jnp.ones_like(score_B))
+        score_B = (score_B - mean) * jax.lax.rsqrt(var + 1e-8)
+    if opts.reward_clip > 0:
+        score_B = jnp.clip(score_B, -opts.reward_clip, opts.reward_clip)
+
+    kl_BL = jnp.where(mask_BL, kl_penalty(logp_BL, ref_logp_BL, opts.kl_kind), 0.0)
+    last_BL = jnp.arange(tokens_BL.shape[1])[None, :] == (lengths_B - 1)[:, None]
+    rewards_BL = -kl_coef * kl_BL + jnp.where(last_BL & mask_BL, score_B[:, None], 0.0)
+    adv_BL, returns_BL = gae(rewards_BL, values_BL, mask_BL, opts.gamma, opts.lam)
+    if opts.whiten_advantages:
+        adv_BL = whiten(adv_BL, mask_BL)
+
+    # Diagnostics: explained variance of the returns by the old values; the k1 KL (an unbiased estimate).
+    _, var_ret = masked_mean_var(returns_BL, mask_BL)
+    _, var_res = masked_mean_var(returns_BL - values_BL, mask_BL)
+    k1_BL = jnp.where(mask_BL, logp_BL - ref_logp_BL, 0.0)
+    return {
+        "tokens_BL": tokens_BL,
+        "prompt_lengths_B": prompt_lengths_B,
+        "lengths_B": lengths_B,
+        "old_logp_BL": logp_BL,
+        "old_values_BL": values_BL,
+        "advantages_BL": adv_BL,
+        "returns_BL": returns_BL,
+        "stats": {  # per row
+            "score_B": raw_score_B,
+            "shaped_score_B": score_B,
+            "kl_B": jnp.sum(k1_BL, axis=1),
+            "kl_penalty_B": jnp.sum(kl_BL, axis=1),
+        },
+        "diagnostics": {  # over the whole rollout batch
+            "explained_variance": 1.0 - var_res / jnp.maximum(var_ret, 1e-8),
+            "value_mean": masked_mean_var(values_BL, mask_BL)[0],
+            "return_mean": masked_mean_var(returns_BL, mask_BL)[0],
+        },
+    }

@@ -1,0 +1,313 @@
+"""PPO's batch source: generate with the current policy -> score -> KL -> GAE -> minibatches (+ ptx text).
+
+    source = RolloutSource(config, batch_size=..., ctx=ctx, mesh=mesh)
+    batch = source.next(train_state)   # one minibatch; a new rollout when the last one is used up
+
+Each rollout takes ``rollout.batch_size`` prompts, samples a response to each from the policy in
+``train_state`` (in the rollout layout, ``rollout.mesh``, when one is set: the policy's params are resharded
+device to device, never through the host), computes the experience (``gptjax.rl.experience``) and serves it
+as ``rollout.epochs`` shuffled passes of ``train.batch_size`` minibatches: one train step each. PPO-ptx
+adds ``ptx.ratio`` pretraining sequences per RL sequence to every minibatch.
+
+State (checkpointed with the train state): the prompt and ptx iterators, the rollout count (the rollout RNG
+is derived from it), the KL coefficient, the position inside the current rollout's minibatches and, when a
+checkpoint falls inside a rollout, the rollout's experience itself, so a resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import time
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from ml_collections import FrozenConfigDict
+
+from gptjax import model, rl, sample, sharding
+
+ROLES = ("policy", "value", "ref", "reward")
+
+
+def load_gold(spec: str):
+    """'module:function' -> the function (a gold reward ``f(prompt, response, finished=bool)``)."""
+    module, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(
+            f"config.rollout.gold={spec!r}: cannot import it ({e}); use 'module:function'"
+        ) from None
+
+
+def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> None:
+    """Clear errors for settings PPO cannot run with."""
+    r = config.rollout
+    problems = []
+    if r.top_k or r.top_p < 1.0:
+        problems.append(
+            f"rollout.top_k={r.top_k} / top_p={r.top_p}: PPO's log-probs are those of the whole "
+            "temperature-scaled distribution, and truncated samples would be off-policy for them; use "
+            "top_k=0 and top_p=1.0 (lower rollout.temperature to sharpen sampling)"
+        )
+    if r.temperature <= 0:
+        problems.append(
+            f"rollout.temperature={r.temperature} must be > 0 (PPO samples; greedy has no log-probs)"
+        )
+    if r.batch_size % minibatch:
+        problems.append(
+            f"rollout.batch_size={r.batch_size} must be a multiple of train.batch_size={minibatch}"
+        )
+    if r.kl_kind not in rl.KL_KINDS:
+        problems.append(f"rollout.kl_kind={r.kl_kind!r}: use one of {rl.KL_KINDS}")
+    if r.kl_target < 0 or (r.kl_target > 0 and r.kl_horizon <= 0):
+        problems.append(f"rollout.kl_target={r.kl_target} needs >= 0 and kl_horizon > 0")
+    ptx_ratio, ptx_coef = config.ptx.ratio, config.loss.ptx_coef
+    if (ptx_ratio > 0) != (ptx_coef > 0):
+        problems.append(
+            f"ptx.ratio={ptx_ratio} and loss.ptx_coef={ptx_coef}: PPO-ptx needs both > 0 (plain PPO: both 0)"
+        )
+    heads = {"policy": "lm", "value": "scalar", "ref": "lm", "reward": "scalar"}
+    for name, head in heads.items():
+        if cfgs[name].head != head:
+            problems.append(f"role {name!r} needs a model with a {head!r} head; it has {cfgs[name].head!r}")
+    vocabs = {name: c.vocab_size for name, c in cfgs.items()}
+    if len(set(vocabs.values())) > 1:
+        problems.append(f"the four roles must share one vocabulary; vocab sizes: {vocabs}")
+    total = r.prompt_len + r.max_new_tokens
+    for name, c in cfgs.items():
+        if c.pos == "learned" and total > c.max_len:
+            problems.append(
+                f"rollout.prompt_len + max_new_tokens = {total} exceeds role {name!r}'s max_len={c.max_len}"
+            )
+    if problems:
+        raise ValueError("invalid PPO config:\n  " + "\n  ".join(problems))
+
+
+def encode_arrays(arrays: dict[str, np.ndarray]) -> str:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_arrays(text: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(base64.b64decode(text))) as f:
+        return {k: f[k] for k in f.files}
+
+
+def host_local(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (all of it on one host)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, x.sharding.mesh, x.sharding.spec))
+
+
+class RolloutSource:
+    def __init__(self, config, *, batch_size: int, ctx, mesh):
+        from gptjax import data
+
+        self.config, self.mesh, self.minibatch = config, mesh, batch_size
+        r = config.rollout
+        self.opts = FrozenConfigDict(r)
+        self.cfgs = {name: ctx.cfg_of(name) for name in ROLES}
+        check_config(config, self.cfgs, batch_size * jax.process_count())
+        self.frozen = {"ref": ctx.frozen["ref"], "reward": ctx.frozen["reward"]}
+        self.vocab = data.get_vocabulary(config.data)
+        per_host = r.batch_size // jax.process_count()
+        seed = config.train.seed
+        self.prompts = data.make_iterator(
+            config.data, stage="prompts", batch_size=per_host, seq_len=r.prompt_len, seed=seed
+        )
+        self.ptx = None
+        if config.ptx.ratio > 0:
+            self.ptx = data.make_iterator(
+                config.ptx.data,
+                stage="pretrain",
+                batch_size=int(config.ptx.ratio * batch_size),
+                seq_len=config.ptx.seq_len,
+                seed=seed,
+            )
+        self.gold = load_gold(r.gold) if r.gold else None
+        self.rng = jax.random.key(seed + 1)
+        # The rollout layout: another mesh over the same devices, e.g. tensor-parallel weights for decoding.
+        self.rollout_mesh, self.rollout_shardings = mesh, None
+        if r.mesh:
+            self.rollout_mesh = sharding.make_mesh(r.mesh, devices=list(mesh.devices.flat))
+            self.rollout_shardings = model.param_shardings(self.cfgs["policy"], self.rollout_mesh)
+        opts, cfgs = self.opts, self.cfgs
+        self._experience = jax.jit(
+            lambda params, tokens, plen, lens, ended, kl, temp: rl.experience(
+                params, cfgs, tokens, plen, lens, ended, kl, temp, opts
+            )
+        )
+        self.iteration, self.pos, self.kl_coef = 0, 0, float(r.kl_coef)
+        self.buffer: dict[str, np.ndarray] | None = None
+        self.order: np.ndarray | None = None  # [minibatches, minibatch] row indices of the current rollout
+        self.metrics: dict[str, float] = {}
+        self._last_end: float | None = None
+
+    # -- the source protocol ------------------------------------------------------------------------
+
+    def scalars(self) -> dict[str, float]:
+        return {"temperature": float(self.config.rollout.temperature)}
+
+    def next(self, train_state) -> dict[str, np.ndarray]:
+        if self.order is None or self.pos >= len(self.order):
+            self._rollout(train_state)
+        idx = self.order[self.pos]
+        self.pos += 1
+        batch = {k: v[idx] for k, v in self.buffer.items()}
+        if self.ptx is not None:
+            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
+        return batch
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The last rollout's metrics, once (the loop logs them with the step that used the rollout)."""
+        out, self.metrics = self.metrics, {}
+        return out
+
+    def get_state(self) -> dict:
+        state = {
+            "iteration": self.iteration,
+            "pos": self.pos,
+            "kl_coef": self.kl_coef,
+            "prompts": self.prompts.get_state(),
+            "ptx": self.ptx.get_state() if self.ptx is not None else None,
+            "experience": None,
+        }
+        if self.order is not None and self.pos < len(self.order):  # inside a rollout: keep its experience
+            state["experience"] = encode_arrays({**self.buffer, "_order": self.order})
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.iteration, self.pos, self.kl_coef = int(state["iteration"]), int(state["pos"]), state["kl_coef"]
+        self.prompts.set_state(state["prompts"])
+        if self.ptx is not None:
+            if state.get("ptx") is None:
+                raise ValueError("the checkpoint was written without ptx data; this run has ptx.ratio > 0")
+            self.ptx.set_state(state["ptx"])
+        self.buffer, self.order = None, None
+        if state.get("experience"):
+            arrays = decode_arrays(state["experience"])
+            self.order = arrays.pop("_order")
+            self.buffer = arrays
+
+    # -- one rollout ---------------------------------------------------------------------------------
+
+    def _policy_for_rollout(self, policy_params):
+        if self.rollout_shardings is None:
+            return policy_params, 0.0
+        start = time.perf_counter()
+        moved = jax.block_until_ready(jax.device_put(policy_params, self.rollout_shardings))
+        return moved, time.perf_counter() - start
+
+    def _generate(self, policy_params, prompts: dict) -> sample.Generation:
+        r = self.config.rollout
+        put = lambda x: jax.device_put(x, NamedSharding(self.rollout_mesh, sharding.batch_spec(x.ndim)))
+        with jax.set_mesh(self.rollout_mesh):
+            out = sample.generate(
+                self.cfgs["policy"],
+                policy_params,
+                put(prompts["prompt_BP"]),
+                jax.random.fold_in(self.rng, self.iteration),
+                max_new_tokens=r.max_new_tokens,
+                prompt_lengths_B=put(prompts["prompt_lengths_B"]),
+                temperature=r.temperature,
+                eos_id=self.vocab.eos_id,
+                pad_id=self.vocab.pad_id,
+                return_info=True,
+            )
+            return jax.tree.map(host_local, out)
+
+    def _rollout(self, train_state) -> None:
+        r = self.config.rollout
+        start = time.perf_counter()
+        train_time = start - self._last_end if self._last_end is not None else 0.0
+        prompts = next(self.prompts)
+        policy, reshard_s = self._policy_for_rollout(train_state.params["policy"])
+        gen = self._generate(policy, prompts)
+        del policy
+        generated = time.perf_counter()
+
+        tokens_BL, _ = sample.concat_prompt_response(
+            prompts["prompt_BP"], prompts["prompt_lengths_B"], gen.tokens_BT, gen.lengths_B, self.vocab.pad_id
+        )
+        lengths_B = prompts["prompt_lengths_B"] + gen.lengths_B
+        batch = sharding.shard_batch(
+            {
+                "tokens_BL": np.asarray(tokens_BL, np.int32),
+                "prompt_lengths_B": prompts["prompt_lengths_B"].astype(np.int32),
+                "lengths_B": lengths_B.astype(np.int32),
+                "ended_B": gen.ended_B,
+            },
+            self.mesh,
+        )
+        params = {"policy": train_state.params["policy"], "value": train_state.params["value"], **self.frozen}
+        exp = self._experience(
+            params,
+            batch["tokens_BL"],
+            batch["prompt_lengths_B"],
+            batch["lengths_B"],
+            batch["ended_B"],
+            jnp.float32(self.kl_coef),
+            jnp.float32(r.temperature),
+        )
+        rows = {k: host_local(v) for k, v in exp.pop("stats").items()}
+        scalars = {k: float(v) for k, v in jax.device_get(exp.pop("diagnostics")).items()}
+        self.buffer = {k: host_local(v) for k, v in exp.items()}
+        scored = time.perf_counter()
+
+        self.metrics = self._metrics(prompts, gen, rows, scalars)
+        self.metrics.update(
+            {
+                "iteration": float(self.iteration + 1),
+                "time/generate": generated - start - reshard_s,
+                "time/reshard": reshard_s,
+                "time/score": scored - generated,
+                "time/train": train_time,
+            }
+        )
+        if r.kl_target > 0:  # adaptive KL (Ziegler et al.): steer the measured KL towards the target
+            self.kl_coef = rl.adaptive_kl_coef(
+                self.kl_coef, self.metrics["kl"], r.kl_target, r.kl_horizon, r.batch_size
+            )
+        rng = np.random.default_rng([self.config.train.seed, self.iteration])
+        n = len(self.buffer["tokens_BL"])
+        self.order = np.concatenate([rng.permutation(n) for _ in range(r.epochs)]).reshape(-1, self.minibatch)
+        self.pos = 0
+        self.iteration += 1
+        self._last_end = time.perf_counter()
+
+    def _metrics(self, prompts, gen, rows, scalars) -> dict[str, float]:
+        out = {
+            "reward": float(np.mean(rows["score_B"])),
+            "reward_std": float(np.std(rows["score_B"])),
+            "shaped_reward": float(np.mean(rows["shaped_score_B"])),
+            "kl": float(np.mean(rows["kl_B"])),
+            "kl_penalty": float(np.mean(rows["kl_penalty_B"])),
+            "kl_coef": self.kl_coef,
+            "response_length": float(np.mean(gen.lengths_B)),
+            "eos_rate": float(np.mean(gen.ended_B)),
+            **scalars,
+        }
+        if self.gold is not None:
+            texts = self.prompts.prompt_text(prompts["prompt_ids_B"])
+            golds = [
+                self.gold(p, self.vocab.decode(toks[:n]), finished=bool(e))
+                for p, toks, n, e in zip(texts, gen.tokens_BT, gen.lengths_B, gen.ended_B, strict=True)
+            ]
+            out["gold_reward"] = float(np.mean(golds))
+        logging.info(
+            "rollout %d: reward %.3f kl %.3f length %.1f%s",
+            self.iteration + 1,
+            out["reward"],
+            out["kl"],
+            out["response_length"],
+            f" gold {out['gold_reward']:.3f}" if "gold_reward" in out else "",
+        )
+        return out
