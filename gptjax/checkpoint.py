@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from typing import Any
 
 import jax
@@ -411,3 +412,43 @@ def meta_for(model_cfg: model.ModelConfig, stage: str, *, roles: dict | None = N
         meta["roles"] = {name: _fields(cfg) for name, cfg in roles.items()}
         meta["keyed_by_role"] = True
     return meta
+
+
+def load_vocabulary(path: str, step: int | None = None):
+    """The vocabulary a model was trained with: an HF directory's tokenizer, or a workdir's ``data.vocab``
+    (its run config in the checkpoint meta; bytes when the meta has none)."""
+    from gptjax.data import vocab as vocab_lib
+
+    if is_hf_dir(path):
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise FileNotFoundError(f"{path} has no tokenizer.json: name the vocabulary explicitly")
+        return vocab_lib.HuggingFaceVocabulary(path)
+    config = load_meta(path, step)[1].get("config")
+    config = json.loads(config) if isinstance(config, str) else config or {}
+    v = (config.get("data") or {}).get("vocab") or {"kind": "byte"}
+    vocab = types.SimpleNamespace(kind=v.get("kind", "byte"), path=v.get("path", ""))
+    return vocab_lib.get_vocabulary(types.SimpleNamespace(vocab=vocab))
+
+
+def load_lm(
+    path: str, step: int | None = None, *, role: str | None = None, ema: bool = False, vocab: Any = None
+) -> tuple[model.ModelConfig, Params, Any]:
+    """(cfg, params, vocabulary) of a model to sample from: an LM-head role of a workdir, or an HF
+    directory, with the vocabulary it was trained with (or ``vocab``). Scalar heads (reward, value) are
+    refused."""
+    if not is_hf_dir(path):
+        meta_step, meta = load_meta(path, step)
+        head = model_config_from_meta(meta, role).head
+        if head != "lm":
+            which = f"role {role!r} of " if role else ""
+            raise ValueError(
+                f"{which}{path} (stage {meta.get('stage')!r}) is a model with a {head!r} head: it scores "
+                "text and cannot generate it; use a workdir with an LM head (pretrain, sft, dpo, or PPO's "
+                "role 'policy')"
+            )
+        step = meta_step
+    cfg, params = load_model(path, step, role=role, ema=ema)
+    vocab = vocab or load_vocabulary(path, step)
+    if vocab.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the vocabulary has {vocab.vocab_size} ids but the model only {cfg.vocab_size}")
+    return cfg, params, vocab
