@@ -98,6 +98,7 @@ def rollout_section() -> ConfigDict:
             "gamma": 1.0,
             "lam": 0.95,
             "whiten_advantages": True,
+            "reward_at": "",  # 'last' | 'mean' (see loss.reward_at); '': as the reward model was trained
             "reward_norm": False,  # normalise the RM scores over each rollout batch
             "reward_clip": 0.0,  # > 0: clip the score to +-reward_clip
             "missing_eos_penalty": 0.0,  # subtracted from the score of a response that never emitted EOS

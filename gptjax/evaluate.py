@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from gptjax import model, sample
+from gptjax.losses import logprobs as logprobs_lib
 
 GoldFn = Callable[..., float]  # gold(prompt, response, finished=bool) -> float
 
@@ -76,3 +77,101 @@ def gold_reward_eval(
         "n": len(rewards),
         "samples": samples,
     }
+
+
+def _sample_batch(cfg, params, vocab, prompts, rng, max_new_tokens, temperature):
+    """Sampled responses to ``prompts``: (texts, ended, lengths, tokens_BL, prompt_lengths_B, lengths_B)."""
+    prompt_BP, plen_B = encode_prompts(vocab, prompts, cfg.max_len - max_new_tokens)
+    out = sample.generate(
+        cfg,
+        params,
+        prompt_BP,
+        rng,
+        max_new_tokens=max_new_tokens,
+        prompt_lengths_B=plen_B,
+        temperature=temperature,
+        eos_id=vocab.eos_id,
+        pad_id=vocab.pad_id,
+        return_info=True,
+    )
+    tokens_BT, ended_B, len_B = jax.device_get((out.tokens_BT, out.ended_B, out.lengths_B))
+    texts = [vocab.decode(t[:n]) for t, n in zip(tokens_BT, len_B, strict=True)]
+    tokens_BL, _ = sample.concat_prompt_response(prompt_BP, plen_B, tokens_BT, len_B, vocab.pad_id)
+    return texts, ended_B, len_B, np.asarray(tokens_BL), plen_B, plen_B + len_B
+
+
+_seq_logprobs = jax.jit(
+    lambda cfg, params, tokens, plen, lens, temperature: jax.numpy.sum(
+        logprobs_lib.response_logprobs(cfg, params, tokens, plen, lens, temperature=temperature)[0], axis=-1
+    ),
+    static_argnums=0,
+)
+
+
+def compare_policies(
+    policies: dict[str, tuple[model.ModelConfig, Any]],
+    vocab: Any,
+    prompts: Sequence[str],
+    gold: GoldFn,
+    *,
+    rng: jax.Array,
+    ref: tuple[model.ModelConfig, Any] | None = None,
+    reward_fn: Callable[[list[tuple[str, list[str]]]], list[np.ndarray]] | None = None,
+    samples_per_prompt: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 24,
+    batch_size: int = 128,
+) -> dict[str, dict[str, float]]:
+    """Each policy's gold reward on ``samples_per_prompt`` samples of every prompt (mean, and its standard
+    error over prompts), the reward model's mean score (``reward_fn``), KL(policy || ref) per response
+    (mean of log pi - log ref over the samples, at the sampling temperature), EOS rate and length.
+
+    Every policy answers the same prompts with the same keys, so differences can be paired by prompt:
+    ``per_prompt`` (kept in the result) holds each prompt's mean gold reward.
+    """
+    rep = [p for p in prompts for _ in range(samples_per_prompt)]
+    out: dict[str, dict[str, Any]] = {}
+    for name, (cfg, params) in policies.items():
+        texts, ended, lengths, kls = [], [], [], []
+        for start in range(0, len(rep), batch_size):
+            chunk = rep[start : start + batch_size]
+            t, e, n, tokens_BL, plen_B, len_B = _sample_batch(
+                cfg, params, vocab, chunk, jax.random.fold_in(rng, start), max_new_tokens, temperature
+            )
+            texts += t
+            ended += list(e)
+            lengths += list(n)
+            if ref is not None:
+                lp = _seq_logprobs(cfg, params, tokens_BL, plen_B, len_B, temperature)
+                lr = _seq_logprobs(ref[0], ref[1], tokens_BL, plen_B, len_B, temperature)
+                kls += list(np.asarray(lp - lr))
+        g = np.array([gold(p, x, finished=bool(e)) for p, x, e in zip(rep, texts, ended, strict=True)])
+        per_prompt = g.reshape(len(prompts), samples_per_prompt).mean(axis=1)
+        res = {
+            "gold_reward_mean": float(g.mean()),
+            "gold_reward_se": float(per_prompt.std(ddof=1) / np.sqrt(len(prompts))),
+            "eos_rate": float(np.mean(ended)),
+            "mean_length": float(np.mean(lengths)),
+            "samples": len(g),
+            "per_prompt": per_prompt.tolist(),
+            "examples": [
+                {"prompt": p, "response": x, "gold_reward": float(r)}
+                for p, x, r in list(zip(rep, texts, g, strict=True))[
+                    : 8 * samples_per_prompt : samples_per_prompt
+                ]
+            ],
+        }
+        if kls:
+            res["kl_to_ref"] = float(np.mean(kls))
+        if reward_fn is not None:
+            res["rm_reward_mean"] = float(
+                np.mean(np.concatenate(reward_fn([(p, [x]) for p, x in zip(rep, texts, strict=True)])))
+            )
+        out[name] = res
+    return out
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float, float]:
+    """(mean of a - b, its standard error), paired by prompt (``compare_policies``' per_prompt)."""
+    d = np.asarray(a["per_prompt"]) - np.asarray(b["per_prompt"])
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))

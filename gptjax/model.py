@@ -13,6 +13,7 @@ Every parameter carries logical axis names (``logical_axes(cfg)``); ``gptjax.sha
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 from typing import Any
 
@@ -166,7 +167,7 @@ def config_from_dict(values: dict) -> ModelConfig:
 
 def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     shapes = jax.tree.leaves(param_shapes(cfg))
-    total = sum(int(jnp.prod(jnp.array(s.shape))) for s in shapes)
+    total = sum(math.prod(s.shape) for s in shapes)  # Python ints: a stacked 13B layer overflows int32
     if not embeddings:
         total -= cfg.vocab_size * cfg.d_model + (cfg.max_len * cfg.d_model if cfg.pos == "learned" else 0)
     return total

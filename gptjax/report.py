@@ -45,6 +45,26 @@ def plot_curves(runs: dict[str, str], path: str, metric: str = "loss") -> None:
     plt.close(fig)
 
 
+def plot_split(workdir: str, path: str, split: str, metrics: Sequence[str]) -> None:
+    """One panel per metric: its value against step for the rows of one split (e.g. PPO's 'rollout')."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(workdir) if r.get("split") == split]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        pts = [(r["step"], r[metric]) for r in rows if metric in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".")
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def fmt(value, spec: str = ".3f") -> str:
     """A table cell: numbers formatted, missing values as '-'."""
     if value is None:

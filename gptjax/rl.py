@@ -113,8 +113,8 @@ def experience(
 
     ``params`` / ``cfgs`` hold the roles 'policy', 'value', 'ref' and 'reward'; ``lengths_B`` counts all real
     tokens (prompt + response); ``opts`` is the rollout section (kl_kind, gamma, lam, whiten_advantages,
-    reward_norm, reward_clip, missing_eos_penalty). Old log-probs are recomputed with a full forward pass
-    (the numbers the loss compares against), at the sampling temperature.
+    reward_at, reward_norm, reward_clip, missing_eos_penalty). Old log-probs are recomputed with a full
+    forward pass (the numbers the loss compares against), at the sampling temperature.
     """
     logp_BL, mask_BL = logprobs.response_logprobs(
         cfgs["policy"], params["policy"], tokens_BL, prompt_lengths_B, lengths_B, temperature=temperature
@@ -124,9 +124,11 @@ def experience(
     )
     values_BL = shift_right(model.apply(cfgs["value"], params["value"], tokens_BL).astype(jnp.float32))
     values_BL = jnp.where(mask_BL, values_BL, 0.0)
-    raw_score_B = last_token_scores(
-        model.apply(cfgs["reward"], params["reward"], tokens_BL).astype(jnp.float32), lengths_B
-    )
+    rm_BL = model.apply(cfgs["reward"], params["reward"], tokens_BL).astype(jnp.float32)
+    if opts.reward_at == "mean":  # a reward model trained on its mean over the response (loss.reward_at)
+        raw_score_B = jnp.sum(jnp.where(mask_BL, rm_BL, 0.0), 1) / jnp.maximum(jnp.sum(mask_BL, 1), 1)
+    else:
+        raw_score_B = last_token_scores(rm_BL, lengths_B)
     score_B = raw_score_B - jnp.where(ended_B, 0.0, opts.missing_eos_penalty)
     if opts.reward_norm:  # over the rollout batch
         mean, var = masked_mean_var(score_B, jnp.ones_like(score_B))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import importlib
 import io
+import json
 import time
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from ml_collections import FrozenConfigDict
 
-from gptjax import model, rl, sample, sharding
+from gptjax import checkpoint, model, rl, sample, sharding
 
 ROLES = ("policy", "value", "ref", "reward")
 
@@ -87,6 +88,20 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
         raise ValueError("invalid PPO config:\n  " + "\n  ".join(problems))
 
 
+def reward_at(config) -> str:
+    """How the reward model turns per-token outputs into a score: the rollout's setting, else the one the
+    reward model was trained with (its checkpoint's loss.reward_at), else 'last'."""
+    if config.rollout.reward_at:
+        return config.rollout.reward_at
+    path = config.frozen.reward.init_from
+    try:
+        run_config = checkpoint.load_meta(path)[1].get("config") or "{}"
+    except (FileNotFoundError, ValueError):  # e.g. a Hugging Face directory: no run config
+        return "last"
+    run_config = json.loads(run_config) if isinstance(run_config, str) else run_config
+    return (run_config.get("loss") or {}).get("reward_at") or "last"
+
+
 def encode_arrays(arrays: dict[str, np.ndarray]) -> str:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -113,7 +128,7 @@ class RolloutSource:
 
         self.config, self.mesh, self.minibatch = config, mesh, batch_size
         r = config.rollout
-        self.opts = FrozenConfigDict(r)
+        self.opts = FrozenConfigDict({**r.to_dict(), "reward_at": reward_at(config)})
         self.cfgs = {name: ctx.cfg_of(name) for name in ROLES}
         check_config(config, self.cfgs, batch_size * jax.process_count())
         self.frozen = {"ref": ctx.frozen["ref"], "reward": ctx.frozen["reward"]}
@@ -209,12 +224,14 @@ class RolloutSource:
     def _generate(self, policy_params, prompts: dict) -> sample.Generation:
         r = self.config.rollout
         put = lambda x: jax.device_put(x, NamedSharding(self.rollout_mesh, sharding.batch_spec(x.ndim)))
+        rng = jax.random.fold_in(self.rng, self.iteration)
+        rng = jax.device_put(rng, sharding.replicated(self.rollout_mesh))
         with jax.set_mesh(self.rollout_mesh):
             out = sample.generate(
                 self.cfgs["policy"],
                 policy_params,
                 put(prompts["prompt_BP"]),
-                jax.random.fold_in(self.rng, self.iteration),
+                rng,
                 max_new_tokens=r.max_new_tokens,
                 prompt_lengths_B=put(prompts["prompt_lengths_B"]),
                 temperature=r.temperature,

@@ -1,11 +1,17 @@
 """Run the stages on the built-in tiny task and write a report (numbers + plots) to the workdir.
 
-    python scripts/pipeline.py --workdir runs/demo            # what `make demo` runs: pretrain -> SFT -> RM
+    python scripts/pipeline.py --workdir runs/demo            # `make demo`: pretrain -> SFT -> RM -> PPO
     python scripts/pipeline.py --workdir runs/q --quick       # a smaller, faster run (smoke test)
-    python scripts/pipeline.py --stages pretrain,sft,rm,dpo   # DPO from the SFT model too
+    python scripts/pipeline.py --stages pretrain,sft,rm,dpo   # DPO from the SFT model instead of PPO
 
-Each stage starts from the checkpoint its recipe names (SFT from pretrain; RM and DPO from SFT) and is
-resumable: a finished stage is not trained again, and rerunning on a finished workdir rebuilds the report.
+Each stage starts from the checkpoints its recipe names (SFT from pretrain; RM and DPO from SFT; PPO's policy
+and frozen reference from SFT, its critic and frozen reward model from the RM) and is resumable: a finished
+stage is not trained again, and rerunning on a finished workdir rebuilds the report.
+
+The policies (SFT, DPO, PPO and PPO's EMA) are compared on held-out prompts by the hidden gold reward of
+``--eval_samples`` samples per prompt at temperature 1 (the distribution PPO optimises; mean and standard
+error over prompts, paired by prompt for differences), the reward model's score and the KL to the SFT model;
+greedy answers are scored too.
 """
 
 from __future__ import annotations
@@ -20,20 +26,27 @@ from ml_collections import FrozenConfigDict
 from gptjax import checkpoint, defaults, evaluate, report, reward, step, train
 from gptjax.data import get_vocabulary, tiny
 
-STAGES = ("pretrain", "sft", "rm", "dpo")
-INIT_FROM = {"pretrain": "", "sft": "pretrain", "rm": "sft", "dpo": "sft"}
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
+INIT_FROM = {"pretrain": "", "sft": "pretrain", "rm": "sft", "dpo": "sft", "ppo": ""}
+POLICY_ROLE = {"ppo": "policy"}  # the LM role of a multi-role stage
 
 flags.DEFINE_string("workdir", "runs/demo", "Where each stage's run and the report go.")
 flags.DEFINE_string("config", "configs/tiny.py", "Config file; its arg selects the stage.")
-flags.DEFINE_list("stages", ["pretrain", "sft", "rm"], f"Stages to run, in order, from {list(STAGES)}.")
+flags.DEFINE_list(
+    "stages", ["pretrain", "sft", "rm", "ppo"], f"Stages to run, in order, from {list(STAGES)}."
+)
 flags.DEFINE_bool("quick", False, "Fewer steps and a smaller eval, for a smoke run.")
-flags.DEFINE_integer("eval_prompts", 150, "Held-out prompts for the gold-reward evaluation.")
+flags.DEFINE_integer("eval_prompts", 200, "Held-out prompts for the gold-reward evaluation.")
+flags.DEFINE_integer("eval_samples", 4, "Sampled responses per held-out prompt.")
 flags.DEFINE_integer("steps", 0, "Steps per stage (0: the config's, or a tenth of it with --quick).")
 FLAGS = flags.FLAGS
 
 
 def stage_config(stage: str):
-    c = defaults.load_config(f"{FLAGS.config}:stage={stage}")
+    arg = f"stage={stage}"
+    if stage == "ppo":
+        arg += f",sft={os.path.join(FLAGS.workdir, 'sft')},rm={os.path.join(FLAGS.workdir, 'rm')}"
+    c = defaults.load_config(f"{FLAGS.config}:{arg}")
     if INIT_FROM[stage]:
         c.train.init_from = os.path.join(FLAGS.workdir, INIT_FROM[stage])
     if FLAGS.quick:
@@ -60,12 +73,50 @@ def finished(workdir: str, steps: int) -> bool:
         return False
 
 
+def reward_scorer(vocab):
+    """The RM's scores of (prompt, [responses]) lists, or None before the RM stage has run."""
+    rm_dir = os.path.join(FLAGS.workdir, "rm")
+    if not finished(rm_dir, 1):
+        return None
+    rm_config = stage_config("rm")
+    cfg, params = checkpoint.load_model(rm_dir)
+    ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(rm_config.loss))
+    return lambda rankings: reward.score(ctx, params, vocab, rankings, rm_config.train.seq_len)
+
+
+def compare(stage: str, workdir: str, vocab) -> dict:
+    """Sampled gold reward (mean, SE), RM reward and KL to SFT of the stage's policy (and PPO's EMA), with
+    the SFT model's numbers on the same prompts and keys for the paired difference."""
+    policies = {stage: checkpoint.load_model(workdir, role=POLICY_ROLE.get(stage))}
+    if stage == "ppo":
+        policies["ppo_ema"] = checkpoint.load_model(workdir, role="policy", ema=True)
+    sft = checkpoint.load_model(os.path.join(FLAGS.workdir, "sft"))
+    if stage != "sft":
+        policies["sft"] = sft
+    n = 40 if FLAGS.quick else FLAGS.eval_prompts
+    out = evaluate.compare_policies(
+        policies,
+        vocab,
+        tiny.eval_prompts(n=n),
+        tiny.gold_reward,
+        rng=jax.random.key(1),
+        ref=sft,
+        reward_fn=reward_scorer(vocab),
+        samples_per_prompt=FLAGS.eval_samples,
+    )
+    for name in policies:
+        if name != "sft" and "sft" in out:
+            diff, se = evaluate.paired_difference(out[name], out["sft"])
+            out[name].update(gold_vs_sft=diff, gold_vs_sft_se=se, gold_vs_sft_z=diff / max(se, 1e-12))
+    return out
+
+
 def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
-    """The stage's numbers for the report: gold reward of greedy samples (LM stages), or the reward model's
-    held-out accuracy, gold agreement and the demonstrations' mean reward (RM)."""
-    cfg, params = checkpoint.load_model(workdir)
+    """The stage's numbers for the report: gold reward of greedy and sampled answers (LM stages), or the
+    reward model's held-out accuracy, gold agreement and the demonstrations' mean reward (RM)."""
     out = {"final_train_loss": report.last_row(workdir).get("loss")}
     if stage == "rm":
+        cfg, params = checkpoint.load_model(workdir)
         ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(config.loss))
         n = 40 if FLAGS.quick else 300
         held_out = [
@@ -80,10 +131,16 @@ def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
         return out
     if stage == "pretrain":  # a pretrained model only continues text (it never answers): loss alone
         return out
+    if stage == "ppo":
+        out["final_train_loss"] = report.last_row(workdir).get("policy_loss")
+        out["rollouts"] = report.last_row(workdir, "rollout")
+    cfg, params = checkpoint.load_model(workdir, role=POLICY_ROLE.get(stage))
     prompts = tiny.eval_prompts(n=FLAGS.eval_prompts if not FLAGS.quick else 40)
-    out.update(
-        evaluate.gold_reward_eval(cfg, params, vocab, prompts, tiny.gold_reward, rng=jax.random.key(0))
-    )
+    greedy = evaluate.gold_reward_eval(cfg, params, vocab, prompts, tiny.gold_reward, rng=jax.random.key(0))
+    out.update({f"greedy_{k}" if k != "samples" else k: v for k, v in greedy.items()})
+    sampled = compare(stage, workdir, vocab)
+    out.update({k: v for k, v in sampled.pop(stage).items() if k != "per_prompt"})
+    out["compared"] = {name: {k: v for k, v in r.items() if k != "per_prompt"} for name, r in sampled.items()}
     if stage == "dpo":
         out["eval_margin"] = report.last_row(workdir, "eval").get("margin")
     return out
@@ -114,30 +171,61 @@ def main(argv):
     write_report(results)
 
 
+def policy_rows(results: dict) -> dict[str, dict]:
+    """The LM policies to compare: each LM stage, plus PPO's EMA (evaluated with the PPO stage)."""
+    rows = {s: r for s, r in results.items() if s not in ("rm", "pretrain")}
+    if "ppo" in results and "ppo_ema" in results["ppo"].get("compared", {}):
+        rows["ppo_ema"] = results["ppo"]["compared"]["ppo_ema"]
+    return rows
+
+
 def write_report(results: dict) -> None:
     workdir = FLAGS.workdir
-    report.plot_curves({s: os.path.join(workdir, s) for s in results}, os.path.join(workdir, "loss.png"))
-    lm = {s: r for s, r in results.items() if s != "rm"}
+    runs = {s: os.path.join(workdir, s) for s in results}
+    report.plot_curves({s: w for s, w in runs.items() if s != "ppo"}, os.path.join(workdir, "loss.png"))
+    plots = ["![losses](loss.png)"]
+    if "rm" in runs:
+        report.plot_curves({"reward model": runs["rm"]}, os.path.join(workdir, "rm_accuracy.png"), "accuracy")
+        plots.append("![reward model accuracy](rm_accuracy.png)")
+    if "ppo" in runs:
+        report.plot_split(
+            runs["ppo"], os.path.join(workdir, "ppo.png"), "rollout", ("reward", "kl", "gold_reward")
+        )
+        plots.insert(0, "![PPO per rollout](ppo.png)")
+    policies = policy_rows(results)
     lines = [
         "# gptjax demo: the tiny task",
         "",
-        "Gold reward (hidden programmatic score in [0, 1]) of greedy samples on held-out prompts.",
+        f"Gold reward: the hidden programmatic score in [0, 1] of {FLAGS.eval_samples} sampled answers "
+        "(temperature 1) to each held-out prompt, mean +- standard error over prompts; greedy: one greedy "
+        "answer per prompt. RM reward: the reward model's (normalised) score. KL: per answer, to the SFT "
+        "model.",
         "",
         *report.table(
-            ["stage", "final train loss", "gold reward", "EOS rate", "mean length"],
+            ["policy", "gold reward", "greedy gold", "RM reward", "KL to SFT", "EOS rate", "mean length"],
             [
                 [
                     s,
-                    report.fmt(r["final_train_loss"]),
-                    report.fmt(r.get("gold_reward")),
+                    f"{report.fmt(r.get('gold_reward_mean'))} +- {report.fmt(r.get('gold_reward_se'))}",
+                    report.fmt(r.get("greedy_gold_reward")),
+                    report.fmt(r.get("rm_reward_mean")),
+                    report.fmt(r.get("kl_to_ref")),
                     report.fmt(r.get("eos_rate"), ".2f"),
                     report.fmt(r.get("mean_length"), ".1f"),
                 ]
-                for s, r in lm.items()
+                for s, r in policies.items()
             ],
         ),
         "",
-        f"SFT demonstrations' own gold reward: {demo_reward():.3f} (the ideal response scores 1.0).",
+    ]
+    for name, r in policies.items():
+        if "gold_vs_sft" in r:
+            lines.append(
+                f"- {name} - SFT gold reward: {r['gold_vs_sft']:+.3f} +- {r['gold_vs_sft_se']:.3f} "
+                f"(paired by prompt; {r['gold_vs_sft_z']:.1f} standard errors)"
+            )
+    lines += [
+        f"- the SFT demonstrations themselves score {demo_reward():.3f}; the ideal answer 1.0.",
         "",
     ]
     if "rm" in results:
@@ -175,19 +263,21 @@ def write_report(results: dict) -> None:
             f"DPO: held-out chosen-minus-rejected margin {report.fmt(results['dpo'].get('eval_margin'))}.",
             "",
         ]
-    lines += ["![losses](loss.png)", ""]
-    for stage, r in lm.items():
+    losses = {s: report.fmt(r.get("final_train_loss")) for s, r in results.items()}
+    lines += ["Final train loss: " + ", ".join(f"{s} {v}" for s, v in losses.items()) + ".", ""]
+    lines += [*plots, ""]
+    for stage, r in results.items():
         if "samples" not in r:
             continue
-        lines += [f"## Samples after {stage}", ""]
+        lines += [f"## Greedy answers after {stage}", ""]
         lines += report.table(
             ["prompt", "response", "gold"],
             [[f"`{s['prompt']}`", f"`{s['response']!r}`", f"{s['gold_reward']:.2f}"] for s in r["samples"]],
         )
         lines.append("")
     path = os.path.join(workdir, "report.md")
-    report.write(path, lines, results)
-    print("\n".join(lines[: lines.index("![losses](loss.png)")]))
+    report.write(path, lines, {"stages": results})
+    print("\n".join(lines[: lines.index(plots[0])]))
     print(f"report: {path}")
 
 
