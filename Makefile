@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:
-#   make demo   install into .venv, then run pretrain -> SFT -> reward model on the built-in tiny task (CPU)
+#   make demo   install into .venv, then run pretrain -> SFT -> reward model -> PPO on the built-in tiny task (CPU)
 #   make test   install into .venv (with test extras), then run the test suite
 PYTHON ?= python3
 VENV := .venv

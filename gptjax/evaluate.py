@@ -14,8 +14,11 @@ from gptjax.losses import logprobs as logprobs_lib
 GoldFn = Callable[..., float]  # gold(prompt, response, finished=bool) -> float
 
 
-def encode_prompts(vocab: Any, prompts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """BOS + prompt, right-padded with PAD: (prompt_BP, prompt_lengths_B). Too long -> error naming it."""
+def encode_prompts(
+    vocab: Any, prompts: Sequence[str], max_len: int, pad_to: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_BP, prompt_lengths_B): BOS + prompt, right-padded with PAD to the longest (at least
+    ``pad_to``). Too long -> error naming it."""
     rows = [[vocab.bos_id, *vocab.encode(p)] for p in prompts]
     too_long = [i for i, r in enumerate(rows) if len(r) > max_len]
     if too_long:
@@ -24,7 +27,7 @@ def encode_prompts(vocab: Any, prompts: Sequence[str], max_len: int) -> tuple[np
             f"prompt {i} ({prompts[i][:40]!r}...) has {len(rows[i])} tokens, more than {max_len}; "
             f"{len(too_long)} prompt(s) are too long"
         )
-    P = max(len(r) for r in rows)
+    P = max(pad_to, *(len(r) for r in rows))
     out = np.full((len(rows), P), vocab.pad_id, np.int32)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
@@ -46,24 +49,21 @@ def gold_reward_eval(
 ) -> dict[str, Any]:
     """Mean gold reward, EOS rate and mean length of sampled responses; a few samples for the report."""
     rewards, ended, lengths, samples = [], [], [], []
+    pad_to = max(len(vocab.encode(p)) + 1 for p in prompts)  # one prompt shape for every batch
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        prompt_BP, lengths_B = encode_prompts(vocab, chunk, cfg.max_len - max_new_tokens)
-        out = sample.generate(
+        texts, ended_B, len_B, *_ = _sample_batch(
             cfg,
             params,
-            prompt_BP,
+            vocab,
+            chunk,
             jax.random.fold_in(rng, start),
-            max_new_tokens=max_new_tokens,
-            prompt_lengths_B=lengths_B,
-            temperature=temperature,
-            eos_id=vocab.eos_id,
-            pad_id=vocab.pad_id,
-            return_info=True,
+            max_new_tokens,
+            temperature,
+            batch_size,
+            pad_to,
         )
-        tokens_BT, ended_B, len_B = jax.device_get((out.tokens_BT, out.ended_B, out.lengths_B))
-        for p, toks, e, n in zip(chunk, tokens_BT, ended_B, len_B, strict=True):
-            text = vocab.decode(toks[:n])
+        for p, text, e, n in zip(chunk, texts, ended_B, len_B, strict=True):
             r = gold(p, text, finished=bool(e))
             rewards.append(r)
             ended.append(bool(e))
@@ -79,9 +79,14 @@ def gold_reward_eval(
     }
 
 
-def _sample_batch(cfg, params, vocab, prompts, rng, max_new_tokens, temperature):
-    """Sampled responses to ``prompts``: (texts, ended, lengths, tokens_BL, prompt_lengths_B, lengths_B)."""
-    prompt_BP, plen_B = encode_prompts(vocab, prompts, cfg.max_len - max_new_tokens)
+def _sample_batch(cfg, params, vocab, prompts, rng, max_new_tokens, temperature, batch_size, pad_to=0):
+    """Sampled responses to ``prompts``: (texts, ended, lengths, tokens_BL, prompt_lengths_B, lengths_B).
+
+    A short last batch is padded with repeats to ``batch_size`` rows (and the repeats dropped), so every
+    batch has one shape and compiles once."""
+    n = len(prompts)
+    prompts = list(prompts) + [prompts[-1]] * (batch_size - n)
+    prompt_BP, plen_B = encode_prompts(vocab, prompts, cfg.max_len - max_new_tokens, pad_to)
     out = sample.generate(
         cfg,
         params,
@@ -95,9 +100,9 @@ def _sample_batch(cfg, params, vocab, prompts, rng, max_new_tokens, temperature)
         return_info=True,
     )
     tokens_BT, ended_B, len_B = jax.device_get((out.tokens_BT, out.ended_B, out.lengths_B))
-    texts = [vocab.decode(t[:n]) for t, n in zip(tokens_BT, len_B, strict=True)]
+    texts = [vocab.decode(t[:k]) for t, k in zip(tokens_BT[:n], len_B[:n], strict=True)]
     tokens_BL, _ = sample.concat_prompt_response(prompt_BP, plen_B, tokens_BT, len_B, vocab.pad_id)
-    return texts, ended_B, len_B, np.asarray(tokens_BL), plen_B, plen_B + len_B
+    return texts, ended_B[:n], len_B[:n], np.asarray(tokens_BL), plen_B, plen_B + len_B
 
 
 _seq_logprobs = jax.jit(
@@ -130,13 +135,22 @@ def compare_policies(
     ``per_prompt`` (kept in the result) holds each prompt's mean gold reward.
     """
     rep = [p for p in prompts for _ in range(samples_per_prompt)]
+    pad_to = max(len(vocab.encode(p)) + 1 for p in prompts)  # one prompt shape for every batch
     out: dict[str, dict[str, Any]] = {}
     for name, (cfg, params) in policies.items():
         texts, ended, lengths, kls = [], [], [], []
         for start in range(0, len(rep), batch_size):
             chunk = rep[start : start + batch_size]
             t, e, n, tokens_BL, plen_B, len_B = _sample_batch(
-                cfg, params, vocab, chunk, jax.random.fold_in(rng, start), max_new_tokens, temperature
+                cfg,
+                params,
+                vocab,
+                chunk,
+                jax.random.fold_in(rng, start),
+                max_new_tokens,
+                temperature,
+                batch_size,
+                pad_to,
             )
             texts += t
             ended += list(e)
@@ -144,7 +158,7 @@ def compare_policies(
             if ref is not None:
                 lp = _seq_logprobs(cfg, params, tokens_BL, plen_B, len_B, temperature)
                 lr = _seq_logprobs(ref[0], ref[1], tokens_BL, plen_B, len_B, temperature)
-                kls += list(np.asarray(lp - lr))
+                kls += list(np.asarray(lp - lr)[: len(chunk)])
         g = np.array([gold(p, x, finished=bool(e)) for p, x, e in zip(rep, texts, ended, strict=True)])
         per_prompt = g.reshape(len(prompts), samples_per_prompt).mean(axis=1)
         res = {
@@ -152,7 +166,7 @@ def compare_policies(
             "gold_reward_se": float(per_prompt.std(ddof=1) / np.sqrt(len(prompts))),
             "eos_rate": float(np.mean(ended)),
             "mean_length": float(np.mean(lengths)),
-            "samples": len(g),
+            "n_samples": len(g),
             "per_prompt": per_prompt.tolist(),
             "examples": [
                 {"prompt": p, "response": x, "gold_reward": float(r)}

@@ -17,6 +17,7 @@ checkpoint falls inside a rollout, the rollout's experience itself, so a resume 
 from __future__ import annotations
 
 import base64
+import functools
 import importlib
 import io
 import json
@@ -88,6 +89,14 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
         raise ValueError("invalid PPO config:\n  " + "\n  ".join(problems))
 
 
+@functools.partial(jax.jit, static_argnames=("cfgs", "opts"))
+def _experience(params, tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef, temperature, *, cfgs, opts):
+    """rl.experience, compiled once per (roles' configs, rollout options) for the process."""
+    return rl.experience(
+        params, dict(cfgs), tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef, temperature, opts
+    )
+
+
 def reward_at(config) -> str:
     """How the reward model turns per-token outputs into a score: the rollout's setting, else the one the
     reward model was trained with (its checkpoint's loss.reward_at), else 'last'."""
@@ -154,12 +163,6 @@ class RolloutSource:
         if r.mesh:
             self.rollout_mesh = sharding.make_mesh(r.mesh, devices=list(mesh.devices.flat))
             self.rollout_shardings = model.param_shardings(self.cfgs["policy"], self.rollout_mesh)
-        opts, cfgs = self.opts, self.cfgs
-        self._experience = jax.jit(
-            lambda params, tokens, plen, lens, ended, kl, temp: rl.experience(
-                params, cfgs, tokens, plen, lens, ended, kl, temp, opts
-            )
-        )
         self.iteration, self.pos, self.kl_coef = 0, 0, float(r.kl_coef)
         self.buffer: dict[str, np.ndarray] | None = None
         self.order: np.ndarray | None = None  # [minibatches, minibatch] row indices of the current rollout
@@ -265,7 +268,7 @@ class RolloutSource:
             self.mesh,
         )
         params = {"policy": train_state.params["policy"], "value": train_state.params["value"], **self.frozen}
-        exp = self._experience(
+        exp = _experience(
             params,
             batch["tokens_BL"],
             batch["prompt_lengths_B"],
@@ -273,6 +276,8 @@ class RolloutSource:
             batch["ended_B"],
             jnp.float32(self.kl_coef),
             jnp.float32(r.temperature),
+            cfgs=tuple(sorted(self.cfgs.items())),
+            opts=self.opts,
         )
         rows = {k: host_local(v) for k, v in exp.pop("stats").items()}
         scalars = {k: float(v) for k, v in jax.device_get(exp.pop("diagnostics")).items()}

@@ -141,6 +141,12 @@ def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
     sampled = compare(stage, workdir, vocab)
     out.update({k: v for k, v in sampled.pop(stage).items() if k != "per_prompt"})
     out["compared"] = {name: {k: v for k, v in r.items() if k != "per_prompt"} for name, r in sampled.items()}
+    if stage == "ppo":
+        ema_cfg, ema = checkpoint.load_model(workdir, role="policy", ema=True)
+        greedy = evaluate.gold_reward_eval(
+            ema_cfg, ema, vocab, prompts, tiny.gold_reward, rng=jax.random.key(0)
+        )
+        out["compared"]["ppo_ema"]["greedy_gold_reward"] = greedy["gold_reward"]
     if stage == "dpo":
         out["eval_margin"] = report.last_row(workdir, "eval").get("margin")
     return out
