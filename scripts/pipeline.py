@@ -118,7 +118,7 @@ def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
     if stage == "rm":
         cfg, params = checkpoint.load_model(workdir)
         ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(config.loss))
-        n = 40 if FLAGS.quick else 300
+        n = 40 if FLAGS.quick else 200
         held_out = [
             (r["prompt"], r["responses"]) for r in tiny.records("rank", "validation", config.data.tiny)
         ]
@@ -138,6 +138,8 @@ def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
     prompts = tiny.eval_prompts(n=FLAGS.eval_prompts if not FLAGS.quick else 40)
     greedy = evaluate.gold_reward_eval(cfg, params, vocab, prompts, tiny.gold_reward, rng=jax.random.key(0))
     out.update({f"greedy_{k}" if k != "samples" else k: v for k, v in greedy.items()})
+    if stage == "sft":  # sampled answers: compared with each later policy on the same prompts and keys
+        return out
     sampled = compare(stage, workdir, vocab)
     out.update({k: v for k, v in sampled.pop(stage).items() if k != "per_prompt"})
     out["compared"] = {name: {k: v for k, v in r.items() if k != "per_prompt"} for name, r in sampled.items()}
@@ -180,7 +182,11 @@ def main(argv):
 def policy_rows(results: dict) -> dict[str, dict]:
     """The LM policies to compare: each LM stage, plus PPO's EMA (evaluated with the PPO stage)."""
     rows = {s: r for s, r in results.items() if s not in ("rm", "pretrain")}
-    if "ppo" in results and "ppo_ema" in results["ppo"].get("compared", {}):
+    for stage in ("dpo", "ppo"):  # the SFT model's sampled numbers come from a later comparison
+        compared = results.get(stage, {}).get("compared", {})
+        if "sft" in rows and "sft" in compared:
+            rows["sft"] = {**compared["sft"], **rows["sft"]}
+    if "ppo_ema" in results.get("ppo", {}).get("compared", {}):
         rows["ppo_ema"] = results["ppo"]["compared"]["ppo_ema"]
     return rows
 
@@ -282,7 +288,7 @@ def write_report(results: dict) -> None:
         )
         lines.append("")
     path = os.path.join(workdir, "report.md")
-    report.write(path, lines, {"stages": results})
+    report.write(path, lines, {"stages": {**results, **policies}})  # policies: merged numbers, ppo_ema
     print("\n".join(lines[: lines.index(plots[0])]))
     print(f"report: {path}")
 

@@ -4,6 +4,7 @@ the experience's reward placement, and a tiny PPO-ptx run that checkpoints insid
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -345,10 +346,11 @@ def ppo_inputs(tmp_path_factory):
 def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(ppo_inputs, tmp_path):
     sft, rm = ppo_inputs
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    last = train.run(tiny_ppo_config(sft, rm, 4), whole)  # 2 rollouts x 2 minibatches
-    train.run(tiny_ppo_config(sft, rm, 3), split)  # stops inside the second rollout
-    state = checkpoint.load_meta(split)
-    assert state[0] == 3
+    last = train.run(tiny_ppo_config(sft, rm, 4), whole)  # 2 rollouts x 2 minibatches, a checkpoint a step
+    # A run killed just after step 3's checkpoint (inside the second rollout): its workdir without step 4.
+    shutil.copytree(whole, split)
+    shutil.rmtree(os.path.join(split, "checkpoints", "4"))
+    assert checkpoint.load_meta(split)[0] == 3
     train.run(tiny_ppo_config(sft, rm, 4), split)
 
     for role, ema in (("policy", False), ("value", False), ("policy", True)):
