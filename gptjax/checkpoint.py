@@ -6,6 +6,11 @@ A checkpoint step holds separate items so that a later stage can read the params
 params, when kept), ``opt`` (optimizer state and step) as arrays, ``data`` (the batch source's position) and
 ``meta`` (stage, each role's model config, the run config) as JSON. Any role of a workdir, or its EMA, loads
 on its own: ``load_model(workdir, role="value", ema=True)``.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a kill during a save leaves
+the earlier steps as they were. A resume takes the newest step that restores (``restore_latest``); a step
+with a missing or unreadable file is reported as damaged (``DamagedCheckpoint``, naming the file), never
+as another model's checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 from typing import Any
 
@@ -75,12 +81,55 @@ def _params_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestor
     )
 
 
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint step that cannot be read: one of its files is missing, cut short or unreadable."""
+
+    def __init__(self, step: int, path: str, detail: str):
+        super().__init__(f"checkpoint step {step} is damaged: {path}: {detail}")
+        self.step, self.path = step, path
+
+
+def step_path(mngr: ocp.CheckpointManager, step: int) -> str:
+    """The directory of one checkpoint step."""
+    return os.path.join(str(mngr.directory), str(step))
+
+
+def check_intact(mngr: ocp.CheckpointManager, step: int, items: tuple[str, ...]) -> None:
+    """Raise ``DamagedCheckpoint`` naming the first metadata file of ``items`` that is missing (without it
+    a restore would misreport the step as holding no arrays, or another model)."""
+    for item in items:
+        name = "metadata" if item in ("data", "meta") else "_METADATA"  # JSON items / array trees
+        path = os.path.join(step_path(mngr, step), item, name)
+        if not os.path.isfile(path):
+            raise DamagedCheckpoint(step, path, "missing")
+
+
+def _damaged(e: Exception, step: int, step_dir: str) -> DamagedCheckpoint | None:
+    """A read error ``e`` as the damage of a named file; None when it is not about the files."""
+    text = str(e)
+    files = re.findall(r'local file "([^"]+)"', text)  # TensorStore names the directory, then the file
+    if files:
+        return DamagedCheckpoint(step, files[-1], text.split(" [tensorstore_spec")[0][:500])
+    if isinstance(e, (OSError, json.JSONDecodeError)):
+        return DamagedCheckpoint(step, getattr(e, "filename", None) or step_dir, f"{type(e).__name__}: {e}")
+    return None
+
+
 def restore(
     mngr: ocp.CheckpointManager, state: TrainState, step: int | None = None
 ) -> tuple[TrainState, dict]:
-    """Restore (state, data_state) into the layout of ``state`` (an initialised or abstract state)."""
+    """Restore (state, data_state) into the layout of ``state`` (an initialised or abstract state).
+
+    Raises ``DamagedCheckpoint`` for a step whose files are missing or unreadable, ``ValueError`` for an
+    intact one of another model."""
     step = mngr.latest_step() if step is None else step
-    check_params(mngr, step, state.params, where=f"{mngr.directory}/{step}")
+    names = ("params", "opt", "data") + (("ema",) if state.ema_params is not None else ())
+    if "ema" in names and not os.path.isdir(os.path.join(step_path(mngr, step), "ema")):
+        raise ValueError(
+            f"checkpoint {step_path(mngr, step)} holds no EMA weights, and this run keeps an EMA: use the "
+            "optim.ema_decay it was written with (0), or start fresh"
+        )
+    check_intact(mngr, step, names)
     items = dict(
         params=_params_restore(state.params),
         opt=ocp.args.StandardRestore(_abstract({"step": state.step, "opt_state": state.opt_state})),
@@ -88,7 +137,14 @@ def restore(
     )
     if state.ema_params is not None:
         items["ema"] = _params_restore(state.ema_params)
-    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    try:
+        check_params(mngr, step, state.params, where=f"{mngr.directory}/{step}")  # reads the arrays' metadata
+        out = mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+        damaged = _damaged(e, step, step_path(mngr, step))
+        if damaged is None:
+            raise
+        raise damaged from e
     restored = TrainState(
         step=out.opt["step"],
         params=out.params,
@@ -96,6 +152,59 @@ def restore(
         ema_params=out.ema if state.ema_params is not None else None,
     )
     return restored, dict(out.data or {})
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, dict, int] | None:
+    """(state, data_state, step) of the newest intact checkpoint, None when there is none.
+
+    Each damaged newer step is reported and moved to ``<workdir>/checkpoints-damaged/<step>`` (nothing is
+    deleted), so that the resumed run can write that step again; when every step is damaged nothing is moved
+    and the error lists them all.
+    """
+    damaged: list[DamagedCheckpoint] = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored, data_state = restore(mngr, state, step)
+        except DamagedCheckpoint as e:
+            logging.warning("%s; trying the checkpoint before it", e)
+            damaged.append(e)
+            continue
+        if damaged:
+            moved = [_move_aside(mngr, d.step) for d in damaged]
+            logging.warning(
+                "resuming from step %d, the newest intact checkpoint; the damaged one(s) are kept in %s",
+                step,
+                ", ".join(moved),
+            )
+        return restored, data_state, step
+    if damaged:
+        raise DamagedCheckpoint(
+            damaged[0].step,
+            str(mngr.directory),
+            "no intact checkpoint to resume from:\n  "
+            + "\n  ".join(str(d) for d in damaged)
+            + "\nMove the checkpoints directory aside to start this run afresh",
+        )
+    return None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+    """Move a damaged step out of the checkpoints directory (process 0; all processes then see it gone)."""
+    root = os.path.join(os.path.dirname(str(mngr.directory)), "checkpoints-damaged")
+    dest = os.path.join(root, str(step))
+    if jax.process_index() == 0:
+        os.makedirs(root, exist_ok=True)
+        n = 0
+        while os.path.exists(dest):
+            n += 1
+            dest = os.path.join(root, f"{step}-{n}")
+        os.rename(step_path(mngr, step), dest)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    mngr.reload()
+    return dest
 
 
 def _name(path) -> str:
@@ -169,6 +278,7 @@ def load_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {_ckpt_dir(workdir)}")
+    check_intact(mngr, step, ("meta",))
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     return step, dict(meta)
 
@@ -235,6 +345,8 @@ def load_params(
     role, prefix = _role(meta, role, path)
     item = "ema" if ema else "params"
     has_ema = item in os.listdir(os.path.join(_ckpt_dir(path), str(step)))
+    if has_ema or not ema:
+        check_intact(mngr, step, (item,))
     if ema and (not has_ema or not _saved_param_shapes(mngr, step, item, prefix)):
         raise ValueError(f"{path} step {step} has no EMA weights of role {role!r} (optim.ema_decay was 0)")
     where = f"{_ckpt_dir(path)}/{step}" + (

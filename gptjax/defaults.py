@@ -34,6 +34,10 @@ def base_config(stage: str) -> ConfigDict:
             "init_from": "",  # workdir of an earlier stage (or a Hugging Face directory) starting this one
             "init_role": "",  # which trained role of init_from's workdir (runs with several roles)
             "init_ema": False,  # start from init_from's EMA weights
+            # a step with a non-finite loss or gradients: 'skip' its update (logged, counted in the rows'
+            # 'skipped'), stopping after max_nonfinite_in_a_row in a row; 'stop' at once, naming the batch
+            "nonfinite": "skip",
+            "max_nonfinite_in_a_row": 10,
         }
     )
     c.optim = ConfigDict(

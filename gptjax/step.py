@@ -145,6 +145,10 @@ def make_train_step(
 ) -> Callable[[TrainState, dict, jax.Array, Ctx], tuple[TrainState, dict]]:
     """Jitted ``train_step(state, batch, rng, ctx) -> (state, metrics)``; the state is donated.
 
+    A step whose loss, gradients or update are not finite (inf or NaN) is skipped: params, optimizer state
+    (its own count included) and EMA stay as they were and ``metrics['skipped']`` is 1; the state's step
+    still advances, since the step's batch was consumed (a resume continues from the same data position).
+
     With a mesh, the state/batch/ctx shardings are the explicit in/out shardings of the one compiled step
     (rng and metrics are replicated). With several trained roles (params keyed by role) ``ema_decay`` and
     ``lr_schedule`` may be dicts by role; grad and update norms are then logged per role too.
@@ -161,12 +165,20 @@ def make_train_step(
         ema = state.ema_params
         if ema is not None:
             ema = update_ema(ema, params, ema_decay)
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+        params, opt_state, ema = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state, ema),
+            (state.params, state.opt_state, state.ema_params),
+        )
         out = reduce_metrics(metrics)
         out.update(
-            grad_norm=optax.tree.norm(grads),
+            grad_norm=grad_norm,
             param_norm=optax.tree.norm(params),
-            update_norm=optax.tree.norm(updates),
+            update_norm=update_norm,
             tokens=metrics["loss"][1],
+            skipped=1.0 - finite.astype(jnp.float32),
         )
         if isinstance(lr_schedule, dict):  # several roles: params keyed by role
             for name, schedule in lr_schedule.items():

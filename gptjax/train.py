@@ -2,10 +2,15 @@
 
 Reads top to bottom: mesh -> model config -> data -> params (fresh, resumed or ``init_from``) -> one jitted
 step -> loop (dispatch step t+1 before fetching step t's metrics) -> eval, checkpoints, logs.
+
+No lost work (``gptjax.guard``): a step with a non-finite loss or gradients is skipped or stops the run
+(``train.nonfinite``), so no checkpoint holds a non-finite state; SIGTERM / SIGINT end the run after the
+current step with a checkpoint (exit status 128 + the signal); a resume takes the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -20,7 +25,7 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from gptjax import checkpoint, flops, model, sharding, sources, stages
+from gptjax import checkpoint, flops, guard, model, sharding, sources, stages
 from gptjax import roles as roles_lib
 from gptjax import state as state_lib
 from gptjax import step as step_lib
@@ -58,6 +63,10 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
             f"train.eval_every={t.eval_every}: stage {config.stage!r} has no validation batches (its source "
             "samples them); set it to 0 and evaluate the checkpoints (scripts/pipeline.py does)"
         )
+    if t.nonfinite not in guard.POLICIES:
+        problems.append(f"train.nonfinite={t.nonfinite!r}: use one of {guard.POLICIES}")
+    if t.max_nonfinite_in_a_row < 1:
+        problems.append(f"train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row} must be >= 1")
     if t.seq_len > model_cfg.max_len and model_cfg.pos == "learned":
         problems.append(f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}")
     if problems:
@@ -154,10 +163,19 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     roles = roles_lib.trained_roles(config, stage)
     for role in roles:
         check_config(config, role.cfg, mesh)
-    os.makedirs(workdir, exist_ok=True)
-    # The mesh in context lets kernels that need shard_map (Pallas attention) split work per device.
-    with jax.set_mesh(mesh):
-        return _train(config, workdir, mesh, stage, roles)
+    created = not os.path.exists(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir!r} cannot be created ({e.strerror}): choose a path") from None
+    try:
+        # The mesh in context lets kernels that need shard_map (Pallas attention) split work per device.
+        with jax.set_mesh(mesh):
+            return _train(config, workdir, mesh, stage, roles)
+    except BaseException:
+        if created and jax.process_index() == 0:  # failed before its first step: leave no empty workdir
+            guard.remove_unused_workdir(workdir)
+        raise
 
 
 def load_loss(name: str):
@@ -214,13 +232,15 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
         roles={r.name: r.cfg for r in roles},
         config=config.to_json_best_effort(),
     )
-    if mngr.latest_step() is not None:
-        train_state, source_state = checkpoint.restore(mngr, train_state)
+    resumed = checkpoint.restore_latest(mngr, train_state)  # the newest intact checkpoint, if any
+    if resumed is not None:
+        train_state, source_state, resumed_step = resumed
         source.set_state(source_state)
-        logging.info("resumed from %s at step %d", workdir, int(train_state.step))
+        logging.info("resuming %s from its checkpoint at step %d", workdir, resumed_step)
 
     ctx = ctx.replace(scalars=source_scalars(source))
     state_shardings = state_lib.state_shardings(train_state, param_shardings, mesh)
+    where = guard.position(source)  # the batch's identity, named if its step is not finite
     first = source.next(train_state)  # its shapes fix the batch shardings; it is still the first step's batch
     batch_shardings = sharding.batch_shardings(first, mesh)
     train_step = step_lib.make_train_step(
@@ -251,33 +271,48 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
     finish = stages.finish_fn(stage)  # a stage's last touch before its final checkpoint (RM: normalise)
     if finish is not None and start < t.steps:
         finish(config, None, ctx, mesh)  # check its inputs now, not after the whole run
+    nonfinite = guard.NonFinite(t.nonfinite, t.max_nonfinite_in_a_row)
     pending, last = None, {}
-    for step in range(start, t.steps):
-        batch, first = (first, None) if first is not None else (source.next(train_state), None)
-        extra = pop_metrics(source)  # a rollout source's numbers for the rollout this step starts using
-        if extra:
-            log.write(step + 1, extra, "rollout")
-        if ctx.scalars:  # e.g. an adaptive KL coefficient the source updates: traced, so no recompile
-            ctx = ctx.replace(scalars=source_scalars(source))
-        train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
-        if pending is not None:  # fetch step t-1's metrics only after step t is dispatched
-            last = _flush(log, speed, *pending, t)
-        pending = (step, metrics)
-        if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-            metrics = validation_metrics(
-                eval_step, train_state.params, ctx, eval_source, eval_start, t.eval_steps, mesh, eval_rng
-            )
-            log.write(step + 1, metrics, "eval")
-        if step + 1 == t.steps and finish is not None:
-            train_state, extra = finish(config, train_state, ctx, mesh)
-            log.write(step + 1, extra, "finish")
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-            if pending is not None:  # the step's row is logged before its checkpoint exists (never lost)
-                last, pending = _flush(log, speed, *pending, t), None
-            checkpoint.save(mngr, train_state, data_state=source.get_state(), meta=meta)
-    if pending is not None:
-        last = _flush(log, speed, *pending, t)
-    mngr.wait_until_finished()
+    # SIGTERM / SIGINT (with several processes: JAX's preemption notice) finish the step, checkpoint and stop;
+    # closing the manager commits the saves under way, also when the loop raises.
+    preempted = mngr.reached_preemption if jax.process_count() > 1 else None
+    with guard.Signals(preempted) as signals, contextlib.closing(mngr):
+        for step in range(start, t.steps):
+            if first is not None:
+                batch, first = first, None
+            else:
+                where = guard.position(source)
+                batch = source.next(train_state)
+            extra = pop_metrics(source)  # a rollout source's numbers for the rollout this step starts using
+            if extra:
+                log.write(step + 1, extra, "rollout")
+            if ctx.scalars:  # e.g. an adaptive KL coefficient the source updates: traced, so no recompile
+                ctx = ctx.replace(scalars=source_scalars(source))
+            train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
+            if pending is not None:  # fetch step t-1's metrics only after step t is dispatched
+                last = _flush(log, speed, nonfinite, pending, t)
+            pending = (step, metrics, where)
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                metrics = validation_metrics(
+                    eval_step, train_state.params, ctx, eval_source, eval_start, t.eval_steps, mesh, eval_rng
+                )
+                log.write(step + 1, metrics, "eval")
+            if step + 1 == t.steps and finish is not None:
+                train_state, extra = finish(config, train_state, ctx, mesh)
+                log.write(step + 1, extra, "finish")
+            stop = signals.stop_after(step + 1)
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps or stop:
+                if pending is not None:  # the step's row is logged (and checked) before its checkpoint exists
+                    last, pending = _flush(log, speed, nonfinite, pending, t), None
+                checkpoint.save(mngr, train_state, data_state=source.get_state(), meta=meta)
+            if stop and step + 1 < t.steps:
+                mngr.wait_until_finished()
+                log.close()
+                interrupted = guard.Interrupted(stop, step + 1, checkpoint.step_path(mngr, step + 1))
+                logging.warning("%s", interrupted)
+                raise interrupted
+        if pending is not None:
+            last = _flush(log, speed, nonfinite, pending, t)
     log.close()
     return last
 
@@ -322,11 +357,15 @@ class Speed:
         return out
 
 
-def _flush(log: MetricLog, speed: Speed, step: int, metrics: dict, t: ConfigDict) -> dict[str, float]:
+def _flush(log: MetricLog, speed: Speed, nonfinite: guard.NonFinite, pending: tuple, t: ConfigDict):
+    """Fetch one step's metrics, apply the non-finite policy to them, log them on logging steps."""
+    step, metrics, where = pending
     out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    nonfinite.check(step + 1, out, where)
     speed.steps += 1
     log.advance(loss=out.get("loss"))
     if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
         out.update(speed.measure())
+        out.update(nonfinite.row())
         log.write(step + 1, out)
     return out

@@ -145,10 +145,22 @@ def _files(pattern: str, what: str) -> list[str]:
     return files
 
 
+def _not_utf8(where: str, e: UnicodeDecodeError, column: int) -> ValueError:
+    """``column``: 1-based byte offset of the bad byte in its line."""
+    return ValueError(
+        f"{where}: not UTF-8 (byte 0x{e.object[e.start]:02x}, byte {column} of the line); re-encode the file "
+        "as UTF-8"
+    )
+
+
 def _jsonl(path: str) -> Iterable[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:  # bytes: a decoding error can then name its line
         n = 0
-        for lineno, line in enumerate(fh, 1):
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")  # no newline: an error at its end keeps its column
+            except UnicodeDecodeError as e:
+                raise _not_utf8(f"{path}:{lineno}", e, e.start + 1) from None
             if not line.strip():
                 continue
             n += 1
@@ -163,8 +175,13 @@ def _jsonl(path: str) -> Iterable[tuple[str, Any]]:
 
 
 def _text_file(path: str, separator: str) -> Iterable[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        content = fh.read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        content = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise _not_utf8(f"{path}:{lineno}", e, e.start - raw.rfind(b"\n", 0, e.start)) from None
     if not content.strip():
         raise ValueError(f"{path}: empty file (no text)")
     docs = content.split(separator) if separator else [content]
