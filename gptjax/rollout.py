@@ -189,6 +189,15 @@ class RolloutSource:
         out, self.metrics = self.metrics, {}
         return out
 
+    def position(self) -> dict:
+        """Where the next minibatch comes from (cheap: no experience), for error messages."""
+        return {
+            "rollout": self.iteration,
+            "minibatch": self.pos,
+            "prompts": self.prompts.get_state(),
+            "ptx": self.ptx.get_state() if self.ptx is not None else None,
+        }
+
     def get_state(self) -> dict:
         state = {
             "iteration": self.iteration,
