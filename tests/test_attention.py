@@ -1,6 +1,8 @@
 """gptjax.attention's XLA path: the written-out backward and the single-query decode form, against plain
 softmax attention differentiated by JAX."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,17 @@ def naive_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS):
     p_BHLS = jax.nn.softmax(jnp.where(mask_BLS[:, None], s_BHLS, -1e30), axis=-1)
     p_BHLS = p_BHLS * jnp.any(mask_BLS, -1)[:, None, :, None]
     return jnp.einsum("bhls,bshd->blhd", p_BHLS, v_BSHD)
+
+
+# The computations compared below are jitted: run eagerly, every op compiles on its own (slow on CPU).
+naive, cached_attention = jax.jit(naive_attention), jax.jit(attention.cached_attention)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def values_and_grads(fn, q, k, v, mask, w):
+    """fn(q, k, v, mask) and the gradients of sum(fn(q, k, v, mask) * w) in q, k, v: one program."""
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+    return out, vjp(w)
 
 
 def _inputs(L, S, H, K, D, seed=0):
@@ -36,14 +49,9 @@ def test_xla_attention_values_and_grads_match_autodiff(H, K):
     kv_seg = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0, 0], [1] * 9])
     mask = attention.attention_mask(L, S, True, seg, kv_seg)
 
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, mask) * w)
-
-    np.testing.assert_allclose(
-        attention.xla_attention(q, k, v, mask), naive_attention(q, k, v, mask), atol=1e-5
-    )
-    got = jax.grad(loss(attention.xla_attention), (0, 1, 2))(q, k, v)
-    want = jax.grad(loss(naive_attention), (0, 1, 2))(q, k, v)
+    out, got = values_and_grads(attention.xla_attention, q, k, v, mask, w)
+    out_want, want = values_and_grads(naive_attention, q, k, v, mask, w)
+    np.testing.assert_allclose(out, out_want, atol=1e-5)
     for g, r in zip(got, want, strict=True):
         assert float(jnp.abs(r).max()) > 0.1
         np.testing.assert_allclose(g, r, atol=2e-5)
@@ -56,7 +64,7 @@ def test_xla_attention_bf16_grads_close_to_fp32():
 
     def grads(dt):
         f = lambda q, k, v: jnp.sum(attention.xla_attention(q, k, v, mask).astype(jnp.float32) * w)  # noqa: E731
-        return jax.grad(f, (0, 1, 2))(q.astype(dt), k.astype(dt), v.astype(dt))
+        return jax.jit(jax.grad(f, (0, 1, 2)))(q.astype(dt), k.astype(dt), v.astype(dt))
 
     for g, r in zip(grads(jnp.bfloat16), grads(jnp.float32), strict=True):
         assert g.dtype == jnp.bfloat16
@@ -77,10 +85,10 @@ def test_causal_chunks_match_one_block():
     def one_block(q, k, v):
         return jnp.sum(naive_attention(q, k, v, mask) * w)
 
-    np.testing.assert_allclose(chunked(q, k, v), one_block(q, k, v), rtol=1e-5)
-    for g, r in zip(
-        jax.grad(chunked, (0, 1, 2))(q, k, v), jax.grad(one_block, (0, 1, 2))(q, k, v), strict=True
-    ):
+    got, got_grads = jax.jit(jax.value_and_grad(chunked, (0, 1, 2)))(q, k, v)
+    want, want_grads = jax.jit(jax.value_and_grad(one_block, (0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, r, atol=2e-5)
 
 
@@ -90,9 +98,9 @@ def test_single_query_cached_attention_matches_general_path(H, K):
     S = 11
     q, k, v, _ = _inputs(1, S, H, K, 8, seed=2)
     pos_B1 = jnp.array([[4], [10]])
-    got = attention.cached_attention(q, k, v, pos_B1)
+    got = cached_attention(q, k, v, pos_B1)
     mask = pos_B1[:, :, None] >= jnp.arange(S)[None, None]
-    np.testing.assert_allclose(got, naive_attention(q, k, v, mask), atol=1e-5)
+    np.testing.assert_allclose(got, naive(q, k, v, mask), atol=1e-5)
     # slots past a row's position are never read
     k2 = k.at[0, 5:].set(1e4)
-    np.testing.assert_allclose(attention.cached_attention(q, k2, v, pos_B1), got, atol=1e-5)
+    np.testing.assert_allclose(cached_attention(q, k2, v, pos_B1), got, atol=1e-5)

@@ -205,7 +205,7 @@ def test_decode_attention(B, S, H, K, D, dtype, block_k, splits):
     out = jax.jit(functools.partial(da.decode_attention, block_k=block_k, num_splits=splits))(
         q, kc, vc, lengths
     )
-    ref = da.decode_attention_reference(q, kc, vc, lengths)
+    ref = jax.jit(da.decode_attention_reference)(q, kc, vc, lengths)
     assert out.shape == (B, H, D) and out.dtype == dtype
     assert _err(out, ref) <= (F32 if dtype == jnp.float32 else BF16)
     np.testing.assert_array_equal(np.asarray(out[1]), 0.0)  # length 0: zeros, not NaN
@@ -227,8 +227,9 @@ def test_cudnn_impl_with_segments():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             attn_lib.attention(q, k, v, impl="cudnn", segment_ids_BL=seg)
     # The dense-mask path itself (same code, XLA implementation) respects documents and padding.
-    out = attn_lib.cudnn_attention(q, k, v, causal=True, segment_ids_BL=seg, implementation="xla")
-    ref = fa.flash_attention_reference(q, k, v, True, seg)
+    dense = functools.partial(attn_lib.cudnn_attention, causal=True, implementation="xla")
+    out = jax.jit(dense)(q, k, v, segment_ids_BL=seg)
+    ref = jax.jit(fa.flash_attention_reference, static_argnums=3)(q, k, v, True, seg)
     assert _err(out, ref) <= F32
 
 
@@ -249,8 +250,8 @@ def test_model_apply_pallas_matches_xla():
         logits = model_lib.apply(cfg, params, tokens, segment_ids_BL=seg)
         return jnp.sum(logits * w), logits
 
-    (_, logits_x), gx = jax.value_and_grad(functools.partial(loss, cfg_x), has_aux=True)(params)
-    (_, logits_p), gp = jax.value_and_grad(functools.partial(loss, cfg_p), has_aux=True)(params)
+    (_, logits_x), gx = jax.jit(jax.value_and_grad(functools.partial(loss, cfg_x), has_aux=True))(params)
+    (_, logits_p), gp = jax.jit(jax.value_and_grad(functools.partial(loss, cfg_p), has_aux=True))(params)
     assert _err(logits_p, logits_x) <= 1e-4
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx), strict=True):
         assert _err(a, b) <= 1e-4
@@ -319,9 +320,13 @@ def test_tpu_splash_path_matches_reference():
     seg = _segments(ks[4], B, L)
     fn = lambda q, k, v: flash_tpu.splash_attention(q, k, v, True, seg, seg, D**-0.5, interpret=True)
     ref = lambda q, k, v: fa.flash_attention_reference(q, k, v, True, seg)
-    out, vjp = jax.vjp(fn, q, k, v)
-    out_r, vjp_r = jax.vjp(ref, q, k, v)
-    for a, b in zip((out, *vjp(do)), (out_r, *vjp_r(do)), strict=True):
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def values_and_grads(f, q, k, v, do):
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(do))
+
+    for a, b in zip(values_and_grads(fn, q, k, v, do), values_and_grads(ref, q, k, v, do), strict=True):
         assert _err(a, b) <= F32
 
 
@@ -351,7 +356,7 @@ def test_pallas_dispatch_under_mesh():
         )
         pos = jnp.array([[39], [0], [17], [25]])
         dec = jax.jit(functools.partial(attn_lib.cached_attention, impl="pallas"))(q[:, :1], k, v, pos)
-    want = jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _err(a, b) <= F32
-    assert _err(dec, attn_lib.cached_attention(q[:, :1], k, v, pos)) <= F32
+    assert _err(dec, jax.jit(attn_lib.cached_attention)(q[:, :1], k, v, pos)) <= F32

@@ -12,6 +12,9 @@ LLAMA = model.ModelConfig.llama(
     vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_len=48, rope_theta=500.0
 )
 FAMILIES = {"gpt2": GPT2, "llama": LLAMA}
+# Jitted: one compile per config and shape (run eagerly, every op of a forward pass compiles on its own).
+apply = jax.jit(model.apply, static_argnums=0)
+decode = jax.jit(model.decode, static_argnums=0)
 
 
 def tokens(shape, seed=0, vocab=97):
@@ -41,7 +44,7 @@ def test_causality(cfg_params):
     t = 9
     a = tokens((2, 20), seed=0)
     b = a.at[:, t].set((a[:, t] + 1) % cfg.vocab_size)
-    la, lb = model.apply(cfg, params, a), model.apply(cfg, params, b)
+    la, lb = apply(cfg, params, a), apply(cfg, params, b)
     np.testing.assert_allclose(la[:, :t], lb[:, :t], atol=1e-6)
     assert float(jnp.abs(la[:, t:] - lb[:, t:]).max()) > 1e-4  # the change is visible from t on
 
@@ -51,9 +54,9 @@ def test_packing_isolation(cfg_params):
     doc1, doc2 = tokens((1, 7), seed=3), tokens((1, 12), seed=4)
     packed = jnp.concatenate([doc1, doc2, jnp.zeros((1, 5), jnp.int32)], axis=1)
     seg = jnp.array([[1] * 7 + [2] * 12 + [0] * 5])
-    out = model.apply(cfg, params, packed, segment_ids_BL=seg)  # positions restart per segment
-    np.testing.assert_allclose(out[:, :7], model.apply(cfg, params, doc1), atol=2e-5)
-    np.testing.assert_allclose(out[:, 7:19], model.apply(cfg, params, doc2), atol=2e-5)
+    out = apply(cfg, params, packed, segment_ids_BL=seg)  # positions restart per segment
+    np.testing.assert_allclose(out[:, :7], apply(cfg, params, doc1), atol=2e-5)
+    np.testing.assert_allclose(out[:, 7:19], apply(cfg, params, doc2), atol=2e-5)
 
 
 def test_positions_from_segments():
@@ -83,7 +86,7 @@ def test_gqa_model_equals_mha_with_repeated_kv_weights():
     for name in ("wk", "wv"):
         mha_params["blocks"]["attn"][name] = jnp.repeat(params["blocks"]["attn"][name], G, axis=2)
     t = tokens((2, 16), seed=7)
-    np.testing.assert_allclose(model.apply(LLAMA, params, t), model.apply(mha, mha_params, t), atol=2e-5)
+    np.testing.assert_allclose(apply(LLAMA, params, t), apply(mha, mha_params, t), atol=2e-5)
 
 
 def test_fully_masked_rows_are_zero_not_nan():
@@ -98,11 +101,11 @@ def test_fully_masked_rows_are_zero_not_nan():
 def test_scalar_head_zero_init_and_shape():
     cfg = GPT2.replace(head="scalar")
     params = model.init(cfg, jax.random.key(0))
-    values = model.apply(cfg, params, tokens((3, 10)))
+    values = apply(cfg, params, tokens((3, 10)))
     assert values.shape == (3, 10) and values.dtype == jnp.float32
     np.testing.assert_array_equal(values, 0.0)  # zero-initialised value head
     cfg_n = cfg.replace(scalar_head_init="normal")
-    assert float(jnp.abs(model.apply(cfg_n, model.init(cfg_n, jax.random.key(0)), tokens((3, 10)))).max()) > 0
+    assert float(jnp.abs(apply(cfg_n, model.init(cfg_n, jax.random.key(0)), tokens((3, 10)))).max()) > 0
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
@@ -113,8 +116,8 @@ def test_remat_changes_nothing_numerically(policy):
     def loss(cfg, p):
         return jnp.mean(model.apply(cfg, p, t) ** 2)
 
-    g0 = jax.grad(lambda p: loss(LLAMA, p))(params)
-    g1 = jax.grad(lambda p: loss(LLAMA.replace(remat=policy), p))(params)
+    g0 = jax.jit(jax.grad(lambda p: loss(LLAMA, p)))(params)
+    g1 = jax.jit(jax.grad(lambda p: loss(LLAMA.replace(remat=policy), p)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
@@ -122,8 +125,8 @@ def test_bf16_compute_keeps_fp32_params():
     cfg = LLAMA.replace(dtype="bfloat16")
     params = model.init(cfg, jax.random.key(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    out = model.apply(cfg, params, tokens((2, 8)))
-    ref = model.apply(LLAMA, params, tokens((2, 8)))
+    out = apply(cfg, params, tokens((2, 8)))
+    ref = apply(LLAMA, params, tokens((2, 8)))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref, atol=0.1)
 
@@ -135,13 +138,13 @@ def test_kv_cache_decode_matches_full_forward(cfg_params):
     lengths = jnp.array([9, 6])
     cache = model.init_cache(cfg, 2, 16)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    _, cache = model.decode(cfg, params, seq[:, :9], positions, cache)
+    _, cache = decode(cfg, params, seq[:, :9], positions, cache)
     for step in range(4):
         pos = lengths + step
         nxt = jnp.take_along_axis(seq, pos[:, None], 1)
-        logits, cache = model.decode(cfg, params, nxt, pos[:, None], cache)
+        logits, cache = decode(cfg, params, nxt, pos[:, None], cache)
         for b in range(2):
-            full = model.apply(cfg, params, seq[b : b + 1, : int(pos[b]) + 1])
+            full = apply(cfg, params, seq[b : b + 1, : int(pos[b]) + 1])
             np.testing.assert_allclose(logits[b, 0], full[0, -1], atol=5e-5)
 
 
@@ -159,8 +162,8 @@ def test_unrolled_layers_match_scanned(family, remat):
         logits = model.apply(cfg, p, t, segment_ids_BL=seg)
         return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(12)), logits
 
-    (l0, logits0), g0 = jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True)(params)
-    (l1, logits1), g1 = jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True)(params)
+    (l0, logits0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True))(params)
+    (l1, logits1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True))(params)
     np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
     for path, a in jax.tree_util.tree_leaves_with_path(g0):
         b = g1
@@ -181,11 +184,11 @@ def test_decode_unrolled_matches_scanned(cfg_params):
         p = model.unstack_layers(c, params)
         assert isinstance(p["blocks"], dict) == scan
         cache = model.init_cache(c, 2, 12)
-        prompt_logits, cache = model.decode(
+        prompt_logits, cache = decode(
             c, p, tokens((2, 5), seed=4), jnp.broadcast_to(jnp.arange(5), (2, 5)), cache
         )
         pos_B1 = jnp.array([[5], [3]])  # rows at different slots
-        logits, cache = model.decode(c, p, tokens((2, 1), seed=5), pos_B1, cache)
+        logits, cache = decode(c, p, tokens((2, 1), seed=5), pos_B1, cache)
         outs[scan] = (prompt_logits, logits, np.asarray(cache["k"]), np.asarray(cache["v"]))
     for a, b in zip(outs[True], outs[False], strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

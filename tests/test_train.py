@@ -9,28 +9,21 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, defaults, reward, step, train
+from gptjax import checkpoint, defaults, model, optim, reward, state, step, train
 from gptjax.data import get_vocabulary, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = {
-    "model.d_model": 64,
-    "model.n_layers": 2,
-    "model.n_heads": 4,
-    "train.batch_size": 8,
-    "train.seq_len": 64,
-    "train.log_every": 5,
-    "train.eval_steps": 1,
-}
+SMALL_CONFIG = os.path.join(ROOT, "tests", "small_config.py")  # configs/tiny.py with a smaller model
 
 
 def tiny_config(stage, **overrides):
-    c = defaults.load_config(os.path.join(ROOT, "configs", "tiny.py") + f":stage={stage}")
-    for key, value in {**SMALL, **overrides}.items():
+    c = defaults.load_config(f"{SMALL_CONFIG}:stage={stage}")
+    for key, value in overrides.items():
         section, name = key.split(".")
         setattr(c[section], name, value)
     return c
@@ -41,16 +34,34 @@ def logged(workdir, split="train"):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-def test_pretrain_then_sft_from_checkpoint(tmp_path):
-    pre, sft = str(tmp_path / "pretrain"), str(tmp_path / "sft")
-    train.run(tiny_config("pretrain", **{"train.steps": 30, "train.eval_every": 30, "optim.lr": 3e-3}), pre)
-    rows = logged(pre)
-    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+PRETRAIN_STEPS, SFT_STEPS = 40, 40
+
+
+@pytest.fixture(scope="module")
+def pretrained(built_once):
+    """One pretraining run (evaluated at its last step) for every test that starts from a pretrained model;
+    built once per session. Tests read it and never write to it."""
+    c = tiny_config(
+        "pretrain",
+        **{"train.steps": PRETRAIN_STEPS, "train.eval_every": PRETRAIN_STEPS, "optim.lr": 3e-3},
+    )
+    return built_once("pretrain", lambda workdir: train.run(c, workdir))
+
+
+@pytest.fixture(scope="module")
+def sft(built_once, pretrained):
+    """SFT from ``pretrained``: the start of the reward-model and DPO stages."""
+    c = tiny_config("sft", **{"train.steps": SFT_STEPS, "train.init_from": pretrained})
+    return built_once("sft", lambda workdir: train.run(c, workdir))
+
+
+def test_pretrain_then_sft_from_checkpoint(pretrained, sft):
+    rows = logged(pretrained)
+    assert [r["step"] for r in rows] == list(range(5, PRETRAIN_STEPS + 1, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
-    assert logged(pre, "eval")[-1]["step"] == 30
+    assert logged(pretrained, "eval")[-1]["step"] == PRETRAIN_STEPS
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
-    train.run(tiny_config("sft", **{"train.steps": 30, "train.init_from": pre, "optim.lr": 1e-3}), sft)
     sft_rows = logged(sft)
     assert sft_rows[-1]["loss"] < sft_rows[0]["loss"]
     # started from the pretrained weights, not from scratch: far below uniform over 259 byte ids (5.56)
@@ -59,17 +70,18 @@ def test_pretrain_then_sft_from_checkpoint(tmp_path):
 
 def test_kill_and_rerun_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
+    # A constant learning rate keeps the total steps out of the compiled train step, so the killed run and
+    # the resumed one below run the same program (the second reads it from the compilation cache).
     cmd = [
         sys.executable,
         os.path.join(ROOT, "scripts", "train.py"),
         "--config",
-        os.path.join(ROOT, "configs", "tiny.py") + ":stage=pretrain",
+        SMALL_CONFIG + ":stage=pretrain",
         "--workdir",
         workdir,
         "--config.train.steps=400",
         "--config.train.checkpoint_every=10",
-        *flags,
+        "--config.optim.schedule=constant",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = os.path.join(workdir, "checkpoints", "10")
@@ -84,7 +96,10 @@ def test_kill_and_rerun_resumes(tmp_path):
     assert saved[-1] < 400
 
     # the same command again (in-process here) continues from the last checkpoint to the end
-    c = tiny_config("pretrain", **{"train.steps": saved[-1] + 10, "train.checkpoint_every": 10})
+    c = tiny_config(
+        "pretrain",
+        **{"train.steps": saved[-1] + 10, "train.checkpoint_every": 10, "optim.schedule": "constant"},
+    )
     train.run(c, workdir)
     # every step logged once: rows the killed run wrote after its last checkpoint are replaced, not repeated
     assert [r["step"] for r in logged(workdir)] == list(range(5, saved[-1] + 11, 5))
@@ -134,37 +149,37 @@ def test_size_presets_run_end_to_end_when_shrunk(tmp_path, name):
     assert np.isfinite(last["loss"]) and last["loss"] > 0
 
 
-def test_lora_sft_trains_and_stores_only_adapters(tmp_path):
-    pre, sft = str(tmp_path / "pretrain"), str(tmp_path / "sft")
-    train.run(tiny_config("pretrain", **{"train.steps": 5}), pre)
-    c = tiny_config("sft", **{"train.steps": 10, "train.init_from": pre, "optim.lr": 1e-2})
+def test_lora_sft_trains_and_stores_only_adapters(tmp_path, pretrained):
+    lora = str(tmp_path / "lora")
+    c = tiny_config("sft", **{"train.steps": 10, "train.init_from": pretrained, "optim.lr": 1e-2})
     c.model.update(lora_rank=4, lora_targets=("wq", "wv", "w_in"))
-    train.run(c, sft)
-    rows = logged(sft)
+    train.run(c, lora)
+    rows = logged(lora)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    _, meta = checkpoint.load_meta(sft)
+    _, meta = checkpoint.load_meta(lora)
     assert meta["model"]["lora_rank"] == 4
-    saved = checkpoint._saved_param_shapes(checkpoint.manager(sft, create=False), 10)
+    saved = checkpoint._saved_param_shapes(checkpoint.manager(lora, create=False), 10)
     assert saved and all(name.endswith(("_lora_a", "_lora_b")) for name in saved), sorted(saved)
     # load_model puts the adapters back on the frozen base named by the run's init_from
-    base_cfg, base = checkpoint.load_model(pre)
-    cfg, params = checkpoint.load_model(sft)
+    base_cfg, base = checkpoint.load_model(pretrained)
+    cfg, params = checkpoint.load_model(lora)
     assert cfg.lora_rank == 4 and base_cfg.lora_rank == 0
     np.testing.assert_array_equal(params["embed"], base["embed"])
     assert params["blocks"]["mlp"]["w_in_lora_b"].shape[0] == cfg.n_layers
     assert float(np.abs(params["blocks"]["mlp"]["w_in_lora_b"]).max()) > 0  # trained away from zero init
+    # a base of another width (a fresh model saved as a pretraining checkpoint) is refused, naming d_model
+    wrong_cfg = model.config_from_dict(c.model).replace(lora_rank=0, d_model=32, n_heads=2)
+    opt = optim.make_optimizer(c.optim, 1)
+    mngr = checkpoint.manager(str(tmp_path / "wrong"))
+    wrong_state = state.create(model.init(wrong_cfg, jax.random.key(0)), opt, ema=False)
+    checkpoint.save(mngr, wrong_state, data_state={}, meta=checkpoint.meta_for(wrong_cfg, "pretrain"))
+    mngr.wait_until_finished()
     with pytest.raises(ValueError, match="d_model"):
-        wrong = str(tmp_path / "wrong")
-        train.run(
-            tiny_config("pretrain", **{"train.steps": 1, "model.d_model": 32, "model.n_heads": 2}), wrong
-        )
-        checkpoint.load_model(sft, base=wrong)
+        checkpoint.load_model(lora, base=str(tmp_path / "wrong"))
 
 
-def test_sft_then_reward_model_then_dpo(tmp_path):
-    pre, sft, rm, dpo = (str(tmp_path / s) for s in ("pretrain", "sft", "rm", "dpo"))
-    train.run(tiny_config("pretrain", **{"train.steps": 40, "optim.lr": 3e-3}), pre)
-    train.run(tiny_config("sft", **{"train.steps": 40, "train.init_from": pre}), sft)
+def test_sft_then_reward_model_then_dpo(tmp_path, sft):
+    rm, dpo = str(tmp_path / "rm"), str(tmp_path / "dpo")
 
     c = tiny_config(
         "rm", **{"train.steps": 60, "train.init_from": sft, "optim.lr": 3e-4, "train.eval_every": 60}
@@ -243,6 +258,7 @@ def test_pipeline_rerun_on_a_finished_workdir_rebuilds_the_report(tmp_path):
         sys.executable,
         os.path.join(ROOT, "scripts", "pipeline.py"),
         f"--workdir={tmp_path}",
+        f"--config={SMALL_CONFIG}",
         "--quick",
         "--stages=pretrain",
         "--eval_prompts=8",
