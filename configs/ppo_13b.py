@@ -30,18 +30,11 @@ from gptjax.model import ModelConfig
 
 
 def opt(d_model: int, n_layers: int, n_heads: int, head: str) -> ModelConfig:
-    return ModelConfig(
-        family="opt",
-        vocab_size=50272,
+    """An OPT shape in bf16 compute on fp32 params, with the update's activation remat."""
+    return ModelConfig.opt(
         d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
-        d_ff=4 * d_model,
-        max_len=2048,
-        norm="layernorm",
-        mlp="relu",
-        pos="learned",
-        tie_embeddings=True,
         head=head,
         dtype="bfloat16",
         param_dtype="float32",

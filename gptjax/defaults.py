@@ -5,13 +5,24 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from gptjax.model import ModelConfig
 
 
+# The types of ModelConfig fields whose default is None, so ``--config.model.<field>=...`` can set them.
+_NONE_TYPES = {"n_kv_heads": int, "head_dim": int, "d_ff": int, "scan_layers": bool}
+
+
 def model_section(cfg: ModelConfig) -> ConfigDict:
-    return ConfigDict({k: v for k, v in dataclasses.asdict(cfg).items()})
+    """The model section: every ModelConfig field; a None field is a typed placeholder the CLI can set."""
+    values = dataclasses.asdict(cfg)
+    return ConfigDict(
+        {
+            k: config_dict.placeholder(_NONE_TYPES[k]) if v is None and k in _NONE_TYPES else v
+            for k, v in values.items()
+        }
+    )
 
 
 def base_config(stage: str) -> ConfigDict:

@@ -154,6 +154,24 @@ class ModelConfig:
         )
         return cls(**{**base, **kw})
 
+    @classmethod
+    def opt(cls, **kw) -> ModelConfig:
+        """Meta's OPT: pre-LayerNorm, ReLU MLP of 4 x d_model, learned positions, biases, tied embeddings."""
+        base = dict(
+            family="opt",
+            vocab_size=50272,
+            norm="layernorm",
+            mlp="relu",
+            pos="learned",
+            max_len=2048,
+            tie_embeddings=True,
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            norm_eps=1e-5,
+        )
+        return cls(**{**base, **kw})
+
 
 def unknown_fields(values: dict) -> list[str]:
     """Keys of ``values`` that are not ModelConfig fields (sorted)."""

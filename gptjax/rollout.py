@@ -132,7 +132,11 @@ def host_local(x: jax.Array) -> np.ndarray:
 
 
 class RolloutSource:
-    def __init__(self, config, *, batch_size: int, ctx, mesh):
+    """``prompts`` / ``ptx``: iterators to use instead of building them from ``config.data`` /
+    ``config.ptx.data`` (the data protocol: ``next``, ``get_state``, ``set_state``; prompt batches hold
+    ``prompt_BP``, ``prompt_lengths_B``, ``prompt_ids_B``)."""
+
+    def __init__(self, config, *, batch_size: int, ctx, mesh, prompts=None, ptx=None):
         from gptjax import data
 
         self.config, self.mesh, self.minibatch = config, mesh, batch_size
@@ -144,12 +148,12 @@ class RolloutSource:
         self.vocab = data.get_vocabulary(config.data)
         per_host = r.batch_size // jax.process_count()
         seed = config.train.seed
-        self.prompts = data.make_iterator(
+        self.prompts = prompts or data.make_iterator(
             config.data, stage="prompts", batch_size=per_host, seq_len=r.prompt_len, seed=seed
         )
         self.ptx = None
         if config.ptx.ratio > 0:
-            self.ptx = data.make_iterator(
+            self.ptx = ptx or data.make_iterator(
                 config.ptx.data,
                 stage="pretrain",
                 batch_size=int(config.ptx.ratio * batch_size),

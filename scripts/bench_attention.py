@@ -141,14 +141,16 @@ def tune(L, D, tokens, model_dim, gqa, iters, dtype):
     return rows, best
 
 
-def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
+def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps, **tiles):
+    """ms per decode step (inside a jitted loop), GB/s, the HBM-bound ms and the max error; ``tiles`` go to
+    the kernel (block_k, num_splits, num_warps, num_stages)."""
     key = jax.random.PRNGKey(1)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (B, H, D), jnp.float32).astype(dtype)
     kc = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
     vc = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
     lengths = jnp.full((B,), S, jnp.int32)
-    fn = jax.jit(da.decode_attention)
+    fn = jax.jit(functools.partial(da.decode_attention, **tiles))
     ref = jax.jit(da.decode_attention_reference)
     steps = 50
 
@@ -156,7 +158,7 @@ def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
     def decode_loop(q, kc, vc, lengths):
         # Decoding runs inside one jitted loop, each step needing the last: time it so, without per-call
         # dispatch (which alone costs more than a small cache read).
-        return jax.lax.fori_loop(0, steps, lambda i, q: da.decode_attention(q, kc, vc, lengths), q)
+        return jax.lax.fori_loop(0, steps, lambda i, q: fn(q, kc, vc, lengths), q)
 
     err = float(
         jnp.max(
@@ -167,6 +169,30 @@ def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps):
     nbytes = 2 * B * S * K * D * jnp.dtype(dtype).itemsize
     bound_ms = nbytes / (hbm_gbps * 1e9) * 1e3
     return ms, nbytes / ms / 1e6, bound_ms, err
+
+
+DECODE_SWEEP = {"block_k": (64, 128), "split_factor": (1, 2, 4), "num_stages": (2, 3, 4)}
+
+
+def tune_decode(shapes: str, H: int, K: int, D: int, iters: int, dtype, hbm_gbps: float) -> None:
+    """x bound of each (block_k, splits, stages) on the decode shapes (splits: split_factor x the default)."""
+    print(f"\nDecode tile sweep, hd {D}, H/K {H}/{K} (x HBM bound, lower is better; default splits x factor)")
+    print(f"{'B':>3} {'cache':>7} {'block_k':>7} {'factor':>6} {'stages':>6} {'ms':>9} {'x bound':>8}")
+    for shape in shapes.split(","):
+        B, S = map(int, shape.split("x"))
+        results = []
+        for bk in DECODE_SWEEP["block_k"]:
+            for f in DECODE_SWEEP["split_factor"]:
+                for st in DECODE_SWEEP["num_stages"]:
+                    splits = f * -(-264 // (B * K))
+                    ms, _, bound, _ = bench_decode(
+                        B, S, H, K, D, iters, dtype, hbm_gbps, block_k=bk, num_splits=splits, num_stages=st
+                    )
+                    results.append((ms / bound, ms, bk, f, st))
+        best = min(results)
+        for row in results:
+            mark = " <- best" if row == best else ""
+            print(f"{B:3d} {S:7d} {row[2]:7d} {row[3]:6d} {row[4]:6d} {row[1]:9.4f} {row[0]:8.2f}{mark}")
 
 
 def main():
@@ -186,6 +212,7 @@ def main():
     p.add_argument("--max-err", type=float, default=0.0, help="exit 1 if a checked rel err exceeds this")
     p.add_argument("--tune", action="store_true", help="sweep pallas tiles at --tune-seq, then rerun pallas")
     p.add_argument("--tune-seq", type=int, default=4096)
+    p.add_argument("--decode-tune", default="", help="BxS decode shapes to sweep tiles on (head dim 128)")
     p.add_argument("--decode", default="8x4096,8x16384,32x2048,1x65536", help="BxS cache shapes")
     args = p.parse_args()
     if args.quick:
@@ -217,7 +244,7 @@ def main():
     for D in map(int, args.head_dims.split(",")):
         H = max(1, args.model_dim // D)
         K = max(1, H // args.gqa)
-        for L in map(int, args.seqs.split(",")):
+        for L in map(int, filter(None, args.seqs.split(","))):
             B = max(1, args.tokens // L)
             for case in ("causal", "packed"):
                 seg = _packed_segments(rng, B, L, args.mean_doc or L // 4) if case == "packed" else None
@@ -269,6 +296,9 @@ def main():
                 f"{B:3d} {S:7d} {D:4d} {hk:>6} {ms:9.4f} {gbs:8.0f} {bound:9.4f} {ms / bound:8.2f} {err:8.1e}"
             )
             decode_errs.append(err)
+    if args.decode_tune:
+        H = max(1, args.model_dim // 128)
+        tune_decode(args.decode_tune, H, max(1, H // 4), 128, args.iters, dtype, args.hbm_gbps)
     if args.max_err:
         worst = max([r[-1] for r in rows if r[-1] == r[-1]] + decode_errs, default=0.0)
         if worst > args.max_err:

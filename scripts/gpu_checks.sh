@@ -3,6 +3,8 @@
 # against cuDNN (TUNE=1: with a tile sweep first), decode attention against the HBM bound, and a ~1.2B LLaMA train step's MFU.
 #
 #   bash scripts/gpu_checks.sh            # prints one table per item; exits 1 on a correctness failure
+#   SECTIONS="5 4" bash scripts/gpu_checks.sh   # some items only: 1 kernels, 2 attention + decode,
+#                                               # d decode tile sweep, 4 MFU, 5 PPO tokens/s
 #
 # Runs from the repo root with whatever python has jax[cuda], flax and optax. The package is used in place
 # (no install needed); ml_collections is taken from .whl/ when python lacks it (pip download it there).
@@ -19,27 +21,51 @@ fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fail=0
 section() { echo; echo "=== $1 ($(date +%T))"; }
+want() { [[ " ${SECTIONS:-1 2 4 5} " == *" $1 "* ]]; }
 
 section "0. device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 
+if want 1; then
 section "1. tests/test_kernels.py compiled on the GPU (fp32 compared at full fp32 precision, and bf16)"
 # fp32 references must not silently use TF32 on the GPU, or they, not the kernels, would be off.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   || { echo "FAILED: kernel tests"; fail=1; }
+fi
 
+if want 5; then
+section "5. PPO tokens/s: OPT-1.3B policy + 350M critic / reward (configs/ppo_1b.py), one GPU"
+# DeepSpeed-Chat's count: prompts x (prompt + answer length) per second, generation + scoring + training.
+for rb in ${PPO_ROLLOUTS:-128}; do
+  timeout "${PPO_TIMEOUT:-240}" $PY scripts/bench_ppo.py --config configs/ppo_1b.py --config.rollout.batch_size="$rb" \
+    --rollouts 4 --warmup 1 2>&1 | grep -v "libtpu\|^I1\|^W1" || echo "bench_ppo rollout $rb did not finish"
+done
+fi
+
+if want 2; then
 section "2-3. attention vs cuDNN (causal, GQA 4, packed), tile sweep at 4k, decode vs the HBM bound"
 timeout "${ATTN_TIMEOUT:-330}" $PY scripts/bench_attention.py --seqs 2048,4096,8192 --head-dims 64,128 --impls cudnn,pallas \
   --gqa 4 --iters 5 ${TUNE:+--tune} --check-max-seq 2048 --max-err 3e-2 --hbm-gbps "${HBM_GBPS:-3350}" \
   || { echo "FAILED: attention bench"; fail=1; }
+fi
 
+if want d; then
+section "3b. decode tile sweep (block_k x splits x pipeline stages) against the HBM bound"
+timeout 150 $PY scripts/bench_attention.py --impls pallas --seqs "" --decode 8x4096 --head-dims 128 --gqa 4 \
+  --iters 5 --decode-tune 8x4096,8x16384,1x65536 --hbm-gbps "${HBM_GBPS:-3350}" || echo "decode sweep did not finish"
+fi
+
+if want 4; then
 section "4. MFU: ~1.2B LLaMA (configs/llama_1b.py) pretraining step, one GPU, batch 4 x 4096"
-for variant in ${MFU_VARIANTS:-pallas:dots_no_batch pallas:none cudnn:none}; do
-  timeout 100 $PY scripts/bench_train.py --config configs/llama_1b.py --config.train.batch_size=4 \
-    --config.train.seq_len=4096 --config.model.attention_impl="${variant%%:*}" \
-    --config.model.remat="${variant##*:}" --steps 5 --warmup 2 2>&1 | grep -v "libtpu" \
-    || echo "bench_train $variant did not finish"
+# variant = attention:remat:micro_batches:scan_layers
+for variant in ${MFU_VARIANTS:-pallas:dots_no_batch:1:1 pallas:none:2:1 pallas:none:2:0}; do
+  IFS=: read -r impl remat micro scan <<<"$variant"
+  timeout 120 $PY scripts/bench_train.py --config configs/llama_1b.py --config.train.batch_size=4 \
+    --config.train.seq_len=4096 --config.model.attention_impl="$impl" --config.model.remat="$remat" \
+    --config.train.micro_batches="$micro" --config.model.scan_layers="$([ "$scan" = 0 ] && echo False || echo True)" \
+    --steps 5 --warmup 2 2>&1 | grep -v "libtpu" | grep -v "^I1\|^W1" || echo "bench_train $variant did not finish"
 done
+fi
 echo; echo "gpu_checks: $([ $fail = 0 ] && echo ALL CORRECTNESS CHECKS PASSED || echo CORRECTNESS FAILURES)"
 exit $fail

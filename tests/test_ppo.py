@@ -422,3 +422,21 @@ def test_ppo_13b_config_loads_and_builds_abstractly():
         )
         split = mesh.shape["fsdp"] * mesh.shape["tensor"]  # FSDP 8 for the update, tensor 4 to decode
         assert per_device < 1.05 * model.num_params(cfgs["policy"]) / split
+
+
+def test_ppo_1b_config_one_gpu_and_ptx_switch():
+    """The one-GPU OPT-1.3B / 350M pair builds and passes the PPO checks; ptx= turns PPO-ptx on."""
+    from gptjax import roles as roles_lib
+    from gptjax import rollout, stages
+
+    c = defaults.load_config("configs/ppo_1b.py:sft=/ckpt/sft,rm=/ckpt/rm")
+    cfgs = {r.name: r.cfg for r in roles_lib.trained_roles(c, stages.get("ppo"))}
+    assert 1.2e9 < model.num_params(cfgs["policy"]) < 1.45e9  # OPT-1.3B: 1.32B
+    assert 0.3e9 < model.num_params(cfgs["value"]) < 0.4e9
+    cfgs.update(ref=cfgs["policy"], reward=cfgs["value"])
+    rollout.check_config(c, cfgs, c.train.batch_size)
+    assert (c.ptx.ratio, c.loss.ptx_coef) == (0, 0.0)
+    ptx = defaults.load_config("configs/ppo_1b.py:sft=/s,rm=/r,ptx=/data/*.txt")
+    assert (ptx.ptx.ratio, ptx.loss.ptx_coef) == (8, 27.8)
+    assert ptx.ptx.seq_len == ptx.train.seq_len == 512
+    assert ptx.train.batch_size % ptx.train.micro_batches == 0
