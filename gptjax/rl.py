@@ -98,6 +98,59 @@ def last_token_scores(values_BL: jax.Array, lengths_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values_BL, idx_B[:, None], axis=1)[:, 0]
 
 
+def score_chunk_rows(batch: int, row_bytes: int, devices: int = 1, budget: int = 2**31) -> int:
+    """Rows per forward pass when scoring a rollout: the most rows whose fp32 logits (``row_bytes`` a row)
+    fit ``budget``, dividing ``batch`` and a multiple of ``devices`` (the batch's data-parallel split) where
+    the batch allows; the whole batch when it fits."""
+    fits = max(1, budget // max(row_bytes, 1))
+    if batch <= fits:
+        return batch
+    splittable = [r for r in range(1, batch + 1) if batch % r == 0 and r % devices == 0]
+    candidates = [r for r in splittable if r <= fits] or splittable[:1]
+    return max(candidates) if candidates else batch
+
+
+def score(
+    params: dict[str, Any],
+    cfgs: dict[str, model.ModelConfig],
+    tokens_BL: jax.Array,
+    prompt_lengths_B: jax.Array,
+    lengths_B: jax.Array,
+    temperature: jax.Array,
+    chunk_rows: int = 0,
+) -> dict[str, jax.Array]:
+    """The four roles' per-token outputs: policy and reference log-probs, values, reward-model outputs (fp32)
+    and the response mask. ``chunk_rows`` (0: all at once) runs the forward passes that many rows at a time,
+    so only one chunk's logits are ever in memory; chunk k takes rows k, k + n, k + 2n, ... (n chunks), so
+    every chunk keeps the batch's split over data-parallel devices."""
+
+    def rows(tokens, prompt_lengths, lengths):
+        logp, mask = logprobs.response_logprobs(
+            cfgs["policy"], params["policy"], tokens, prompt_lengths, lengths, temperature=temperature
+        )
+        ref_logp, _ = logprobs.response_logprobs(
+            cfgs["ref"], params["ref"], tokens, prompt_lengths, lengths, temperature=temperature
+        )
+        return {
+            "logp": logp,
+            "mask": mask,
+            "ref_logp": ref_logp,
+            "values": model.apply(cfgs["value"], params["value"], tokens).astype(jnp.float32),
+            "rm": model.apply(cfgs["reward"], params["reward"], tokens).astype(jnp.float32),
+        }
+
+    B = tokens_BL.shape[0]
+    if not chunk_rows or chunk_rows >= B:
+        return rows(tokens_BL, prompt_lengths_B, lengths_B)
+    if B % chunk_rows:
+        raise ValueError(f"score: chunk_rows={chunk_rows} must divide the batch of {B} rows")
+    n = B // chunk_rows
+    split = lambda x: x.reshape(chunk_rows, n, *x.shape[1:]).swapaxes(0, 1)
+    join = lambda y: y.swapaxes(0, 1).reshape(B, *y.shape[2:])
+    out = jax.lax.map(lambda xs: rows(*xs), (split(tokens_BL), split(prompt_lengths_B), split(lengths_B)))
+    return jax.tree.map(join, out)
+
+
 def experience(
     params: dict[str, Any],
     cfgs: dict[str, model.ModelConfig],
@@ -113,18 +166,13 @@ def experience(
 
     ``params`` / ``cfgs`` hold the roles 'policy', 'value', 'ref' and 'reward'; ``lengths_B`` counts all real
     tokens (prompt + response); ``opts`` is the rollout section (kl_kind, gamma, lam, whiten_advantages,
-    reward_at, reward_norm, reward_clip, missing_eos_penalty). Old log-probs are recomputed with a full
-    forward pass (the numbers the loss compares against), at the sampling temperature.
+    reward_at, reward_norm, reward_clip, missing_eos_penalty; score_rows: ``score``'s chunk_rows). Old
+    log-probs are recomputed with a full forward pass (the numbers the loss compares against), at the
+    sampling temperature.
     """
-    logp_BL, mask_BL = logprobs.response_logprobs(
-        cfgs["policy"], params["policy"], tokens_BL, prompt_lengths_B, lengths_B, temperature=temperature
-    )
-    ref_logp_BL, _ = logprobs.response_logprobs(
-        cfgs["ref"], params["ref"], tokens_BL, prompt_lengths_B, lengths_B, temperature=temperature
-    )
-    values_BL = shift_right(model.apply(cfgs["value"], params["value"], tokens_BL).astype(jnp.float32))
-    values_BL = jnp.where(mask_BL, values_BL, 0.0)
-    rm_BL = model.apply(cfgs["reward"], params["reward"], tokens_BL).astype(jnp.float32)
+    out = score(params, cfgs, tokens_BL, prompt_lengths_B, lengths_B, temperature, opts.get("score_rows", 0))
+    logp_BL, mask_BL, ref_logp_BL, rm_BL = out["logp"], out["mask"], out["ref_logp"], out["rm"]
+    values_BL = jnp.where(mask_BL, shift_right(out["values"]), 0.0)
     if opts.reward_at == "mean":  # a reward model trained on its mean over the response (loss.reward_at)
         raw_score_B = jnp.sum(jnp.where(mask_BL, rm_BL, 0.0), 1) / jnp.maximum(jnp.sum(mask_BL, 1), 1)
     else:

@@ -111,6 +111,21 @@ def reward_at(config) -> str:
     return (run_config.get("loss") or {}).get("reward_at") or "last"
 
 
+def score_rows(config, cfgs: dict[str, model.ModelConfig], mesh) -> int:
+    """Rows per scoring forward pass: ``rollout.score_rows``, or (0) as many as keep one chunk's fp32 logits
+    under 2 GiB (``rl.score_chunk_rows``)."""
+    r = config.rollout
+    if r.get("score_rows", 0):
+        if r.batch_size % r.score_rows:
+            raise ValueError(
+                f"rollout.score_rows={r.score_rows} must divide rollout.batch_size={r.batch_size}"
+            )
+        return int(r.score_rows)
+    vocab = max(cfgs["policy"].vocab_size, cfgs["ref"].vocab_size)
+    row_bytes = (r.prompt_len + r.max_new_tokens) * vocab * 4
+    return rl.score_chunk_rows(r.batch_size, row_bytes, mesh.shape["data"] * mesh.shape["fsdp"])
+
+
 def encode_arrays(arrays: dict[str, np.ndarray]) -> str:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -141,8 +156,10 @@ class RolloutSource:
 
         self.config, self.mesh, self.minibatch = config, mesh, batch_size
         r = config.rollout
-        self.opts = FrozenConfigDict({**r.to_dict(), "reward_at": reward_at(config)})
         self.cfgs = {name: ctx.cfg_of(name) for name in ROLES}
+        self.opts = FrozenConfigDict(
+            {**r.to_dict(), "reward_at": reward_at(config), "score_rows": score_rows(config, self.cfgs, mesh)}
+        )
         check_config(config, self.cfgs, batch_size * jax.process_count())
         self.frozen = {"ref": ctx.frozen["ref"], "reward": ctx.frozen["reward"]}
         self.vocab = data.get_vocabulary(config.data)
