@@ -63,7 +63,9 @@ def get_config(arg: str | None = None):
     c.loss.ptx_coef = 27.8 if ptx else 0.0
     c.train.update(
         batch_size=32,  # the PPO minibatch
-        micro_batches=8 if ptx else 1,  # PPO-ptx adds 8 x 32 pretraining sequences to each minibatch
+        # 4 x 8 rows: a whole 32-row minibatch's saved activations alone are ~26 GB; PPO-ptx adds 8 x 32
+        # pretraining sequences to each minibatch
+        micro_batches=32 if ptx else 4,
         seq_len=c.rollout.prompt_len + c.rollout.max_new_tokens,
         steps=1600,  # 400 rollouts of 128 prompts
         checkpoint_every=100,
