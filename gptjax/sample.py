@@ -102,6 +102,20 @@ def _prefill(cfg, params, prompts_BP, positions_BP, prompt_lengths_B, cache):
     return logits_B1V[:, 0], cache
 
 
+def decode_params(cfg, params):
+    """Params for a decode loop: per-layer trees (``model.unstack_layers``) whose weight matrices and tables
+    are already in the compute dtype. The model casts each of them at use (norm scales, biases and the
+    scalar head stay as they are), so the outputs are the same, and a token reads bf16 weights once instead
+    of fp32 ones plus a cast."""
+    params = model_lib.unstack_layers(cfg, params)
+    dt = jnp.dtype(cfg.dtype)
+
+    def cast(a):
+        return a.astype(dt) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree.map(cast, params)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "cache_dtype"),
@@ -130,7 +144,11 @@ def _generate(
         _sample, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p
     )
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
-    params = model_lib.unstack_layers(cfg, params)  # once, not per token
+    # Layers unrolled, one cache buffer per layer: the attention (a Pallas kernel among others) then reads
+    # its layer's cache in place, where a slice of a stacked [N, B, S, K, D] cache is a copy of that layer's
+    # cache per token (the whole cache copied every step). Weights sliced and cast once, not per token.
+    cfg = cfg.replace(scan_layers=False)
+    params = decode_params(cfg, params)
 
     cache = model_lib.init_cache(cfg, B, P + T, dtype=cache_dtype)
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))

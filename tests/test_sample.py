@@ -344,3 +344,28 @@ def test_decode_logits_at_matches_full_prefill():
     assert some_B1V.shape == (2, 1, cfg.vocab_size)
     np.testing.assert_allclose(some_B1V[:, 0], full_BPV[jnp.arange(2), last_B], atol=1e-6)
     np.testing.assert_array_equal(cache_some["k"], cache_full["k"])
+
+
+def test_generation_reads_bf16_per_layer_weights_and_matches_either_layer_layout():
+    """bf16 compute on fp32 params: decode_params casts the weight matrices once (norms and biases stay
+    fp32) without changing a logit, and generation is the same for scanned and unrolled model configs."""
+    cfg = model.ModelConfig.llama(
+        vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_len=32, dtype="bfloat16"
+    )
+    unrolled = cfg.replace(scan_layers=False)
+    params = _params(cfg)
+    fast = sample.decode_params(unrolled, params)
+    kinds = {a.ndim >= 2: a.dtype for a in jax.tree.leaves(fast)}
+    assert kinds == {True: jnp.bfloat16, False: jnp.float32}
+    prompts = _prompts(cfg, B=2, P=6)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    a, _ = model.decode(unrolled, fast, prompts, pos, model.init_cache(unrolled, 2, 12))
+    b, _ = model.decode(
+        unrolled, model.unstack_layers(unrolled, params), prompts, pos, model.init_cache(unrolled, 2, 12)
+    )
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    outs = [
+        sample.generate(c, params, prompts, jax.random.key(3), max_new_tokens=5, temperature=0.0)
+        for c in (cfg.replace(scan_layers=True), unrolled)
+    ]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
