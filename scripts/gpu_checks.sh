@@ -37,7 +37,7 @@ fi
 if want 5; then
 section "5. PPO tokens/s: OPT-1.3B policy + 350M critic / reward (configs/ppo_1b.py), one GPU"
 # DeepSpeed-Chat's count: prompts x (prompt + answer length) per second, generation + scoring + training.
-for rb in ${PPO_ROLLOUTS:-128 256}; do
+for rb in ${PPO_ROLLOUTS:-128}; do
   timeout "${PPO_TIMEOUT:-240}" $PY scripts/bench_ppo.py --config configs/ppo_1b.py --config.rollout.batch_size="$rb" \
     --rollouts 4 --warmup 1 2>&1 | grep -v "libtpu\|^I1\|^W1" || echo "bench_ppo rollout $rb did not finish"
 done
