@@ -343,6 +343,18 @@ def load_params(
         raise FileNotFoundError(f"init_from: no checkpoint in {_ckpt_dir(path)}")
     _, meta = load_meta(path, step)
     role, prefix = _role(meta, role, path)
+    if cfg is not None:  # what the shapes cannot show: norms, activation, positions, rope settings
+        diff = [
+            d
+            for d in arch_differences(model_config_from_meta(meta, role), cfg)
+            if d.split(":")[0] in UNSHAPED
+        ]
+        if diff:
+            raise ValueError(
+                f"init_from {path} (role {role!r}) was trained with another architecture than the model "
+                f"config (checkpoint vs config): {'; '.join(diff)}. Set those model keys to the checkpoint's "
+                "values."
+            )
     item = "ema" if ema else "params"
     has_ema = item in os.listdir(os.path.join(_ckpt_dir(path), str(step)))
     if has_ema or not ema:
@@ -377,6 +389,21 @@ def load_params(
         sorted(set(saved) - set(restored)) or "none",
     )
     return jax.tree_util.tree_map_with_path(lambda path, x: restored.get(_name(path), x), target)
+
+
+# Architecture fields that leave every parameter shape unchanged: only a config comparison can catch them.
+UNSHAPED = (
+    "norm",
+    "norm_eps",
+    "mlp",
+    "pos",
+    "rope_theta",
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
+)
 
 
 def arch_differences(a: model.ModelConfig, b: model.ModelConfig) -> list[str]:

@@ -105,10 +105,12 @@ class MetricLog:
         self.writer, self.bar, self.file = None, None, None
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
-        self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+        # A resumed run replays the steps after its checkpoint: purge_step hides the killed run's events for
+        # them from TensorBoard, so no step is shown twice.
+        self.tb_dir = os.path.join(workdir, "tb")
+        self.writer = self._tb_writer(purge_step=initial + 1 if initial else None)
         path = os.path.join(workdir, "metrics.jsonl")
         drop_rows_after(path, initial)  # steps after the resumed checkpoint are replayed: log them once
         self.file = open(path, "a")
@@ -126,6 +128,21 @@ class MetricLog:
             logging.info("[%s] step %d %s", prefix, step, text)
         else:
             self.bar.write(f"[{prefix}] step {step} {text}")
+
+    def _tb_writer(self, purge_step: int | None = None):
+        from tensorboardX import SummaryWriter
+
+        # Event files named by the time in ns: they sort in the order they were written, and no two share a
+        # name (tensorboardX names a file by the second and would truncate an existing one).
+        return SummaryWriter(self.tb_dir, purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
+
+    def flush(self) -> None:
+        """Make every logged row durable: done at each checkpoint, so a killed run loses no row it will not
+        replay. TensorBoard events go through a writer thread whose flush() leaves queued events unwritten:
+        close() drains it, and the rows after the checkpoint go to a new event file."""
+        if self.enabled:
+            self.writer.close()
+            self.writer = self._tb_writer()
 
     def advance(self, loss: float | None = None) -> None:
         if self.bar is not None:
@@ -304,6 +321,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps or stop:
                 if pending is not None:  # the step's row is logged (and checked) before its checkpoint exists
                     last, pending = _flush(log, speed, nonfinite, pending, t), None
+                log.flush()
                 checkpoint.save(mngr, train_state, data_state=source.get_state(), meta=meta)
             if stop and step + 1 < t.steps:
                 mngr.wait_until_finished()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 from absl import app, flags, logging
@@ -172,8 +173,11 @@ def main(argv):
                 results[stage] = json.load(f)
             continue
         logging.info("=== stage %s -> %s", stage, workdir)
+        start = time.perf_counter()
         train.run(config, workdir)
+        trained = time.perf_counter()
         results[stage] = evaluate_stage(stage, config, workdir, get_vocabulary(config.data))
+        results[stage].update(train_s=trained - start, eval_s=time.perf_counter() - trained)
         with open(saved, "w") as f:
             json.dump(results[stage], f, indent=1)
     write_report(results)
@@ -277,6 +281,11 @@ def write_report(results: dict) -> None:
         ]
     losses = {s: report.fmt(r.get("final_train_loss")) for s, r in results.items()}
     lines += ["Final train loss: " + ", ".join(f"{s} {v}" for s, v in losses.items()) + ".", ""]
+    timed = {s: r for s, r in results.items() if "train_s" in r}
+    if timed:
+        total = sum(r["train_s"] + r["eval_s"] for r in timed.values())
+        parts = ", ".join(f"{s} {r['train_s']:.0f} + {r['eval_s']:.0f}" for s, r in timed.items())
+        lines += [f"Wall time, seconds (train + evaluation): {parts}; {total / 60:.1f} minutes in all.", ""]
     lines += [*plots, ""]
     for stage, r in results.items():
         if "samples" not in r:

@@ -86,3 +86,19 @@ def test_mismatch_error_names_the_parameter(tmp_path):
         checkpoint.restore(checkpoint.manager(str(tmp_path)), make_state(other))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.load_params(str(tmp_path / "empty"), model.init(CFG, jax.random.key(0)))
+
+
+def test_init_from_refuses_an_architecture_that_shapes_cannot_show(tmp_path):
+    """rope_theta, the norm and the activation change no shape: init_from names them (and the role)."""
+    save(str(tmp_path), make_state(), 1)
+    for field, value in (("rope_theta", 500000.0), ("norm_eps", 1e-6), ("mlp", "gelu")):
+        other = CFG.replace(**{field: value}) if field != "mlp" else CFG.replace(mlp="gelu", d_ff=64)
+        target = model.init(other, jax.random.key(0))
+        with pytest.raises(ValueError, match=rf"role 'model'.*{field}: .* vs .*Set those model keys"):
+            checkpoint.load_params(str(tmp_path), target, cfg=other)
+    same = checkpoint.load_params(
+        str(tmp_path), model.init(CFG, jax.random.key(1)), cfg=CFG.replace(max_len=16)
+    )
+    assert same["embed"].shape == (64, 32)
+    with pytest.raises(ValueError, match=r"has no role 'policy'; it holds \['model'\]"):
+        checkpoint.load_params(str(tmp_path), model.init(CFG, jax.random.key(1)), role="policy")

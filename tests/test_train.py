@@ -5,6 +5,7 @@ pipeline rerun on a finished workdir."""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -32,6 +33,26 @@ def tiny_config(stage, **overrides):
 def logged(workdir, split="train"):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def tensorboard_steps(logdir, tag):
+    """Steps of ``tag`` as TensorBoard shows them: event files in order, each SessionLog START at step s
+    dropping what came before at steps >= s."""
+    from tensorboardX.proto import event_pb2
+
+    kept = []
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 16 + n
+            if event.session_log.status == event_pb2.SessionLog.START:
+                kept = [step for step in kept if step < event.step]
+            kept += [event.step for v in event.summary.value if v.tag == tag]
+    return kept
 
 
 PRETRAIN_STEPS, SFT_STEPS = 40, 40
@@ -103,6 +124,9 @@ def test_kill_and_rerun_resumes(tmp_path):
     train.run(c, workdir)
     # every step logged once: rows the killed run wrote after its last checkpoint are replaced, not repeated
     assert [r["step"] for r in logged(workdir)] == list(range(5, saved[-1] + 11, 5))
+    # and TensorBoard (which drops earlier events at or after a restart's purge step) shows each step once
+    shown = tensorboard_steps(os.path.join(workdir, "tb"), "train/loss")
+    assert shown == list(range(5, saved[-1] + 11, 5))
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())[-1] == (
         saved[-1] + 10
     )
