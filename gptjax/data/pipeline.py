@@ -281,7 +281,11 @@ class DataIterator:
                 )
                 ds = t if ds is None else ds.concatenate(t)
             ds = ds.repeat()
-        return ds.skip(skip).as_numpy_iterator()
+        # No tf.data autotuning: its background thread made dropping a finished run's iterator wait up to
+        # ~45 s (idle, not computing) at the end of every stage, and a uid stream needs no tuning.
+        options = sources.import_tf().data.Options()
+        options.autotune.enabled = False
+        return ds.skip(skip).with_options(options).as_numpy_iterator()
 
     def _pull(self) -> int:
         return int(next(self._ids)["uid"])
