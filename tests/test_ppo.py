@@ -378,17 +378,20 @@ def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(ppo_inputs, tm
     sft, rm = ppo_inputs
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     last = train.run(tiny_ppo_config(sft, rm, 4), whole)  # 2 rollouts x 2 minibatches, a checkpoint a step
-    # A run killed just after step 3's checkpoint (inside the second rollout): its workdir without step 4.
+    # A run killed at a random moment after step 2's checkpoint (the end of the first rollout) or step 3's
+    # (inside the second): its workdir without the later checkpoints.
+    cut = int(np.random.default_rng().integers(2, 4))
     shutil.copytree(whole, split)
-    shutil.rmtree(os.path.join(split, "checkpoints", "4"))
-    assert checkpoint.load_meta(split)[0] == 3
+    for later in range(cut + 1, 5):
+        shutil.rmtree(os.path.join(split, "checkpoints", str(later)))
+    assert checkpoint.load_meta(split)[0] == cut
     train.run(tiny_ppo_config(sft, rm, 4), split)
 
     for role, ema in (("policy", False), ("value", False), ("policy", True)):
         _, a = checkpoint.load_model(whole, role=role, ema=ema)
         _, b = checkpoint.load_model(split, role=role, ema=ema)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, y, err_msg=f"{role}, resumed from step {cut}")
     # the policy moved, and the EMA trails it
     _, start = checkpoint.load_model(sft)
     _, pol = checkpoint.load_model(whole, role="policy")

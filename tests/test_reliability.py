@@ -281,13 +281,16 @@ class CrashAt:
         return getattr(self.inner, name)
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_a_run_killed_at_a_random_step_resumes_bitwise(stage, tmp_path, monkeypatch):
-    """SFT (LM stages) and the reward model: killed at a random step between checkpoints, rerun, and the
-    final params, optimizer state, EMA and step rows equal an uninterrupted run's."""
+    """SFT, the reward model and DPO (its frozen reference included): killed at a random step between
+    checkpoints, rerun: the final params, optimizer state, EMA and step rows equal an uninterrupted run's."""
     over = {**TINY, "train.steps": 7, "train.checkpoint_every": 2, "train.keep_checkpoints": 10}
-    if stage == "rm":
+    if stage in ("rm", "dpo"):
         over.pop("train.seq_len")  # the ranking batches keep their own length
+    if stage == "dpo":  # DPO starts from an SFT model, its frozen reference
+        train.run(tiny_config("sft", **{**TINY, "train.steps": 2}), str(tmp_path / "sft"))
+        over["train.init_from"] = str(tmp_path / "sft")
     c = tiny_config(stage, **over)
     c.optim.ema_decay = 0.9
     train.run(c, str(tmp_path / "whole"))
