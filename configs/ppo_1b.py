@@ -8,7 +8,8 @@ PPO settings (DESIGN.md §5) where one GPU allows them: 1 PPO epoch, clip 0.2, K
 lambda 0.95, EMA 0.992 of the policy; rollouts of 128 prompts (256 prompt + 256 generated tokens: the KV cache
 of 128 sequences is ~13 GB on top of ~40 GB of weights, Adam state and EMA), minibatches of 32. With
 ``ptx=/data/pretrain/*.jsonl`` it is PPO-ptx (coefficient 27.8, 8 pretraining sequences per RL sequence).
-Learning rates are DeepSpeed-Chat's for this pair (policy 9.65e-6, critic 5e-6).
+Learning rates are DeepSpeed-Chat's for this pair (policy 9.65e-6, critic 5e-6). Everything not named here
+is ``configs/ppo_13b.py``'s, which this config starts from.
 
 Throughput on synthetic prompts: ``python scripts/bench_ppo.py --config configs/ppo_1b.py`` (docs/gpu.md).
 Expected: the RM reward rises while the KL to the reference grows to a few nats per response.
@@ -16,61 +17,36 @@ Expected: the RM reward rises while the KL to the reference grows to a few nats 
 
 from __future__ import annotations
 
+import os
+
 from ml_collections import ConfigDict
 
 from gptjax import defaults
-from gptjax.model import ModelConfig
-
-
-def opt(d_model: int, n_layers: int, n_heads: int, head: str) -> ModelConfig:
-    return ModelConfig.opt(
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        head=head,
-        dtype="bfloat16",
-        param_dtype="float32",
-        remat="dots_no_batch",
-        attention_impl="pallas",  # our fused kernels: training attention and the decode kernel (GPU, TPU)
-    )
 
 
 def get_config(arg: str | None = None):
-    args = defaults.parse_arg(arg, {"sft": "", "rm": "", "prompts": "", "ptx": "", "tokenizer": ""})
-    c = defaults.base_config("ppo")
-    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.data = defaults.own_data("prompts", args["prompts"], args["tokenizer"])
-
-    def optim(lr: float, ema: float = 0.0) -> ConfigDict:
-        o = c.optim.copy_and_resolve_references()
-        o.update(lr=lr, warmup_steps=10, schedule="constant", ema_decay=ema)
-        return o
-
-    c.roles = ConfigDict(
-        {
-            "policy": defaults.trained_role(opt(2048, 24, 32, "lm"), optim(9.65e-6, ema=0.992), args["sft"]),
-            "value": defaults.trained_role(opt(1024, 24, 16, "scalar"), optim(5e-6), args["rm"]),
-        }
+    c = defaults.load_config(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppo_13b.py") + f":{arg or ''}"
     )
-    c.frozen = ConfigDict(
-        {"ref": defaults.frozen_role(args["sft"]), "reward": defaults.frozen_role(args["rm"])}
+    ptx = bool(
+        defaults.parse_arg(arg, {"sft": "", "rm": "", "prompts": "", "ptx": "", "tokenizer": ""})["ptx"]
     )
-    c.rollout = defaults.rollout_section()
-    c.rollout.update(batch_size=128, prompt_len=256, max_new_tokens=256, epochs=1)
-    ptx = bool(args["ptx"])
-    ptx_data = defaults.own_data("pretrain", args["ptx"], args["tokenizer"])
-    c.ptx = defaults.ptx_section(ptx_data, 8 if ptx else 0, c.rollout.prompt_len + c.rollout.max_new_tokens)
-    c.loss.ptx_coef = 27.8 if ptx else 0.0
-    c.train.update(
-        batch_size=32,  # the PPO minibatch
-        # 4 x 8 rows: a whole 32-row minibatch's saved activations alone are ~26 GB; PPO-ptx adds 8 x 32
-        # pretraining sequences to each minibatch
-        micro_batches=32 if ptx else 4,
-        seq_len=c.rollout.prompt_len + c.rollout.max_new_tokens,
-        steps=1600,  # 400 rollouts of 128 prompts
-        checkpoint_every=100,
-        log_every=4,
-    )
-    del c.optim  # each role has its own
-    c.lock()
+    with c.unlocked():
+        c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+        # OPT-1.3B; both roles on our fused kernels: training attention and the decode kernel (GPU, TPU)
+        c.roles.policy.model.update(d_model=2048, n_layers=24, n_heads=32, attention_impl="pallas")
+        c.roles.value.model.update(attention_impl="pallas")
+        c.rollout.batch_size = 128
+        c.rollout.mesh = ConfigDict({})  # one device: the training layout
+        c.ptx.ratio = 8 if ptx else 0
+        c.loss.ptx_coef = 27.8 if ptx else 0.0
+        c.train.update(
+            batch_size=32,  # the PPO minibatch
+            # 4 x 8 rows: a whole 32-row minibatch's saved activations alone are ~26 GB; PPO-ptx adds 8 x 32
+            # pretraining sequences to each minibatch
+            micro_batches=32 if ptx else 4,
+            steps=1600,  # 400 rollouts of 128 prompts
+            checkpoint_every=100,
+            log_every=4,
+        )
     return c

@@ -347,7 +347,7 @@ def load_params(
         diff = [
             d
             for d in arch_differences(model_config_from_meta(meta, role), cfg)
-            if d.split(":")[0] in UNSHAPED
+            if d.split(":")[0] in model.UNSHAPED_FIELDS
         ]
         if diff:
             raise ValueError(
@@ -389,21 +389,6 @@ def load_params(
         sorted(set(saved) - set(restored)) or "none",
     )
     return jax.tree_util.tree_map_with_path(lambda path, x: restored.get(_name(path), x), target)
-
-
-# Architecture fields that leave every parameter shape unchanged: only a config comparison can catch them.
-UNSHAPED = (
-    "norm",
-    "norm_eps",
-    "mlp",
-    "pos",
-    "rope_theta",
-    "rope_scaling",
-    "rope_factor",
-    "rope_low_freq_factor",
-    "rope_high_freq_factor",
-    "rope_original_max_len",
-)
 
 
 def arch_differences(a: model.ModelConfig, b: model.ModelConfig) -> list[str]:

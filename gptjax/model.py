@@ -156,21 +156,9 @@ class ModelConfig:
 
     @classmethod
     def opt(cls, **kw) -> ModelConfig:
-        """Meta's OPT: pre-LayerNorm, ReLU MLP of 4 x d_model, learned positions, biases, tied embeddings."""
-        base = dict(
-            family="opt",
-            vocab_size=50272,
-            norm="layernorm",
-            mlp="relu",
-            pos="learned",
-            max_len=2048,
-            tie_embeddings=True,
-            qkv_bias=True,
-            out_bias=True,
-            mlp_bias=True,
-            norm_eps=1e-5,
-        )
-        return cls(**{**base, **kw})
+        """Meta's OPT: GPT-2's block (pre-LayerNorm, biases, learned positions, tied embeddings) with a ReLU
+        MLP, OPT's vocabulary and context."""
+        return cls.gpt2(**{"family": "opt", "vocab_size": 50272, "mlp": "relu", "max_len": 2048, **kw})
 
 
 def unknown_fields(values: dict) -> list[str]:
@@ -191,16 +179,8 @@ def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     return total
 
 
-# Fields that define the function a model computes (not its numerics, head or adapters).
-ARCH_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "kv_heads",
-    "dim_head",
-    "dim_ff",
-    "max_len",
+# Architecture fields that leave every parameter shape unchanged: only a config comparison catches them.
+UNSHAPED_FIELDS = (
     "norm",
     "norm_eps",
     "mlp",
@@ -211,6 +191,18 @@ ARCH_FIELDS = (
     "rope_low_freq_factor",
     "rope_high_freq_factor",
     "rope_original_max_len",
+)
+# Fields that define the function a model computes (not its numerics, head or adapters).
+ARCH_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "kv_heads",
+    "dim_head",
+    "dim_ff",
+    "max_len",
+    *UNSHAPED_FIELDS,
     "tie_embeddings",
     "qkv_bias",
     "out_bias",
