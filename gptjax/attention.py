@@ -55,83 +55,123 @@ def xla_attention(
     v_BSKD: jax.Array,
     mask_BLS: jax.Array,
     softmax_scale: float | None = None,
+    chunks: int = 1,
 ) -> jax.Array:
     """Plain-jnp grouped-query attention with an explicit mask; fp32 softmax. Output dtype = q dtype.
 
-    The backward pass is written out (``_xla_attention_bwd``) rather than left to autodiff: autodiff of a
+    ``chunks`` > 1 (causal masks only) splits the queries into that many equal chunks; chunk c reads keys
+    up to its last row only, skipping the masked upper triangle of the scores (``causal_chunks``).
+
+    Layout: q, k, v are transposed once to heads-major [B, K, ..., D] with a kv head's G query heads folded
+    into the rows, so every product is one batched matmul in the layout XLA:CPU's dot wants; left to an
+    einsum over [B, L, H, D] operands, XLA re-lays out the score-sized operands inside each product. The
+    backward pass is written out (``_xla_attention_bwd``) rather than left to autodiff: autodiff of a
     masked softmax adds a gradient through the row max (which cancels), a separate pass for the division
     and one for the mask, each over the [B, H, L, S] scores; the written-out one is one elementwise pass.
     """
     D = q_BLHD.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    return _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale)
+    return _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks)
 
 
-def _probs(q_BLHD, k_BSKD, mask_BLS, scale):
-    """Softmax probabilities p_BKGLS (fp32; rows with no visible key are all zero)."""
-    B, L, H, D = q_BLHD.shape
-    K = k_BSKD.shape[2]
+def _bmm(x, y, contract_x: int, contract_y: int):
+    """Batched matmul over the leading (B, K) axes of two rank-4 operands, fp32 accumulation."""
+    B, K = x.shape[:2]
+    x3, y3 = x.reshape(B * K, *x.shape[2:]), y.reshape(B * K, *y.shape[2:])
+    dims = (((contract_x - 1,), (contract_y - 1,)), ((0,), (0,)))
+    out = jax.lax.dot_general(x3, y3, dims, preferred_element_type=jnp.float32)
+    return out.reshape(B, K, *out.shape[1:])
+
+
+def _to_rows(x_BLHD, K: int, chunks: int):
+    """[B, L, H, D] -> chunk-major rows [B, K, C, R, D]: query chunk c's rows of a kv head's G query heads
+    (R = G * L / C) side by side and contiguous, so a chunk is a plain slice (one transpose for all)."""
+    B, L, H, D = x_BLHD.shape
+    G, n = H // K, L // chunks
+    return x_BLHD.reshape(B, chunks, n, K, G, D).transpose(0, 3, 1, 4, 2, 5).reshape(B, K, chunks, G * n, D)
+
+
+def _from_rows(x_BKCRD, G: int):
+    """Inverse of ``_to_rows``."""
+    B, K, C, R, D = x_BKCRD.shape
+    n = R // G
+    return x_BKCRD.reshape(B, K, C, G, n, D).transpose(0, 2, 4, 1, 3, 5).reshape(B, C * n, K * G, D)
+
+
+def _chunk_keys(L: int, S: int, chunks: int, c: int) -> int:
+    """How many keys query chunk c reads: up to its last row, bottom-right aligned (all when one chunk)."""
+    return S if chunks == 1 else (c + 1) * (L // chunks) + S - L
+
+
+def _chunk_probs(q_BKRD, k_BKSD, mask_BnS, G: int):
+    """Softmax probabilities p_BKRS (fp32) of one query chunk; rows with no visible key are all zero.
+
+    Masked scores get a finite -1e30 bias (cheaper than a select over the scores, and a fully masked row
+    keeps a finite max); such a row's uniform probabilities are zeroed by the [B, n] visibility factor
+    folded into the normalisation, so no score-sized pass is spent on guards.
+    """
+    B, K, R, _ = q_BKRD.shape
+    s_BKGnS = _bmm(q_BKRD, k_BKSD, 3, 3).reshape(B, K, G, R // G, -1)
+    s_BKGnS = s_BKGnS + jnp.where(mask_BnS, 0.0, -1e30)[:, None, None]
+    p_BKGnS = jnp.exp(s_BKGnS - jnp.max(s_BKGnS, axis=-1, keepdims=True))
+    visible_B11n1 = jnp.any(mask_BnS, axis=-1, keepdims=True)[:, None, None].astype(jnp.float32)
+    p_BKGnS = p_BKGnS * (visible_B11n1 / jnp.sum(p_BKGnS, axis=-1, keepdims=True))
+    return p_BKGnS.reshape(B, K, R, -1)
+
+
+def _sum_key_chunks(chunks_BKSD, S: int):
+    """Sum per-chunk key gradients (chunk c covers the first keys only), zero-padded to all S keys."""
+    return sum(jnp.pad(x, ((0, 0), (0, 0), (0, S - x.shape[2]), (0, 0))) for x in chunks_BKSD)
+
+
+def _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks):
+    L, H = q_BLHD.shape[1:3]
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    G, n = H // K, L // chunks
     # Scaling q (B*L*H*D values) is cheaper than scaling the scores (B*H*L*S).
-    q_BLKGD = (q_BLHD * jnp.asarray(scale, q_BLHD.dtype)).reshape(B, L, K, H // K, D)
-    scores_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD, preferred_element_type=jnp.float32)
-    scores_BKGLS = jnp.where(mask_BLS[:, None, None], scores_BKGLS, -jnp.inf)
-    max_BKGL1 = jnp.max(scores_BKGLS, axis=-1, keepdims=True)
-    max_BKGL1 = jnp.where(jnp.isfinite(max_BKGL1), max_BKGL1, 0.0)
-    p_BKGLS = jnp.exp(scores_BKGLS - max_BKGL1)
-    denom_BKGL1 = jnp.sum(p_BKGLS, axis=-1, keepdims=True)
-    return p_BKGLS * (1.0 / jnp.where(denom_BKGL1 == 0.0, 1.0, denom_BKGL1))
+    q_BKCRD = _to_rows(q_BLHD * jnp.asarray(scale, q_BLHD.dtype), K, chunks)
+    k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
+    p_chunks, o_chunks = [], []
+    for c in range(chunks):
+        Sc = _chunk_keys(L, S, chunks, c)
+        mask_BnS = mask_BLS[:, c * n : (c + 1) * n, :Sc]
+        p_BKRS = _chunk_probs(q_BKCRD[:, :, c], k_BKSD[:, :, :Sc], mask_BnS, G)
+        p_chunks.append(p_BKRS)
+        o_chunks.append(_bmm(p_BKRS.astype(v_BSKD.dtype), v_BKSD[:, :, :Sc], 3, 2))
+    o_BKCRD = jnp.stack(o_chunks, axis=2).astype(q_BLHD.dtype)
+    return _from_rows(o_BKCRD, G), (q_BKCRD, k_BKSD, v_BKSD, mask_BLS, tuple(p_chunks), o_BKCRD)
 
 
-def _pv(p_BKGLS, v_BSKD, out_shape, dtype):
-    out_BLKGD = jnp.einsum(
-        "bkgls,bskd->blkgd", p_BKGLS.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32
-    )
-    return out_BLKGD.reshape(out_shape).astype(dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks):
+    return _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale):
-    return _pv(_probs(q_BLHD, k_BSKD, mask_BLS, scale), v_BSKD, q_BLHD.shape, q_BLHD.dtype)
-
-
-def _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale):
-    p_BKGLS = _probs(q_BLHD, k_BSKD, mask_BLS, scale)
-    out_BLHD = _pv(p_BKGLS, v_BSKD, q_BLHD.shape, q_BLHD.dtype)
-    return out_BLHD, (q_BLHD, k_BSKD, v_BSKD, mask_BLS, p_BKGLS, out_BLHD)
-
-
-def _xla_attention_bwd(scale, res, dout_BLHD):
+def _xla_attention_bwd(scale, chunks, res, dout_BLHD):
     """dS = P * (dP - rowsum(dO * O)): the softmax Jacobian applied in one pass (FlashAttention's form)."""
-    q_BLHD, k_BSKD, v_BSKD, mask_BLS, p_BKGLS, out_BLHD = res
-    B, L, H, D = q_BLHD.shape
-    K = k_BSKD.shape[2]
-    G = H // K
-    f32 = jnp.float32
-    dout_BLKGD = dout_BLHD.reshape(B, L, K, G, D)
-    dv_BSKD = jnp.einsum(
-        "bkgls,blkgd->bskd",
-        p_BKGLS.astype(v_BSKD.dtype),
-        dout_BLKGD.astype(v_BSKD.dtype),
-        preferred_element_type=f32,
+    q_BKCRD, k_BKSD, v_BKSD, mask_BLS, p_chunks, o_BKCRD = res
+    H = dout_BLHD.shape[2]
+    L, S, K = dout_BLHD.shape[1], k_BKSD.shape[2], k_BKSD.shape[1]
+    dt, kv_dt = q_BKCRD.dtype, v_BKSD.dtype
+    dout_BKCRD = _to_rows(dout_BLHD, K, chunks)
+    delta_BKCR1 = jnp.sum(
+        dout_BKCRD.astype(jnp.float32) * o_BKCRD.astype(jnp.float32), axis=-1, keepdims=True
     )
-    dp_BKGLS = jnp.einsum(
-        "blkgd,bskd->bkgls", dout_BLKGD.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=f32
-    )
-    delta_BLKG = jnp.sum(dout_BLHD.astype(f32) * out_BLHD.astype(f32), axis=-1).reshape(B, L, K, G)
-    delta_BKGL1 = jnp.transpose(delta_BLKG, (0, 2, 3, 1))[..., None]
-    ds_BKGLS = (p_BKGLS * (dp_BKGLS - delta_BKGL1)).astype(q_BLHD.dtype)
-    dq_BLKGD = jnp.einsum(
-        "bkgls,bskd->blkgd", ds_BKGLS, k_BSKD.astype(q_BLHD.dtype), preferred_element_type=f32
-    )
-    q_BLKGD = q_BLHD.reshape(B, L, K, G, D).astype(f32) * scale
-    dk_BSKD = jnp.einsum(
-        "bkgls,blkgd->bskd", ds_BKGLS, q_BLKGD.astype(q_BLHD.dtype), preferred_element_type=f32
-    )
-    dq_BLHD = (dq_BLKGD * scale).reshape(B, L, H, D)
+    dq_chunks, dk_chunks, dv_chunks = [], [], []
+    for c, p_BKRS in enumerate(p_chunks):
+        Sc = _chunk_keys(L, S, chunks, c)
+        dout_BKRD = dout_BKCRD[:, :, c].astype(kv_dt)
+        dv_chunks.append(_bmm(p_BKRS.astype(kv_dt), dout_BKRD, 2, 2))
+        dp_BKRS = _bmm(dout_BKRD, v_BKSD[:, :, :Sc], 3, 3)
+        ds_BKRS = (p_BKRS * (dp_BKRS - delta_BKCR1[:, :, c])).astype(dt)
+        dq_chunks.append(_bmm(ds_BKRS, k_BKSD[:, :, :Sc].astype(dt), 3, 2))
+        dk_chunks.append(_bmm(ds_BKRS, q_BKCRD[:, :, c], 2, 2))
+    dq_BLHD = _from_rows(jnp.stack(dq_chunks, axis=2) * scale, H // K)
+    dk_BKSD, dv_BKSD = _sum_key_chunks(dk_chunks, S), _sum_key_chunks(dv_chunks, S)
     return (
-        dq_BLHD.astype(q_BLHD.dtype),
-        dk_BSKD.astype(k_BSKD.dtype),
-        dv_BSKD.astype(v_BSKD.dtype),
+        dq_BLHD.astype(dt),
+        dk_BKSD.transpose(0, 2, 1, 3).astype(k_BKSD.dtype),
+        dv_BKSD.transpose(0, 2, 1, 3).astype(kv_dt),
         None,
     )
 
@@ -251,22 +291,7 @@ def attention(
         L, S = q_BLHD.shape[1], k_BSKD.shape[1]
         mask_BLS = attention_mask(L, S, causal, segment_ids_BL, kv_segment_ids_BS)
         chunks = causal_chunks(L, S) if causal else 1
-        if chunks == 1:
-            return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale)
-        # Query chunk c sees keys up to its last row only: (chunks + 1) / (2 * chunks) of the scores.
-        mask_BLS = jnp.broadcast_to(mask_BLS, (q_BLHD.shape[0], L, S))
-        n = L // chunks
-        outs = [
-            xla_attention(
-                q_BLHD[:, c * n : (c + 1) * n],
-                k_BSKD[:, : (c + 1) * n],
-                v_BSKD[:, : (c + 1) * n],
-                mask_BLS[:, c * n : (c + 1) * n, : (c + 1) * n],
-                softmax_scale,
-            )
-            for c in range(chunks)
-        ]
-        return jnp.concatenate(outs, axis=1)
+        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale, chunks)
     if impl == "cudnn":
         return cudnn_attention(
             q_BLHD,
