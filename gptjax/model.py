@@ -68,6 +68,9 @@ class ModelConfig:
     # saved activations in and out of the scan's stacked buffers. None: False on CPU, True elsewhere.
     scan_layers: bool | None = None
     attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'pallas'
+    # LM-head losses (gptjax.losses.vocab) build fp32 logits in sequence chunks of at most this many MiB
+    # for the whole batch, recomputed in the backward pass; a batch whose logits fit is one chunk.
+    logits_chunk_mb: float = 256.0
     # LoRA adapters (gptjax.lora): y = x @ W + (dropout(x) @ A) @ B * (lora_alpha / lora_rank); 0 = off
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -86,6 +89,7 @@ class ModelConfig:
             (self.pos != "rope" or self.dim_head % 2 == 0, "rope needs an even head_dim"),
             (self.rope_scaling in ("none", "linear", "llama3"), f"rope_scaling={self.rope_scaling!r}"),
             (self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0"),
+            (self.logits_chunk_mb > 0, f"logits_chunk_mb={self.logits_chunk_mb} must be > 0"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
             (
                 isinstance(self.lora_targets, (tuple, list)) and set(self.lora_targets) <= set(LORA_TARGETS),
@@ -266,7 +270,9 @@ class GPT(nnx.Module):
         w_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         return jnp.einsum("bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False, dropout_rng=None):
+    def __call__(
+        self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False, dropout_rng=None, head=True
+    ):
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
         graphdef, stacked = nnx.split(self.blocks)
         use_dropout = dropout_rng is not None and self.cfg.lora_rank > 0 and self.cfg.lora_dropout > 0
@@ -278,7 +284,7 @@ class GPT(nnx.Module):
 
         body = _remat(body, self.cfg.remat)
         x_BLD, _ = over_layers(self.cfg, lambda x_BLD, xs, _: body(x_BLD, xs), x_BLD, (stacked, keys_N))
-        out = self.head_out(x_BLD)
+        out = self.head_out(x_BLD) if head else self.final_norm(x_BLD)
         return (out, x_BLD) if return_hidden else out
 
     def decode(self, tokens_BL, positions_BL, cache, logits_at_B=None, layers=None):
@@ -413,12 +419,15 @@ def apply(
     *,
     return_hidden: bool = False,
     dropout_rng: jax.Array | None = None,
+    head: bool = True,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Forward pass: logits_BLV (fp32) for LM heads, values_BL (fp32) for scalar heads.
 
     ``segment_ids_BL`` (0 = padding) keeps packed documents from attending to each other; positions default
     to 0.. per segment. ``return_hidden`` also returns the final pre-norm hidden states hidden_BLD.
-    ``dropout_rng`` turns on LoRA dropout (cfg.lora_dropout); None = deterministic.
+    ``dropout_rng`` turns on LoRA dropout (cfg.lora_dropout); None = deterministic. ``head=False`` returns
+    the final-normed hidden states features_BLD instead of the head's output: with ``lm_head_weight`` they
+    give the logits chunk by chunk (``gptjax.losses.vocab``), never [B, L, V] at once.
     """
     if positions_BL is None:
         positions_BL = (
@@ -428,8 +437,20 @@ def apply(
         )
     model = nnx.merge(_abstract(cfg)[0], params)
     return model(
-        tokens_BL, positions_BL, segment_ids_BL, return_hidden=return_hidden, dropout_rng=dropout_rng
+        tokens_BL,
+        positions_BL,
+        segment_ids_BL,
+        return_hidden=return_hidden,
+        dropout_rng=dropout_rng,
+        head=head,
     )
+
+
+def lm_head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The LM head's [D, V] matrix (the embedding, transposed, when tied): logits = features @ it."""
+    if cfg.head != "lm":
+        raise ValueError(f"lm_head_weight: this model has head={cfg.head!r}, not an LM head")
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import model
-from gptjax.losses.lm import token_logprobs
+from gptjax.losses import vocab
 
 
 def response_mask(prompt_lengths_BK: jax.Array, lengths_BK: jax.Array, seq_len: int) -> jax.Array:
@@ -27,6 +27,30 @@ def forward(cfg, params, tokens_BKL: jax.Array, dropout_rng: jax.Array | None = 
     kwargs = {"dropout_rng": dropout_rng} if dropout_rng is not None else {}
     out = model.apply(cfg, params, tokens_BKL.reshape(-1, L), **kwargs)
     return out.reshape(*lead, *out.shape[1:])
+
+
+def next_token_terms(
+    cfg,
+    params,
+    tokens_NL: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    entropy: bool = False,
+    dropout_rng: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """``vocab.head_terms`` of each token given the ones before it, aligned with the tokens: [N, L] each,
+    0 at position 0 (no prediction). The logits are built in chunks, never [N, L, V] at once."""
+    kwargs = {"dropout_rng": dropout_rng} if dropout_rng is not None else {}
+    features_NLD = model.apply(cfg, params, tokens_NL, head=False, **kwargs)
+    terms = vocab.head_terms(
+        features_NLD[:, :-1],
+        model.lm_head_weight(cfg, params),
+        tokens_NL[:, 1:],
+        temperature=temperature,
+        entropy=entropy,
+        budget_mb=cfg.logits_chunk_mb,
+    )
+    return {k: jnp.pad(v, ((0, 0), (1, 0))) for k, v in terms.items()}
 
 
 def response_logprobs(
@@ -44,13 +68,11 @@ def response_logprobs(
     Aligned with the tokens, so ``logp * mask`` sums to the response's log-prob. ``temperature`` divides the
     logits first (PPO scores responses with the temperature it sampled them at).
     """
-    L = tokens_BKL.shape[-1]
-    logits_BKLV = forward(cfg, params, tokens_BKL, dropout_rng)
-    if not (isinstance(temperature, (int, float)) and temperature == 1.0):  # may be traced
-        logits_BKLV = logits_BKLV / temperature
-    # Logits at t - 1 predict token t; position 0 (BOS) has no prediction.
-    logp_BKL = token_logprobs(logits_BKLV[..., :-1, :], tokens_BKL[..., 1:])
-    logp_BKL = jnp.concatenate([jnp.zeros_like(logp_BKL[..., :1]), logp_BKL], axis=-1)
+    lead, L = tokens_BKL.shape[:-1], tokens_BKL.shape[-1]
+    tokens_NL = tokens_BKL.reshape(-1, L)
+    # Features at t - 1 predict token t; position 0 (BOS) has no prediction.
+    terms = next_token_terms(cfg, params, tokens_NL, temperature=temperature, dropout_rng=dropout_rng)
+    logp_BKL = terms["logp"].reshape(*lead, L)
     mask_BKL = response_mask(prompt_lengths_BK, lengths_BK, L) & (jnp.arange(L) >= 1)
     return jnp.where(mask_BKL, logp_BKL, 0.0), mask_BKL
 

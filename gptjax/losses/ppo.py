@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from gptjax import model
 from gptjax.losses import lm
-from gptjax.losses.logprobs import forward, response_mask
+from gptjax.losses.logprobs import next_token_terms, response_mask
 from gptjax.rl import shift_right
 
 
@@ -66,13 +66,8 @@ def denominators(batch: dict, ctx) -> dict:
 
 def policy_terms(cfg, params, batch: dict, temperature) -> tuple[jax.Array, jax.Array]:
     """(logp_BL, entropy_BL) of the policy at the sampling temperature, aligned with the tokens."""
-    tokens_BL = batch["tokens_BL"]
-    logits_BLV = forward(cfg, params, tokens_BL).astype(jnp.float32) / temperature
-    logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1], axis=-1)
-    logp_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
-    entropy_BL = -jnp.sum(jnp.exp(logp_BLV) * logp_BLV, axis=-1)
-    first = ((0, 0), (1, 0))  # position 0 (BOS) has no prediction
-    return jnp.pad(logp_BL, first), jnp.pad(entropy_BL, first)
+    terms = next_token_terms(cfg, params, batch["tokens_BL"], temperature=temperature, entropy=True)
+    return terms["logp"], terms["entropy"]
 
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:

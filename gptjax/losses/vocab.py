@@ -1,0 +1,100 @@
+"""Per-token terms of an LM head (log p(target), entropy, argmax hit) without the whole [B, L, V] logits.
+
+With a large vocabulary the fp32 logits of a batch dwarf everything else (LLaMA-3's 128k vocabulary at
+256 x 4096 tokens: 512 GB). ``head_terms`` takes the model's final-normed features and the head matrix
+(``model.apply(..., head=False)``, ``model.lm_head_weight``) and computes the logits one sequence chunk at
+a time under ``jax.lax.scan``; the chunk body is rematerialised, so the backward pass recomputes each
+chunk's logits instead of keeping them. Peak memory is one chunk's logits (``ModelConfig.logits_chunk_mb``)
+and the values and gradients are those of the one-block computation. When the logits fit in the budget
+the whole sequence is one chunk and nothing is scanned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gptjax import model
+
+
+def chunk_len(batch: int, seq_len: int, vocab: int, budget_mb: float) -> int:
+    """Positions per chunk: the most whose fp32 logits for the whole batch fit ``budget_mb`` MiB (>= 1)."""
+    per_position = batch * vocab * 4
+    return max(1, min(seq_len, int(budget_mb * 2**20 // per_position)))
+
+
+def _terms(features_BCD, w_DV, targets_BC, temperature, entropy: bool):
+    logits_BCV = jnp.einsum(
+        "bcd,dv->bcv", features_BCD, w_DV.astype(features_BCD.dtype), preferred_element_type=jnp.float32
+    )
+    if not (isinstance(temperature, (int, float)) and temperature == 1.0):  # may be traced
+        logits_BCV = logits_BCV / temperature
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    out = {"logp": target_BC - lse_BC}
+    if entropy:  # H = -sum(p log p)
+        logp_BCV = logits_BCV - lse_BC[..., None]
+        out["entropy"] = -jnp.sum(jnp.exp(logp_BCV) * logp_BCV, axis=-1)
+    hit_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
+    out["hit"] = jax.lax.stop_gradient(hit_BC.astype(jnp.float32))
+    return out
+
+
+def head_terms(
+    features_BLD: jax.Array,
+    w_DV: jax.Array,
+    targets_BL: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    entropy: bool = False,
+    budget_mb: float = 256.0,
+) -> dict[str, jax.Array]:
+    """{'logp': log p(target), 'hit': argmax == target (no gradient), 'entropy' if asked}, each [B, L] fp32.
+
+    The logits are ``features @ w / temperature`` in fp32; they are built ``chunk_len`` positions at a time
+    (the sequence is zero-padded to a whole number of chunks and the padding dropped from the outputs).
+    Leading dims of ``features`` beyond one batch axis are not supported: flatten them first.
+    """
+    B, L, D = features_BLD.shape
+    C = chunk_len(B, L, w_DV.shape[1], budget_mb)
+    if C >= L:
+        return _terms(features_BLD, w_DV, targets_BL, temperature, entropy)
+    n = math.ceil(L / C)
+    pad = n * C - L
+    f_NBCD = jnp.pad(features_BLD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).transpose(1, 0, 2, 3)
+    t_NBC = jnp.pad(targets_BL, ((0, 0), (0, pad))).reshape(B, n, C).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def chunk(f_BCD, t_BC):
+        return _terms(f_BCD, w_DV, t_BC, temperature, entropy)
+
+    _, out_N = jax.lax.scan(lambda carry, xs: (carry, chunk(*xs)), None, (f_NBCD, t_NBC))
+    return {k: v.transpose(1, 0, 2).reshape(B, n * C)[:, :L] for k, v in out_N.items()}
+
+
+def lm_terms(
+    cfg: model.ModelConfig,
+    params,
+    tokens_BL: jax.Array,
+    targets_BL: jax.Array,
+    positions_BL: jax.Array | None = None,
+    segment_ids_BL: jax.Array | None = None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    entropy: bool = False,
+    dropout_rng: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """``head_terms`` of the model's next-token predictions for ``tokens`` against ``targets`` (same
+    positions), with the chunk budget of ``cfg.logits_chunk_mb``."""
+    kwargs = {"dropout_rng": dropout_rng} if dropout_rng is not None else {}
+    features_BLD = model.apply(cfg, params, tokens_BL, positions_BL, segment_ids_BL, head=False, **kwargs)
+    return head_terms(
+        features_BLD,
+        model.lm_head_weight(cfg, params),
+        targets_BL,
+        temperature=temperature,
+        entropy=entropy,
+        budget_mb=cfg.logits_chunk_mb,
+    )
