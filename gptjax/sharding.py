@@ -32,21 +32,35 @@ RULES: dict[str, Any] = {
 }
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Call jax.distributed.initialize() when launched as one process of a multi-host job.
 
-    Detects an explicit coordinator (JAX_COORDINATOR_ADDRESS), SLURM with several tasks, Open MPI, or a
-    multi-worker Cloud TPU slice; single-process runs are left alone.
+    Explicit: ``coordinator_address`` (host:port of process 0), ``num_processes`` and ``process_id``, as
+    arguments (``scripts/train.py --coordinator_address ...``) or the environment variables
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID. Detected: SLURM with several tasks, Open MPI,
+    or a multi-worker Cloud TPU slice (JAX reads their variables). Single-process runs are left alone; a
+    second call is a no-op.
     """
     env = os.environ
-    multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    )
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator_address is not None:
+        given = {"num_processes": num_processes, "process_id": process_id}
+        for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if given[name] is None and var in env:
+                given[name] = int(env[var])
+        explicit = dict(coordinator_address=coordinator_address, **given)
+        multi = given["num_processes"] is None or given["num_processes"] > 1
+    else:
+        explicit = {}
+        multi = (
+            int(env.get("SLURM_NTASKS", "1")) > 1
+            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        )
     if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**explicit)
         logging.info("multi-host: process %d of %d", jax.process_index(), jax.process_count())
 
 
