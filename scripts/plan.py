@@ -1,0 +1,64 @@
+"""Will it fit? Compile a config's train step ahead of time for N devices and print the plan.
+
+    python scripts/plan.py --config configs/llama_1b.py --devices 8 --device_memory_gb 80
+    python scripts/plan.py --config configs/gpt2_124m.py --devices 1 --device_memory_gb 80 --mfu 0.45
+
+Runs on CPU with N simulated devices (nothing is allocated: params, optimizer state and batch are abstract
+arrays in their sharded layouts) and prints parameters and memory per device, the compiler's peak memory,
+FLOPs per step and the step time expected at ``--mfu`` of ``--peak_tflops`` (default: H100 dense bf16).
+Fused attention is planned with its real footprint (see ``gptjax.plan``). Exits 1 naming the biggest
+consumers when the plan does not fit. Config overrides work as in scripts/train.py.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Python config file (with :arg).", lock_config=True)
+flags.DEFINE_integer("devices", 8, "Devices to plan for (simulated on CPU).")
+flags.DEFINE_float("device_memory_gb", 80.0, "Memory per device, GiB.")
+flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for the step time.")
+flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s per device (H100 bf16: 989; TPU v5p: 459).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    # Before the backend starts: N CPU devices stand in for the accelerators.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={f.devices}"
+    ).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    from gptjax import plan as plan_lib
+
+    if jax.device_count() != f.devices:
+        raise app.UsageError(
+            f"--devices={f.devices} but JAX started with {jax.device_count()} devices: run plan.py in a "
+            "fresh process (nothing may initialise JAX before it)"
+        )
+    config = f.config
+    p = plan_lib.plan(config, f.device_memory_gb, mfu=f.mfu, peak_flops_per_device=f.peak_tflops * 1e12)
+    name = os.path.basename(config_flags.get_config_filename(f["config"]))
+    print(plan_lib.table(p, f"{name} ({config.stage})"))
+    if not p.fits:
+        lines = [f"  {b / plan_lib.GiB:8.2f} GiB  {what}" for what, b in p.biggest]
+        print(
+            f"\nDOES NOT FIT: peak {p.peak_bytes_per_device / plan_lib.GiB:.1f} GiB > "
+            f"{f.device_memory_gb:.0f} GiB per device. Params + optimizer + EMA take "
+            f"{p.state_bytes_per_device / plan_lib.GiB:.1f} GiB, activations and temporaries "
+            f"{p.temp_bytes_per_device / plan_lib.GiB:.1f} GiB; the largest temporaries:\n"
+            + "\n".join(lines)
+            + "\nTry more devices (FSDP), train.micro_batches, model.remat, or a shorter train.seq_len.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,87 @@
+"""The ahead-of-time planner: compiler numbers for an abstract sharded train step, fused attention
+footprint and the script's verdict."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from gptjax import defaults, model
+from gptjax import plan as plan_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_gpt2(stage="pretrain", seq_len=512, batch=16):
+    """configs/gpt2_124m.py cut to 2 layers of d 256 (fast to compile), FSDP over the 8 test devices."""
+    c = defaults.load_config(f"configs/gpt2_124m.py:stage={stage}")
+    c.unlock()
+    c.model.update(n_layers=2, d_model=256, n_heads=4, vocab_size=4096)
+    c.train.update(batch_size=batch, seq_len=seq_len)
+    return c
+
+
+def test_plan_reads_the_compilers_memory_and_model_flops():
+    c = small_gpt2()
+    p = plan_lib.plan(c, device_memory_gb=80, mfu=0.5, peak_flops_per_device=1e15)
+    n_params = model.num_params(model.config_from_dict(c.model.to_dict()))
+    assert p.devices == 8 and p.params == n_params
+    # fp32 params split 8 ways; Adam's two moments triple that
+    assert p.param_bytes_per_device == pytest.approx(n_params * 4 / 8, rel=0.05)
+    assert p.state_bytes_per_device == pytest.approx(3 * p.param_bytes_per_device, rel=0.05)
+    assert p.peak_bytes_per_device > p.state_bytes_per_device and p.temp_bytes_per_device > 0
+    assert p.fits
+    tokens = 16 * 512
+    flops = model.flops_per_token(model.config_from_dict(c.model.to_dict()), 512) * tokens / 8
+    assert p.flops_per_device == pytest.approx(flops)
+    assert p.step_seconds == pytest.approx(flops / (0.5 * 1e15))
+    assert "| device memory | 80 GiB: fits |" in plan_lib.table(p, "small")
+
+
+def test_fused_attention_is_planned_without_the_scores():
+    """Planned with the fused kernels' footprint, the [B, H, L, L] scores kept for the backward are gone."""
+    L = 1024
+    c = small_gpt2(seq_len=L, batch=2)
+    one = jax.devices()[:1]
+    fused = plan_lib.plan(c, device_memory_gb=80, devices=one)
+    reference = plan_lib.plan(c, device_memory_gb=80, fused_attention=False, devices=one)
+    scores_per_layer = 2 * 4 * L * L * 4  # 2 rows, 4 heads, fp32 (the reference keeps 5/8 of them, 2 layers)
+    assert reference.temp_bytes_per_device - fused.temp_bytes_per_device >= scores_per_layer
+    assert not any(f",{L},{L}]" in what or f"{L},{L}," in what for what, _ in fused.biggest)
+
+
+def test_plan_of_a_reward_model_stage():
+    c = defaults.load_config("configs/rm_350m.py")
+    c.unlock()
+    c.model.update(n_layers=2, d_model=256, n_heads=4, vocab_size=4096)
+    c.data.num_responses = 4
+    c.train.update(batch_size=8, seq_len=256)
+    p = plan_lib.plan(c, device_memory_gb=80)
+    assert p.fits and p.flops_per_device > 0
+    c.stage = "ppo"
+    with pytest.raises(ValueError, match="not planned yet"):
+        plan_lib.plan(c, device_memory_gb=80)
+
+
+def test_plan_script_names_the_biggest_consumers_when_it_does_not_fit():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    args = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "plan.py"),
+        "--config",
+        "configs/gpt2_124m.py",
+        "--devices",
+        "2",
+        "--device_memory_gb",
+        "4",
+        "--config.model.n_layers=2",
+    ]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "| devices (mesh) | 2 (data 1, fsdp 2, tensor 1) |" in done.stdout
+    assert "DOES NOT FIT" in done.stdout and "DOES NOT FIT: peak" in done.stderr
+    assert "GiB  f32[" in done.stderr or "GiB  bf16[" in done.stderr  # a named consumer with its shape
+    assert jax.device_count() == 8  # the script ran in its own process
