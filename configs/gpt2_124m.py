@@ -6,7 +6,9 @@ tokenizer=/ckpt/gpt2/tokenizer.json --workdir runs/gpt2_124m
 Data: ``data=`` is a glob of text files or JSONL (``{"text": ...}`` for pretrain, ``{"prompt", "response"}``
 or ``{"messages"}`` for sft); ``tokenizer=`` a Hugging Face tokenizer.json (bytes when omitted).
 Hardware: one or more GPUs/TPU chips; params are FSDP-sharded over every device, bf16 compute with fp32
-params and optimizer state. Set ``--config.model.attention_impl=pallas`` (GPU, TPU) or ``cudnn`` (GPU).
+params and optimizer state; 16 micro-batches of 32 sequences (``scripts/plan.py --config
+configs/gpt2_124m.py --devices 1``: 44 GiB peak on one device). Set ``--config.model.attention_impl=pallas``
+(GPU, TPU) or ``cudnn`` (GPU).
 Expected: on OpenWebText-like data, validation loss ~3.3 after ~5B tokens (the GPT-2 small recipe: lr 6e-4,
 batch 0.5M tokens, 1,024 context).
 """
@@ -38,7 +40,7 @@ def get_config(arg: str | None = None):
     c.train.update(
         steps=10000 if stage == "pretrain" else 2000,
         batch_size=512,
-        micro_batches=1,
+        micro_batches=16,
         seq_len=1024,
         log_every=20,
         eval_every=500,

@@ -4,7 +4,9 @@
 tokenizer=/ckpt/llama/tokenizer.json --workdir runs/llama_1b
 
 Hardware: 8 GPUs (H100 80G) or a TPU v4-8/v5e-8 and up; FSDP over all devices, bf16 compute, fp32 params and
-AdamW state (~20 GB of params + optimizer, sharded), activation remat of everything but batch-free matmuls.
+AdamW state (~20 GB of params + optimizer, sharded), activation remat of everything but batch-free matmuls,
+8 micro-batches of 32 sequences (``scripts/plan.py --config configs/llama_1b.py --devices 8``: 30 GiB
+peak per device).
 Set ``--config.model.attention_impl=pallas`` (GPU, TPU) or ``cudnn`` (GPU) for fused attention.
 Expected: tokens/s and MFU are logged every 10 steps; on 8x H100 aim for MFU >= 40%.
 """
@@ -41,7 +43,7 @@ def get_config(arg: str | None = None):
     c.train.update(
         steps=20000 if stage == "pretrain" else 2000,
         batch_size=256,
-        micro_batches=1,
+        micro_batches=8,
         seq_len=4096,
         log_every=10,
         eval_every=1000,

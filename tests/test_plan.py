@@ -19,7 +19,7 @@ def small_gpt2(stage="pretrain", seq_len=512, batch=16):
     c = defaults.load_config(f"configs/gpt2_124m.py:stage={stage}")
     c.unlock()
     c.model.update(n_layers=2, d_model=256, n_heads=4, vocab_size=4096)
-    c.train.update(batch_size=batch, seq_len=seq_len)
+    c.train.update(batch_size=batch, seq_len=seq_len, micro_batches=1)
     return c
 
 
@@ -85,3 +85,21 @@ def test_plan_script_names_the_biggest_consumers_when_it_does_not_fit():
     assert "DOES NOT FIT" in done.stdout and "DOES NOT FIT: peak" in done.stderr
     assert "GiB  f32[" in done.stderr or "GiB  bf16[" in done.stderr  # a named consumer with its shape
     assert jax.device_count() == 8  # the script ran in its own process
+
+
+def test_llama_1b_preset_plans_to_fit_eight_80gb_devices():
+    """configs/llama_1b.py on its stated hardware: the real shapes, FSDP over the 8 test devices."""
+    p = plan_lib.plan(defaults.load_config("configs/llama_1b.py"), device_memory_gb=80)
+    assert p.devices == 8 and p.fits, plan_lib.table(p, "llama_1b")
+    # activations are split by batch: no temporary holds the global batch of 256 sequences
+    assert not any("256,4096" in what for what, _ in p.biggest), p.biggest
+
+
+def test_gpt2_124m_preset_plans_to_fit_one_80gb_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    script = os.path.join(ROOT, "scripts", "plan.py")
+    args = [sys.executable, script, "--config", "configs/gpt2_124m.py", "--devices", "1"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "| device memory | 80 GiB: fits |" in done.stdout

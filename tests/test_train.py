@@ -167,7 +167,9 @@ def test_size_presets_run_end_to_end_when_shrunk(tmp_path, name):
     c.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=288)
     if c.model.n_kv_heads:
         c.model.n_kv_heads = 1
-    c.train.update(steps=3, batch_size=8, seq_len=32, log_every=1, eval_every=0, checkpoint_every=3)
+    c.train.update(
+        steps=3, batch_size=8, micro_batches=1, seq_len=32, log_every=1, eval_every=0, checkpoint_every=3
+    )
     c.optim.warmup_steps = 1
     last = train.run(c, str(tmp_path / "run"))
     assert np.isfinite(last["loss"]) and last["loss"] > 0
