@@ -103,3 +103,9 @@ def test_gpt2_124m_preset_plans_to_fit_one_80gb_device():
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert "| device memory | 80 GiB: fits |" in done.stdout
+
+
+def test_llama_8b_preset_plans_to_fit_eight_80gb_devices():
+    p = plan_lib.plan(defaults.load_config("configs/llama_8b.py"), device_memory_gb=80)
+    assert p.devices == 8 and p.fits, plan_lib.table(p, "llama_8b")
+    assert 7.9e9 < p.params < 8.1e9
