@@ -10,8 +10,9 @@ Attention: a CPU compile would plan the 'xla' reference, which holds [B, H, L, S
 (Pallas, cuDNN) hold only q, k, v, the output and a [B, H, L] log-sum-exp per layer. The plan compiles a
 stand-in with exactly that footprint (``flash_footprint``: those residuals, no scores).
 
-Planned stages: those whose batches come from data (pretrain, sft, rm). PPO and DPO plans need their
-frozen roles' and rollout layout's shapes and are not planned yet (a clear error says so).
+Planned stages: those whose batches come from data (pretrain, sft, rm, dpo; DPO's frozen reference is
+planned with the trained model's shapes, what it is unless ``config.frozen.ref`` names another model). PPO
+needs its rollout batch and generation layout and is not planned yet (a clear error says so).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gptjax import attention, model, roles, sharding, stages
 from gptjax import state as state_lib
 from gptjax import step as step_lib
 
-PLANNED_STAGES = ("pretrain", "sft", "rm")
+PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo")
 GiB = 2**30
 
 
@@ -98,7 +99,7 @@ def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
     if stage_name in ("pretrain", "sft"):
         shapes = {k: ((B, L), i32) for k in ("inputs_BL", "targets_BL", "segment_ids_BL", "positions_BL")}
         shapes["weights_BL"] = ((B, L), jnp.float32)
-    elif stage_name == "rm":
+    elif stage_name in ("rm", "dpo"):
         K = int(config.data.get("num_responses", 0) or 0)
         if K < 2:
             raise ValueError(
@@ -194,7 +195,13 @@ def plan(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
     )
     batch = abstract_batch(config, config.stage, mesh)
-    ctx = step_lib.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(config.loss))
+    frozen = {name: params for name in stage.frozen}  # DPO's ref: the model it starts from
+    ctx = step_lib.Ctx(
+        model_cfg=cfg,
+        loss_cfg=FrozenConfigDict(config.loss),
+        frozen=frozen,
+        frozen_cfgs=tuple((name, cfg) for name in stage.frozen),
+    )
     from gptjax.train import load_loss
 
     loss_mod = load_loss(config.loss.name)
@@ -208,7 +215,12 @@ def plan(
         mesh=mesh,
         state_shardings=state_shardings,
         batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
-        ctx_shardings=jax.tree.map(lambda _: sharding.replicated(mesh), ctx),
+        ctx_shardings=step_lib.Ctx(
+            model_cfg=cfg,
+            loss_cfg=ctx.loss_cfg,
+            frozen={name: param_shardings for name in frozen},
+            frozen_cfgs=ctx.frozen_cfgs,
+        ),
     )
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     stand_in = _planned_attention() if fused_attention else contextlib.nullcontext()

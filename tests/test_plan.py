@@ -109,3 +109,20 @@ def test_llama_8b_preset_plans_to_fit_eight_80gb_devices():
     p = plan_lib.plan(defaults.load_config("configs/llama_8b.py"), device_memory_gb=80)
     assert p.devices == 8 and p.fits, plan_lib.table(p, "llama_8b")
     assert 7.9e9 < p.params < 8.1e9
+
+
+def test_dpo_plan_holds_the_frozen_reference():
+    """DPO's plan holds a frozen copy of the model (the reference) beside the train state; SFT's not."""
+
+    def held(stage):  # what lives outside the temporaries: arguments + outputs - donated
+        c = defaults.load_config(f"configs/tiny.py:stage={stage}")
+        c.unlock()
+        if stage == "dpo":
+            c.data.num_responses = 2
+        p = plan_lib.plan(c, device_memory_gb=80)
+        return p.peak_bytes_per_device - p.temp_bytes_per_device, p
+
+    dpo, p = held("dpo")
+    sft, _ = held("sft")
+    assert dpo >= p.state_bytes_per_device + 0.99 * p.param_bytes_per_device
+    assert sft < p.state_bytes_per_device + 0.5 * p.param_bytes_per_device
