@@ -16,7 +16,8 @@ tensor-parallel over the 4 GPUs of an NVLink pair group and the batch split in t
 policy moved between the layouts on device every rollout. TPU: a v5p-32 / v4-32 slice with
 ``--config.mesh.fsdp=-1`` (16 chips) and ``--config.rollout.mesh.data=4`` (tensor 4 within a host's chips).
 Memory: the policy's fp32 params + Adam + EMA are ~210 GB, the frozen bf16 reference 26 GB, sharded over the
-8 GPUs; whether activations fit at these batch sizes is for ``scripts/plan.py`` (micro_batches, remat).
+8 GPUs; ``python scripts/plan.py --config configs/ppo_13b.py --devices 8`` plans the update at 58 GiB per
+device (policy remat 'full'; 'dots_no_batch' needs 85 GiB).
 Expected: the RM reward rises while the KL to the reference grows to a few nats per response; compare with
 DeepSpeed-Chat's step 3 (OPT-13B: ~435 tokens/s per A100-40G on 8 GPUs).
 """
@@ -29,7 +30,7 @@ from gptjax import defaults
 from gptjax.model import ModelConfig
 
 
-def opt(d_model: int, n_layers: int, n_heads: int, head: str) -> ModelConfig:
+def opt(d_model: int, n_layers: int, n_heads: int, head: str, remat: str = "dots_no_batch") -> ModelConfig:
     """An OPT shape in bf16 compute on fp32 params, with the update's activation remat."""
     return ModelConfig.opt(
         d_model=d_model,
@@ -38,7 +39,7 @@ def opt(d_model: int, n_layers: int, n_heads: int, head: str) -> ModelConfig:
         head=head,
         dtype="bfloat16",
         param_dtype="float32",
-        remat="dots_no_batch",
+        remat=remat,
     )
 
 
@@ -55,7 +56,11 @@ def get_config(arg: str | None = None):
 
     c.roles = ConfigDict(
         {
-            "policy": defaults.trained_role(opt(5120, 40, 40, "lm"), optim(9.65e-6, ema=0.992), args["sft"]),
+            # full remat: each minibatch carries 8 pretraining rows per RL row (PPO-ptx), and only 8
+            # micro-batches split 64 rows over 8 devices (scripts/plan.py: 58 GiB per device)
+            "policy": defaults.trained_role(
+                opt(5120, 40, 40, "lm", remat="full"), optim(9.65e-6, ema=0.992), args["sft"]
+            ),
             "value": defaults.trained_role(opt(1024, 24, 16, "scalar"), optim(5e-6), args["rm"]),
         }
     )

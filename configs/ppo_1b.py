@@ -34,7 +34,9 @@ def get_config(arg: str | None = None):
     with c.unlocked():
         c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
         # OPT-1.3B; both roles on our fused kernels: training attention and the decode kernel (GPU, TPU)
-        c.roles.policy.model.update(d_model=2048, n_layers=24, n_heads=32, attention_impl="pallas")
+        c.roles.policy.model.update(
+            d_model=2048, n_layers=24, n_heads=32, attention_impl="pallas", remat="dots_no_batch"
+        )
         c.roles.value.model.update(attention_impl="pallas")
         c.rollout.batch_size = 128
         c.rollout.mesh = ConfigDict({})  # one device: the training layout

@@ -10,9 +10,11 @@ Attention: a CPU compile would plan the 'xla' reference, which holds [B, H, L, S
 (Pallas, cuDNN) hold only q, k, v, the output and a [B, H, L] log-sum-exp per layer. The plan compiles a
 stand-in with exactly that footprint (``flash_footprint``: those residuals, no scores).
 
-Planned stages: those whose batches come from data (pretrain, sft, rm, dpo; DPO's frozen reference is
-planned with the trained model's shapes, what it is unless ``config.frozen.ref`` names another model). PPO
-needs its rollout batch and generation layout and is not planned yet (a clear error says so).
+Planned stages: pretrain, sft, rm, dpo and ppo's train step (a minibatch of experience plus PPO-ptx rows,
+policy and critic with their optimizer states and EMA, the frozen reference and reward model). Frozen roles
+are planned with the shapes of the trained role they start from or stand beside (reference = the policy,
+reward model = the critic), which is what the recipes do. Not planned yet: PPO's generation step in its
+rollout layout.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from gptjax import attention, model, roles, sharding, stages
 from gptjax import state as state_lib
 from gptjax import step as step_lib
 
-PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo")
+PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
 GiB = 2**30
 
 
@@ -41,6 +43,7 @@ class Plan:
     params: int  # trained parameters (all roles)
     param_bytes_per_device: float  # trained params, sharded
     state_bytes_per_device: float  # params + optimizer state + EMA, sharded
+    frozen_bytes_per_device: float  # frozen roles (reference, reward model), sharded
     peak_bytes_per_device: float  # the compiler's: arguments + outputs - donated + temporaries
     temp_bytes_per_device: float  # activations and other temporaries
     flops_per_device: float  # model FLOPs per step (6N + attention), per device
@@ -111,6 +114,18 @@ def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
             "prompt_lengths_BK": ((B, K), i32),
             "valid_BK": ((B, K), jnp.bool_),
         }
+    elif stage_name == "ppo":  # a minibatch of experience (gptjax.rl.experience) + PPO-ptx text
+        shapes = {k: ((B, L), i32) for k in ("tokens_BL",)}
+        shapes.update({k: ((B,), i32) for k in ("prompt_lengths_B", "lengths_B")})
+        f32 = jnp.float32
+        shapes.update(
+            {k: ((B, L), f32) for k in ("old_logp_BL", "old_values_BL", "advantages_BL", "returns_BL")}
+        )
+        if config.ptx.ratio > 0:
+            P, Lp = int(config.ptx.ratio * B), config.ptx.seq_len
+            for k in ("inputs_BL", "targets_BL", "segment_ids_BL", "positions_BL"):
+                shapes[f"ptx_{k}"] = ((P, Lp), i32)
+            shapes["ptx_weights_BL"] = ((P, Lp), f32)
     else:
         raise ValueError(f"plan: stage {stage_name!r} is not planned yet; planned stages: {PLANNED_STAGES}")
     return {
@@ -178,48 +193,65 @@ def plan(
         )
         for r in trained
     ]
-    if roles.keyed(trained) or trained[0].cfg.lora_rank > 0:
-        raise ValueError("plan: multi-role and LoRA stages are not planned yet")
+    from gptjax.train import check_config, load_loss
+
+    for r in trained:  # what train.py would refuse (e.g. micro-batches that do not split over the devices)
+        check_config(config, r.cfg, mesh)
+    if any(r.cfg.lora_rank > 0 for r in trained):
+        raise ValueError("plan: LoRA stages are not planned yet")
+    keyed = roles.keyed(trained)
+    cfgs = {r.name: r.cfg for r in trained}
     cfg = trained[0].cfg
     optimizer, schedules = roles.make_optimizer(trained, config.train.steps)
     decay = roles.ema_decays(trained)
-    param_shardings = model.param_shardings(cfg, mesh)
-    params = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        model.param_shapes(cfg),
-        param_shardings,
-    )
-    state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=decay > 0), params)
+
+    def abstract_params(cfg):
+        shardings = model.param_shardings(cfg, mesh)
+        shapes = model.param_shapes(cfg)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+        )
+
+    if keyed:
+        params = {name: abstract_params(c) for name, c in cfgs.items()}
+    else:
+        params = abstract_params(cfg)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    ema = tuple(decay) if keyed else decay > 0
+    state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=ema), params)
     state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
     )
     batch = abstract_batch(config, config.stage, mesh)
-    frozen = {name: params for name in stage.frozen}  # DPO's ref: the model it starts from
+    # Frozen roles have the shapes of the trained role they start from or stand beside: DPO's and PPO's
+    # reference is the policy (the SFT model), PPO's reward model the critic (initialised from it).
+    like = {"ref": "policy" if keyed else roles.SINGLE, "reward": "value"}
+    frozen_cfgs = tuple((name, cfgs[like[name]]) for name in stage.frozen)
+    frozen = {name: abstract_params(c) for name, c in frozen_cfgs}
+    scalars = {"temperature": jax.ShapeDtypeStruct((), jnp.float32)} if config.stage == "ppo" else {}
     ctx = step_lib.Ctx(
         model_cfg=cfg,
         loss_cfg=FrozenConfigDict(config.loss),
         frozen=frozen,
-        frozen_cfgs=tuple((name, cfg) for name in stage.frozen),
+        frozen_cfgs=frozen_cfgs,
+        role_cfgs=tuple(cfgs.items()),
+        scalars=scalars,
     )
-    from gptjax.train import load_loss
-
     loss_mod = load_loss(config.loss.name)
     train_step = step_lib.make_train_step(
         loss_mod.loss_fn,
         optimizer,
         micro_batches=config.train.micro_batches,
         ema_decay=decay,
-        lr_schedule=schedules[roles.SINGLE],
+        lr_schedule=schedules if keyed else schedules[roles.SINGLE],
         denominators_fn=getattr(loss_mod, "denominators", None),
         mesh=mesh,
         state_shardings=state_shardings,
         batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
-        ctx_shardings=step_lib.Ctx(
-            model_cfg=cfg,
-            loss_cfg=ctx.loss_cfg,
-            frozen={name: param_shardings for name in frozen},
-            frozen_cfgs=ctx.frozen_cfgs,
+        ctx_shardings=ctx.replace(
+            frozen=jax.tree.map(lambda x: x.sharding, frozen),
+            scalars={k: sharding.replicated(mesh) for k in scalars},
         ),
     )
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
@@ -233,15 +265,24 @@ def plan(
         - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes
     )
+    # jit drops arguments the step does not read (PPO's loss never reads the frozen models the rollout
+    # uses); they are on the device all the same.
+    held = _bytes_per_device(abstract_state) + _bytes_per_device(frozen) + _bytes_per_device(batch)
+    peak += max(0.0, held - mem.argument_size_in_bytes)
     n = mesh.size
     tokens = math.prod(batch[next(iter(batch))].shape)
-    flops = model.flops_per_token(cfg, config.train.seq_len) * tokens / n
+    flops = sum(model.flops_per_token(c, config.train.seq_len) for c in cfgs.values()) * tokens
+    if "ptx_inputs_BL" in batch:  # the policy's LM loss on the pretraining rows
+        ptx = batch["ptx_inputs_BL"].shape
+        flops += model.flops_per_token(cfgs["policy"], ptx[1]) * math.prod(ptx)
+    flops /= n
     return Plan(
         devices=n,
         mesh=dict(mesh.shape),
-        params=model.num_params(cfg),
+        params=sum(model.num_params(c) for c in cfgs.values()),
         param_bytes_per_device=_bytes_per_device(params),
         state_bytes_per_device=_bytes_per_device(abstract_state),
+        frozen_bytes_per_device=_bytes_per_device(frozen),
         peak_bytes_per_device=float(peak),
         temp_bytes_per_device=float(mem.temp_size_in_bytes),
         flops_per_device=flops,
@@ -259,8 +300,9 @@ def table(p: Plan, name: str) -> str:
         ("trained parameters", f"{p.params / 1e9:.3f} B"),
         ("params per device", f"{p.param_bytes_per_device / GiB:.2f} GiB"),
         ("params + optimizer + EMA per device", f"{p.state_bytes_per_device / GiB:.2f} GiB"),
+        ("frozen roles per device", f"{p.frozen_bytes_per_device / GiB:.2f} GiB"),
         ("activations and temporaries per device", f"{p.temp_bytes_per_device / GiB:.2f} GiB"),
-        ("peak memory per device (compiler)", f"{p.peak_bytes_per_device / GiB:.2f} GiB"),
+        ("peak memory per device", f"{p.peak_bytes_per_device / GiB:.2f} GiB"),
         ("device memory", f"{p.device_memory_bytes / GiB:.0f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}"),
         ("model FLOPs per step per device", f"{p.flops_per_device:.3e}"),
         ("expected step time (at the stated MFU)", step),

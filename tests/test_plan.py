@@ -57,11 +57,15 @@ def test_plan_of_a_reward_model_stage():
     c.unlock()
     c.model.update(n_layers=2, d_model=256, n_heads=4, vocab_size=4096)
     c.data.num_responses = 4
-    c.train.update(batch_size=8, seq_len=256)
+    c.train.update(batch_size=8, seq_len=256, micro_batches=1)
     p = plan_lib.plan(c, device_memory_gb=80)
     assert p.fits and p.flops_per_device > 0
-    c.stage = "ppo"
+    c.model.lora_rank = 4
     with pytest.raises(ValueError, match="not planned yet"):
+        plan_lib.plan(c, device_memory_gb=80)
+    c.model.lora_rank = 0
+    c.train.micro_batches = 3  # 8 rows do not split into 3 micro-batches over 8 devices: train.py refuses it
+    with pytest.raises(ValueError, match="micro_batches"):
         plan_lib.plan(c, device_memory_gb=80)
 
 
@@ -126,3 +130,22 @@ def test_dpo_plan_holds_the_frozen_reference():
     sft, _ = held("sft")
     assert dpo >= p.state_bytes_per_device + 0.99 * p.param_bytes_per_device
     assert sft < p.state_bytes_per_device + 0.5 * p.param_bytes_per_device
+
+
+def test_ppo_13b_preset_plans_to_fit_eight_80gb_devices():
+    """The PPO update: policy and critic with Adam and EMA, frozen reference and reward model, 64 RL rows
+    plus 512 PPO-ptx rows a minibatch in 8 micro-batches."""
+    p = plan_lib.plan(defaults.load_config("configs/ppo_13b.py"), device_memory_gb=80)
+    assert p.devices == 8 and p.fits, plan_lib.table(p, "ppo_13b")
+    assert 13.1e9 < p.params < 13.3e9  # OPT-13B-shaped policy + 350M-class critic
+    assert p.frozen_bytes_per_device > 0.9 * p.param_bytes_per_device  # reference + reward model
+
+
+def test_ppo_1b_preset_plans_to_fit_one_80gb_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    script = os.path.join(ROOT, "scripts", "plan.py")
+    args = [sys.executable, script, "--config", "configs/ppo_1b.py", "--devices", "1"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "| device memory | 80 GiB: fits |" in done.stdout
