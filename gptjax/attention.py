@@ -18,11 +18,12 @@ single-token decoding when impl == 'pallas'.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from gptjax import sharding
 
 IMPLS = ("xla", "cudnn", "pallas")
 
@@ -197,11 +198,8 @@ def _mesh_axes(batch: int, heads: tuple[int, ...]):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None, None, None
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-    if not batch_axes or batch % math.prod(sizes[a] for a in batch_axes):
-        batch_axes = None
-    t = sizes.get("tensor", 1)
+    batch_axes = sharding.context_batch_axes(mesh, batch)
+    t = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get("tensor", 1)
     head_axis = "tensor" if t > 1 and all(h % t == 0 for h in heads) else None
     return mesh, batch_axes, head_axis
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import attention as attn_lib
+from gptjax import sharding
 from gptjax.layers import LORA_TARGETS, Block, Norm, make_param
 
 Params = dict[str, Any]
@@ -273,7 +274,7 @@ class GPT(nnx.Module):
     def __call__(
         self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False, dropout_rng=None, head=True
     ):
-        x_BLD = batch_sharded(self.embed_tokens(tokens_BL, positions_BL))
+        x_BLD = sharding.batch_sharded(self.embed_tokens(tokens_BL, positions_BL))
         graphdef, stacked = nnx.split(self.blocks)
         use_dropout = dropout_rng is not None and self.cfg.lora_rank > 0 and self.cfg.lora_dropout > 0
         keys_N = jax.random.split(dropout_rng, self.cfg.n_layers) if use_dropout else None
@@ -310,27 +311,6 @@ class GPT(nnx.Module):
         if logits_at_B is not None:  # project one position per row: a prefill never builds [B, P, V]
             x_BLD = jnp.take_along_axis(x_BLD, logits_at_B[:, None, None], axis=1)
         return self.head_out(x_BLD), {"k": k_cache, "v": v_cache}
-
-
-def batch_sharded(x_B: jax.Array) -> jax.Array:
-    """Pin activations to the batch split of the context mesh (``jax.set_mesh``; no-op without one).
-
-    With FSDP the embedding table is split on 'embed' over the same mesh axis that splits the batch; left
-    alone, XLA's sharding propagation resolves the token lookup by gathering the whole batch onto every
-    device and splitting the activations on d_model, so every device runs every layer on the global batch.
-    Pinned, the lookup's output is split by batch and FSDP gathers each layer's weights instead.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
-        return x_B
-    from gptjax import sharding
-
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    axes = tuple(a for a in sharding.RULES["batch"] if sizes.get(a, 1) > 1)
-    if not axes or x_B.shape[0] % math.prod(sizes[a] for a in axes):
-        return x_B
-    spec = jax.sharding.PartitionSpec(axes, *([None] * (x_B.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x_B, spec)
 
 
 def over_layers(cfg: ModelConfig, body, carry, xs, unstacked: bool = False):
@@ -410,8 +390,6 @@ def _init_fn(cfg: ModelConfig, mesh: jax.sharding.Mesh | None):
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
     """Params-shaped pytree of NamedSharding: the logical axes mapped by ``gptjax.sharding``'s one table."""
-    from gptjax import sharding
-
     return sharding.shardings_for(logical_axes(cfg), param_shapes(cfg), mesh)
 
 

@@ -134,6 +134,11 @@ def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
     }
 
 
+def _placed(shapes, shardings):
+    """Abstract arrays: each shape / dtype of ``shapes`` with the matching sharding of ``shardings``."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def _bytes_per_device(tree) -> float:
     total = 0.0
     for x in jax.tree.leaves(tree):
@@ -206,11 +211,7 @@ def plan(
     decay = roles.ema_decays(trained)
 
     def abstract_params(cfg):
-        shardings = model.param_shardings(cfg, mesh)
-        shapes = model.param_shapes(cfg)
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-        )
+        return _placed(model.param_shapes(cfg), model.param_shardings(cfg, mesh))
 
     if keyed:
         params = {name: abstract_params(c) for name, c in cfgs.items()}
@@ -220,9 +221,7 @@ def plan(
     ema = tuple(decay) if keyed else decay > 0
     state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=ema), params)
     state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
-    )
+    abstract_state = _placed(state_shape, state_shardings)
     batch = abstract_batch(config, config.stage, mesh)
     # Frozen roles have the shapes of the trained role they start from or stand beside: DPO's and PPO's
     # reference is the policy (the SFT model), PPO's reward model the critic (initialised from it).

@@ -144,5 +144,32 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return jax.tree.map(put, batch)
 
 
+def context_batch_axes(mesh, batch: int) -> tuple[str, ...] | None:
+    """The batch axes (``RULES['batch']``) of size > 1 of ``mesh`` (an abstract context mesh), when their
+    product divides ``batch``; else None (nothing to split the batch over)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    axes = tuple(a for a in RULES["batch"] if sizes.get(a, 1) > 1)
+    if not axes or batch % math.prod(sizes[a] for a in axes):
+        return None
+    return axes
+
+
+def batch_sharded(x_B: jax.Array) -> jax.Array:
+    """Pin activations to the batch split of the context mesh (``jax.set_mesh``; no-op without one).
+
+    With FSDP the embedding table is split on 'embed' over the same mesh axis that splits the batch; left
+    alone, XLA's sharding propagation resolves the token lookup by gathering the whole batch onto every
+    device and splitting the activations on d_model, so every device runs every layer on the global batch.
+    Pinned, the lookup's output is split by batch and FSDP gathers each layer's weights instead.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return x_B
+    axes = context_batch_axes(mesh, x_B.shape[0])
+    if axes is None:
+        return x_B
+    return jax.lax.with_sharding_constraint(x_B, P(axes, *([None] * (x_B.ndim - 1))))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

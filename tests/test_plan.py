@@ -14,6 +14,16 @@ from gptjax import plan as plan_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_plan_script(*args: str) -> subprocess.CompletedProcess:
+    """scripts/plan.py in its own process (it sets the device count before JAX starts)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    script = os.path.join(ROOT, "scripts", "plan.py")
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 def small_gpt2(stage="pretrain", seq_len=512, batch=16):
     """configs/gpt2_124m.py cut to 2 layers of d 256 (fast to compile), FSDP over the 8 test devices."""
     c = defaults.load_config(f"configs/gpt2_124m.py:stage={stage}")
@@ -70,20 +80,10 @@ def test_plan_of_a_reward_model_stage():
 
 
 def test_plan_script_names_the_biggest_consumers_when_it_does_not_fit():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    args = [
-        sys.executable,
-        os.path.join(ROOT, "scripts", "plan.py"),
-        "--config",
-        "configs/gpt2_124m.py",
-        "--devices",
-        "2",
-        "--device_memory_gb",
-        "4",
-        "--config.model.n_layers=2",
-    ]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = run_plan_script(
+        *("--config", "configs/gpt2_124m.py", "--devices", "2"),
+        *("--device_memory_gb", "4", "--config.model.n_layers=2"),
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "| devices (mesh) | 2 (data 1, fsdp 2, tensor 1) |" in done.stdout
     assert "DOES NOT FIT" in done.stdout and "DOES NOT FIT: peak" in done.stderr
@@ -100,11 +100,7 @@ def test_llama_1b_preset_plans_to_fit_eight_80gb_devices():
 
 
 def test_gpt2_124m_preset_plans_to_fit_one_80gb_device():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    script = os.path.join(ROOT, "scripts", "plan.py")
-    args = [sys.executable, script, "--config", "configs/gpt2_124m.py", "--devices", "1"]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = run_plan_script("--config", "configs/gpt2_124m.py", "--devices", "1")
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert "| device memory | 80 GiB: fits |" in done.stdout
 
@@ -142,10 +138,6 @@ def test_ppo_13b_preset_plans_to_fit_eight_80gb_devices():
 
 
 def test_ppo_1b_preset_plans_to_fit_one_80gb_device():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    script = os.path.join(ROOT, "scripts", "plan.py")
-    args = [sys.executable, script, "--config", "configs/ppo_1b.py", "--devices", "1"]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = run_plan_script("--config", "configs/ppo_1b.py", "--devices", "1")
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert "| device memory | 80 GiB: fits |" in done.stdout

@@ -42,13 +42,8 @@ def next_token_terms(
     0 at position 0 (no prediction). The logits are built in chunks, never [N, L, V] at once."""
     kwargs = {"dropout_rng": dropout_rng} if dropout_rng is not None else {}
     features_NLD = model.apply(cfg, params, tokens_NL, head=False, **kwargs)
-    terms = vocab.head_terms(
-        features_NLD[:, :-1],
-        model.lm_head_weight(cfg, params),
-        tokens_NL[:, 1:],
-        temperature=temperature,
-        entropy=entropy,
-        budget_mb=cfg.logits_chunk_mb,
+    terms = vocab.model_head_terms(
+        cfg, params, features_NLD[:, :-1], tokens_NL[:, 1:], temperature=temperature, entropy=entropy
     )
     return {k: jnp.pad(v, ((0, 0), (1, 0))) for k, v in terms.items()}
 

@@ -86,10 +86,22 @@ def lm_terms(
     entropy: bool = False,
     dropout_rng: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """``head_terms`` of the model's next-token predictions for ``tokens`` against ``targets`` (same
-    positions), with the chunk budget of ``cfg.logits_chunk_mb``."""
+    """``model_head_terms`` of the model's predictions for ``tokens`` against ``targets`` (same positions)."""
     kwargs = {"dropout_rng": dropout_rng} if dropout_rng is not None else {}
     features_BLD = model.apply(cfg, params, tokens_BL, positions_BL, segment_ids_BL, head=False, **kwargs)
+    return model_head_terms(cfg, params, features_BLD, targets_BL, temperature=temperature, entropy=entropy)
+
+
+def model_head_terms(
+    cfg: model.ModelConfig,
+    params,
+    features_BLD: jax.Array,
+    targets_BL: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    entropy: bool = False,
+) -> dict[str, jax.Array]:
+    """``head_terms`` with the model's LM head and its config's chunk budget (``cfg.logits_chunk_mb``)."""
     return head_terms(
         features_BLD,
         model.lm_head_weight(cfg, params),
