@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
         )
         c.roles.value.model.update(attention_impl="pallas")
         c.rollout.batch_size = 128
+        c.rollout.generate_rows = 0  # all 128 in one call (KV cache 12 GiB)
         c.rollout.mesh = ConfigDict({})  # one device: the training layout
         c.ptx.ratio = 8 if ptx else 0
         c.loss.ptx_coef = 27.8 if ptx else 0.0

@@ -77,6 +77,11 @@ LOSS_OPTIONS = {
     "dpo": {"beta": 0.1, "label_smoothing": 0.0},
     # PPO (InstructGPT: clip 0.2); ptx_coef: PPO-ptx's gamma (InstructGPT 27.8) with config.ptx.ratio > 0
     "ppo": {"clip": 0.2, "value_clip": 0.2, "vf_coef": 0.5, "entropy_coef": 0.0, "ptx_coef": 0.0},
+    # GRPO (Shao et al. 2024): kl_coef on the k3 KL to the reference in the loss (the paper's 0.04);
+    # std_eps: A = (r - mean) / (std + std_eps) over each group of rollout.samples_per_prompt responses
+    "grpo": {"clip": 0.2, "kl_coef": 0.04, "std_eps": 1e-4},
+    # RLOO (Ahmadian et al. 2024): the KL to the reference is in the reward (rollout.kl_coef)
+    "rloo": {"clip": 0.2},
 }
 
 
@@ -96,10 +101,14 @@ def frozen_role(init_from: str = "", role: str = "", ema: bool = False) -> Confi
 
 
 def rollout_section() -> ConfigDict:
-    """PPO's rollouts and experience (InstructGPT defaults where the paper gives them, DESIGN.md §5)."""
+    """Rollouts and experience of PPO, GRPO and RLOO (InstructGPT defaults where the paper gives them,
+    DESIGN.md §5); gamma, lam and whiten_advantages shape PPO's GAE only."""
     return ConfigDict(
         {
-            "batch_size": 512,  # prompts per rollout (global); a multiple of train.batch_size (the minibatch)
+            "batch_size": 512,  # responses (rows) per rollout, global; a multiple of train.batch_size
+            # N responses to each prompt, in adjacent rows (a group); batch_size / N prompts per rollout.
+            # Group losses (GRPO, RLOO) need N >= 2
+            "samples_per_prompt": 1,
             "epochs": 1,  # passes over each rollout's minibatches
             "prompt_len": 256,  # P: prompts are right-padded to it (longer ones follow data.overflow)
             "max_new_tokens": 256,
@@ -118,6 +127,7 @@ def rollout_section() -> ConfigDict:
             "reward_clip": 0.0,  # > 0: clip the score to +-reward_clip
             "missing_eos_penalty": 0.0,  # subtracted from the score of a response that never emitted EOS
             "score_rows": 0,  # rows per scoring forward pass (dividing batch_size); 0: fp32 logits < 2 GiB
+            "generate_rows": 0,  # prompts per generate call (dividing batch_size; KV cache memory); 0: all
             "mesh": ConfigDict({}),  # the rollout layout, e.g. {data: 1, fsdp: 1, tensor: -1}; {}: training's
             "gold": "",  # 'module:function' gold reward logged per rollout (the tiny task's: built in)
         }

@@ -221,15 +221,22 @@ class Block(nnx.Module):
         x_BLD = x_BLD + self.attn.out(o_BLHD, lora_key)
         return x_BLD + self.mlp(self.mlp_norm(x_BLD), lora_key)
 
-    def decode(self, x_BLD, positions_BL, k_cache, v_cache, layer):
+    def decode(self, x_BLD, positions_BL, k_cache, v_cache, layer, prefill: bool = False):
         """Write this chunk's K/V into cache layer ``layer`` at slots ``positions_BL`` and attend to that
         layer's cache up to each slot. The caches are [N, B, S, K, D] arrays or tuples of N [B, S, K, D]
         arrays (``gptjax.model.init_cache``); either way the write is one scatter, in place.
+
+        ``prefill``: the chunk fills slots 0..L-1 of an empty cache, so attending to the cache up to each
+        slot is causal self-attention over the chunk: the training attention (fused kernels on
+        accelerators), with no [B, H, L, S] scores against the whole cache.
         """
         q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
         k_cache, k_BSKD = _cache_write(k_cache, layer, positions_BL, k)
         v_cache, v_BSKD = _cache_write(v_cache, layer, positions_BL, v)
-        o_BLHD = attn_lib.cached_attention(q, k_BSKD, v_BSKD, positions_BL, impl=self.cfg.attention_impl)
+        if prefill:
+            o_BLHD = attn_lib.attention(q, k, v, impl=self.cfg.attention_impl, causal=True)
+        else:
+            o_BLHD = attn_lib.cached_attention(q, k_BSKD, v_BSKD, positions_BL, impl=self.cfg.attention_impl)
         x_BLD = x_BLD + self.attn.out(o_BLHD)
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache, v_cache
 

@@ -288,8 +288,9 @@ class GPT(nnx.Module):
         out = self.head_out(x_BLD) if head else self.final_norm(x_BLD)
         return (out, x_BLD) if return_hidden else out
 
-    def decode(self, tokens_BL, positions_BL, cache, logits_at_B=None, layers=None):
-        """``layers``: per-layer block states (``unstack_layers``) to use instead of slicing self.blocks."""
+    def decode(self, tokens_BL, positions_BL, cache, logits_at_B=None, layers=None, prefill=False):
+        """``layers``: per-layer block states (``unstack_layers``) to use instead of slicing self.blocks;
+        ``prefill``: see the function ``decode``."""
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -298,7 +299,7 @@ class GPT(nnx.Module):
         def body(carry, layer_params, layer):
             x_BLD, k_cache, v_cache = carry
             return nnx.merge(graphdef, layer_params).decode(
-                x_BLD, positions_BL, k_cache, v_cache, layer
+                x_BLD, positions_BL, k_cache, v_cache, layer, prefill
             ), None
 
         (x_BLD, k_cache, v_cache), _ = over_layers(
@@ -470,6 +471,7 @@ def decode(
     positions_BL: jax.Array,
     cache: dict,
     logits_at_B: jax.Array | None = None,
+    prefill: bool = False,
 ) -> tuple[jax.Array, dict]:
     """Run tokens at cache slots ``positions_BL`` (prefill: a whole prompt; decode: one token per row).
 
@@ -478,12 +480,16 @@ def decode(
     Positions are both the rotary/learned positions and the cache slots, so rows of a batch may sit at
     different lengths (right-padded prompts). Returns (logits_BLV or values_BL, updated cache); with
     ``logits_at_B`` only the output at that index of each row is computed (shape [B, 1, ...]).
+
+    ``prefill=True`` (a static switch) promises that the tokens sit at slots 0..L-1 of an empty cache
+    (``positions_BL`` = arange(L) in every row, as a right-padded prompt's are): the attention then runs as in
+    training (causal over the chunk; the fused kernels on accelerators) instead of against all S slots.
     """
     layers = params["blocks"] if isinstance(params["blocks"], tuple) else None
     if layers is not None:  # merge needs the blocks' tree structure (not their shapes): any layer has it
         params = {**params, "blocks": layers[0]}
     model = nnx.merge(_abstract(cfg)[0], params)
-    return model.decode(tokens_BL, positions_BL, cache, logits_at_B, layers)
+    return model.decode(tokens_BL, positions_BL, cache, logits_at_B, layers, prefill)
 
 
 def unstack_layers(cfg: ModelConfig, params: Params) -> Params:

@@ -13,8 +13,8 @@ stand-in with exactly that footprint (``flash_footprint``: those residuals, no s
 Planned stages: pretrain, sft, rm, dpo and ppo's train step (a minibatch of experience plus PPO-ptx rows,
 policy and critic with their optimizer states and EMA, the frozen reference and reward model). Frozen roles
 are planned with the shapes of the trained role they start from or stand beside (reference = the policy,
-reward model = the critic), which is what the recipes do. Not planned yet: PPO's generation step in its
-rollout layout.
+reward model = the critic), which is what the recipes do. ``plan_rollout`` plans PPO's two other
+programs, generation in its rollout layout and the experience pass, each beside the resident train state.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,7 @@ class Plan:
     device_memory_bytes: float
     step_seconds: float | None  # at the stated MFU and peak
     biggest: list[tuple[str, float]]  # the largest temporaries: (what, bytes)
+    kv_cache_bytes_per_device: float | None = None  # generation: the KV cache, counted in its own dtype
 
     @property
     def fits(self) -> bool:
@@ -84,14 +86,30 @@ def flash_footprint(q_BLHD, k_BSKD, v_BSKD, **_):
     return _footprint(q_BLHD, k_BSKD, v_BSKD)
 
 
+def decode_footprint(q_BLHD, k_cache_BSKD, v_cache_BSKD, q_positions_BL, *, impl="xla", **kw):
+    """Stand-in for the decode kernel (one query per row): reads the cache in place and returns q's shape;
+    its scratch (per-split partial outputs, [B, H, splits, D]) is negligible. Longer chunks go to the
+    config's own cached attention."""
+    if q_BLHD.shape[1] != 1:
+        return _cached_attention(q_BLHD, k_cache_BSKD, v_cache_BSKD, q_positions_BL, impl="xla", **kw)
+    touch = k_cache_BSKD[:, :1, :1, :1].astype(q_BLHD.dtype) + v_cache_BSKD[:, :1, :1, :1].astype(
+        q_BLHD.dtype
+    )
+    return q_BLHD + touch.reshape(-1, 1, 1, 1)
+
+
+_cached_attention = attention.cached_attention
+
+
 @contextlib.contextmanager
 def _planned_attention():
-    saved = attention.attention
-    attention.attention = flash_footprint
+    """The fused kernels' footprints in place of the attention functions the model calls."""
+    saved = attention.attention, attention.cached_attention
+    attention.attention, attention.cached_attention = flash_footprint, decode_footprint
     try:
         yield
     finally:
-        attention.attention = saved
+        attention.attention, attention.cached_attention = saved
 
 
 def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
@@ -162,14 +180,100 @@ def _biggest_temporaries(hlo_text: str, top: int = 5) -> list[tuple[str, float]]
         "s64": 8,
     }
     found: dict[str, float] = {}
-    pattern = re.compile(r"= (\w+)\[([\d,]*)\][^\n]*?op_name=\"([^\"]+)\"")
-    for dtype, dims, op in pattern.findall(hlo_text):
-        if dtype not in sizes or not dims:
+    pattern = re.compile(r"= (\w+)\[([\d,]*)\](?:\{[^}]*\})? ([\w-]+)\([^\n]*?op_name=\"([^\"]+)\"")
+    for dtype, dims, opcode, op in pattern.findall(hlo_text):
+        if dtype not in sizes or not dims or opcode == "parameter":  # arguments are not temporaries
             continue
         nbytes = math.prod(int(d) for d in dims.split(",")) * sizes[dtype]
         key = f"{dtype}[{dims}] {op.split('/')[-1]} ({op[:80]})"
         found[key] = max(found.get(key, 0), nbytes)
     return sorted(found.items(), key=lambda kv: -kv[1])[:top]
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What every planned program of a stage shares: the mesh, the trained roles' abstract sharded state and
+    the frozen roles' abstract params."""
+
+    mesh: Any
+    cfgs: dict[str, model.ModelConfig]  # trained roles
+    keyed: bool
+    optimizer: Any
+    schedules: Any
+    decay: Any
+    params: Any
+    state: Any  # abstract train state (params, optimizer state, EMA), sharded
+    state_shardings: Any
+    frozen: dict[str, Any]
+    frozen_cfgs: tuple
+
+
+def _setup(config: ConfigDict, devices) -> _Setup:
+    stage = stages.get(config.stage)
+    if config.stage not in PLANNED_STAGES:
+        raise ValueError(f"plan: stage {config.stage!r} is not planned yet; planned stages: {PLANNED_STAGES}")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    trained = roles.trained_roles(config, stage)
+    # Plans are for accelerators: scanned layers unless the config says otherwise.
+    trained = [
+        dataclasses.replace(
+            r, cfg=r.cfg.replace(scan_layers=True if r.cfg.scan_layers is None else r.cfg.scan_layers)
+        )
+        for r in trained
+    ]
+    from gptjax.train import check_config
+
+    for r in trained:  # what train.py would refuse (e.g. micro-batches that do not split over the devices)
+        check_config(config, r.cfg, mesh)
+    if any(r.cfg.lora_rank > 0 for r in trained):
+        raise ValueError("plan: LoRA stages are not planned yet")
+    keyed = roles.keyed(trained)
+    cfgs = {r.name: r.cfg for r in trained}
+    optimizer, schedules = roles.make_optimizer(trained, config.train.steps)
+    decay = roles.ema_decays(trained)
+
+    def abstract_params(cfg):
+        return _placed(model.param_shapes(cfg), model.param_shardings(cfg, mesh))
+
+    if keyed:
+        params = {name: abstract_params(c) for name, c in cfgs.items()}
+    else:
+        params = abstract_params(trained[0].cfg)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    ema = tuple(decay) if keyed else decay > 0
+    state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=ema), params)
+    state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
+    # Frozen roles have the shapes of the trained role they start from or stand beside: DPO's and PPO's
+    # reference is the policy (the SFT model), PPO's reward model the critic (initialised from it).
+    like = {"ref": "policy" if keyed else roles.SINGLE, "reward": "value"}
+    frozen_cfgs = tuple((name, cfgs[like[name]]) for name in stage.frozen)
+    return _Setup(
+        mesh=mesh,
+        cfgs=cfgs,
+        keyed=keyed,
+        optimizer=optimizer,
+        schedules=schedules,
+        decay=decay,
+        params=params,
+        state=_placed(state_shape, state_shardings),
+        state_shardings=state_shardings,
+        frozen={name: abstract_params(c) for name, c in frozen_cfgs},
+        frozen_cfgs=frozen_cfgs,
+    )
+
+
+def _peak(compiled, held: float) -> tuple[float, Any]:
+    """The compiler's peak (arguments + outputs - donated + temporaries) plus what is on the device beside
+    the program's arguments: ``held`` is every byte resident while it runs (jit drops arguments the
+    program does not read; the train state stays on the device during a rollout)."""
+    mem = compiled.memory_analysis()
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    return float(peak + max(0.0, held - mem.argument_size_in_bytes)), mem
 
 
 def plan(
@@ -186,88 +290,42 @@ def plan(
     ``fused_attention=False`` plans the config's own attention as this backend compiles it (on CPU the
     'xla' reference with its [B, H, L, S] scores) instead of the fused kernels' footprint.
     """
-    stage = stages.get(config.stage)
-    if config.stage not in PLANNED_STAGES:
-        raise ValueError(f"plan: stage {config.stage!r} is not planned yet; planned stages: {PLANNED_STAGES}")
-    mesh = sharding.make_mesh(config.mesh, devices)
-    trained = roles.trained_roles(config, stage)
-    # Plans are for accelerators: scanned layers unless the config says otherwise.
-    trained = [
-        dataclasses.replace(
-            r, cfg=r.cfg.replace(scan_layers=True if r.cfg.scan_layers is None else r.cfg.scan_layers)
-        )
-        for r in trained
-    ]
-    from gptjax.train import check_config, load_loss
+    from gptjax.train import load_loss
 
-    for r in trained:  # what train.py would refuse (e.g. micro-batches that do not split over the devices)
-        check_config(config, r.cfg, mesh)
-    if any(r.cfg.lora_rank > 0 for r in trained):
-        raise ValueError("plan: LoRA stages are not planned yet")
-    keyed = roles.keyed(trained)
-    cfgs = {r.name: r.cfg for r in trained}
-    cfg = trained[0].cfg
-    optimizer, schedules = roles.make_optimizer(trained, config.train.steps)
-    decay = roles.ema_decays(trained)
-
-    def abstract_params(cfg):
-        return _placed(model.param_shapes(cfg), model.param_shardings(cfg, mesh))
-
-    if keyed:
-        params = {name: abstract_params(c) for name, c in cfgs.items()}
-    else:
-        params = abstract_params(cfg)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    ema = tuple(decay) if keyed else decay > 0
-    state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=ema), params)
-    state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
-    abstract_state = _placed(state_shape, state_shardings)
+    s = _setup(config, devices)
+    mesh, cfgs = s.mesh, s.cfgs
     batch = abstract_batch(config, config.stage, mesh)
-    # Frozen roles have the shapes of the trained role they start from or stand beside: DPO's and PPO's
-    # reference is the policy (the SFT model), PPO's reward model the critic (initialised from it).
-    like = {"ref": "policy" if keyed else roles.SINGLE, "reward": "value"}
-    frozen_cfgs = tuple((name, cfgs[like[name]]) for name in stage.frozen)
-    frozen = {name: abstract_params(c) for name, c in frozen_cfgs}
     scalars = {"temperature": jax.ShapeDtypeStruct((), jnp.float32)} if config.stage == "ppo" else {}
     ctx = step_lib.Ctx(
-        model_cfg=cfg,
+        model_cfg=next(iter(cfgs.values())),
         loss_cfg=FrozenConfigDict(config.loss),
-        frozen=frozen,
-        frozen_cfgs=frozen_cfgs,
+        frozen=s.frozen,
+        frozen_cfgs=s.frozen_cfgs,
         role_cfgs=tuple(cfgs.items()),
         scalars=scalars,
     )
     loss_mod = load_loss(config.loss.name)
     train_step = step_lib.make_train_step(
         loss_mod.loss_fn,
-        optimizer,
+        s.optimizer,
         micro_batches=config.train.micro_batches,
-        ema_decay=decay,
-        lr_schedule=schedules if keyed else schedules[roles.SINGLE],
+        ema_decay=s.decay,
+        lr_schedule=s.schedules if s.keyed else s.schedules[roles.SINGLE],
         denominators_fn=getattr(loss_mod, "denominators", None),
         mesh=mesh,
-        state_shardings=state_shardings,
+        state_shardings=s.state_shardings,
         batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
         ctx_shardings=ctx.replace(
-            frozen=jax.tree.map(lambda x: x.sharding, frozen),
+            frozen=jax.tree.map(lambda x: x.sharding, s.frozen),
             scalars={k: sharding.replicated(mesh) for k in scalars},
         ),
     )
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     stand_in = _planned_attention() if fused_attention else contextlib.nullcontext()
     with jax.set_mesh(mesh), stand_in:
-        compiled = train_step.lower(abstract_state, batch, rng, ctx).compile()
-    mem = compiled.memory_analysis()
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-    )
-    # jit drops arguments the step does not read (PPO's loss never reads the frozen models the rollout
-    # uses); they are on the device all the same.
-    held = _bytes_per_device(abstract_state) + _bytes_per_device(frozen) + _bytes_per_device(batch)
-    peak += max(0.0, held - mem.argument_size_in_bytes)
+        compiled = train_step.lower(s.state, batch, rng, ctx).compile()
+    held = _bytes_per_device(s.state) + _bytes_per_device(s.frozen) + _bytes_per_device(batch)
+    peak, mem = _peak(compiled, held)
     n = mesh.size
     tokens = math.prod(batch[next(iter(batch))].shape)
     flops = sum(model.flops_per_token(c, config.train.seq_len) for c in cfgs.values()) * tokens
@@ -279,10 +337,10 @@ def plan(
         devices=n,
         mesh=dict(mesh.shape),
         params=sum(model.num_params(c) for c in cfgs.values()),
-        param_bytes_per_device=_bytes_per_device(params),
-        state_bytes_per_device=_bytes_per_device(abstract_state),
-        frozen_bytes_per_device=_bytes_per_device(frozen),
-        peak_bytes_per_device=float(peak),
+        param_bytes_per_device=_bytes_per_device(s.params),
+        state_bytes_per_device=_bytes_per_device(s.state),
+        frozen_bytes_per_device=_bytes_per_device(s.frozen),
+        peak_bytes_per_device=peak,
         temp_bytes_per_device=float(mem.temp_size_in_bytes),
         flops_per_device=flops,
         device_memory_bytes=device_memory_gb * GiB,
@@ -291,20 +349,160 @@ def plan(
     )
 
 
-def table(p: Plan, name: str) -> str:
-    """The plan as a Markdown table (what scripts/plan.py prints)."""
-    step = f"{p.step_seconds:.2f} s" if p.step_seconds is not None else "n/a"
+def plan_rollout(
+    config: ConfigDict,
+    device_memory_gb: float,
+    *,
+    mfu: float = 0.4,
+    peak_flops_per_device: float | None = 989e12,
+    hbm_bytes_per_second: float = 3.35e12,
+    devices: list | None = None,
+) -> dict[str, Plan]:
+    """PPO's rollout, the two programs besides the update (``gptjax.rollout``), each with the train state
+    and the frozen roles resident beside it:
+
+    - ``generate``: ``sample.generate`` of ``rollout.batch_size`` prompts on the rollout mesh
+      (``rollout.mesh``, else the update's), with the policy's params moved to that layout (a copy in param
+      dtype, an argument) and cast to the compute dtype inside, the KV cache of ``prompt_len +
+      max_new_tokens`` slots per row, prefill and the decode loop. Time: the prefill's FLOPs at ``mfu``
+      plus one read of the device's weights (compute dtype) and KV cache per new token at
+      ``hbm_bytes_per_second`` (decoding is bandwidth-bound; H100 SXM: 3.35e12).
+    - ``score``: the experience pass (``rl.experience``: four forward passes, in row chunks as the rollout
+      runs them) over the rollout batch in the update layout; fused attention as in ``plan``.
+    """
+    from gptjax import rollout, sample
+
+    if config.stage != "ppo":
+        raise ValueError(f"plan_rollout: stage {config.stage!r} has no rollout (only 'ppo' does)")
+    s = _setup(config, devices)
+    r = config.rollout
+    mesh = s.mesh
+    resident = _bytes_per_device(s.state) + _bytes_per_device(s.frozen)
+    cfgs = {**s.cfgs, **dict(s.frozen_cfgs)}
+    rollout.check_config(config, cfgs, config.train.batch_size)  # what a PPO run would refuse
+    R, P, T = r.batch_size, r.prompt_len, r.max_new_tokens
+    n = mesh.size
+    i32, f32 = jnp.int32, jnp.float32
+
+    def common(compiled, held, flops, seconds, on) -> Plan:
+        peak, mem = _peak(compiled, held)
+        return Plan(
+            devices=n,
+            mesh=dict(on.shape),
+            params=sum(model.num_params(c) for c in s.cfgs.values()),
+            param_bytes_per_device=_bytes_per_device(s.params),
+            state_bytes_per_device=_bytes_per_device(s.state),
+            frozen_bytes_per_device=_bytes_per_device(s.frozen),
+            peak_bytes_per_device=peak,
+            temp_bytes_per_device=float(mem.temp_size_in_bytes),
+            flops_per_device=flops,
+            device_memory_bytes=device_memory_gb * GiB,
+            step_seconds=seconds,
+            biggest=_biggest_temporaries(compiled.as_text()),
+        )
+
+    def at(m, shape, dtype, spec):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(m, spec))
+
+    def scalar(m, dtype):
+        return at(m, (), dtype, jax.sharding.PartitionSpec())
+
+    def compute_seconds(flops):
+        return flops / (mfu * peak_flops_per_device) if peak_flops_per_device else 0.0
+
+    # -- generation, in the rollout layout: ``rollout.generate_rows`` prompts per call
+    G = r.generate_rows or R
+    pcfg = cfgs["policy"]
+    if r.mesh:  # the policy moved to the rollout layout, cast to the compute dtype first (a copy)
+        gmesh = sharding.make_mesh(r.mesh, devices=list(mesh.devices.flat))
+        shapes = jax.eval_shape(lambda p: sample.cast_to_compute_dtype(pcfg, p), model.param_shapes(pcfg))
+        policy = _placed(shapes, model.param_shardings(pcfg, gmesh))
+        copy = _bytes_per_device(policy)
+    else:  # the train state's own params (already resident)
+        gmesh, policy, copy = mesh, s.params["policy"], 0.0
+    prompts = at(gmesh, (G, P), i32, sharding.batch_spec(2))
+    lengths = at(gmesh, (G,), i32, sharding.batch_spec(1))
+    rng = scalar(gmesh, jax.random.key(0).dtype)
+    with jax.set_mesh(gmesh), _planned_attention():
+        compiled = sample._generate.lower(
+            pcfg,
+            policy,
+            prompts,
+            lengths,
+            rng,
+            scalar(gmesh, f32),
+            scalar(gmesh, f32),
+            scalar(gmesh, i32),
+            scalar(gmesh, i32),
+            max_new_tokens=T,
+            greedy=r.temperature == 0.0,
+            top_k=0,
+            use_top_p=False,
+            cache_dtype=None,
+        ).compile()
+    held = resident + copy + _bytes_per_device((prompts, lengths))
+    weights = sum(  # what each new token reads: the device's weights in the compute dtype
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(pcfg.dtype).itemsize
+        for x in jax.tree.leaves(policy)
+    )
+    cache = jax.eval_shape(lambda: model.init_cache(pcfg, G, P + T))
+    cache_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    cache_bytes /= gmesh.shape["data"] * gmesh.shape["fsdp"] * min(gmesh.shape["tensor"], pcfg.kv_heads)
+    forward = lambda c, tokens, seq: model.flops_per_token(c, seq) / 3 * tokens / n  # no backward
+    per_call = compute_seconds(forward(pcfg, G * P, P)) + T * (weights + cache_bytes) / hbm_bytes_per_second
+    flops = forward(pcfg, R * (P + T), P + T)
+    plans = {"generate": common(compiled, held, flops, R // G * per_call, gmesh)}
+    plans["generate"].kv_cache_bytes_per_device = cache_bytes
+
+    # -- the experience pass, in the update layout
+    L = P + T
+    params = {"policy": s.params["policy"], "value": s.params["value"], **s.frozen}
+    batch = [at(mesh, (R, L), i32, sharding.batch_spec(2))]
+    batch += [at(mesh, (R,), d, sharding.batch_spec(1)) for d in (i32, i32, jnp.bool_)]
+    opts = FrozenConfigDict(
+        {
+            **r.to_dict(),
+            "reward_at": r.reward_at or "last",
+            "score_rows": rollout.score_rows(config, cfgs, mesh),
+        }
+    )
+    with jax.set_mesh(mesh), _planned_attention():
+        compiled = rollout._experience.lower(
+            params, *batch, scalar(mesh, f32), scalar(mesh, f32), cfgs=tuple(sorted(cfgs.items())), opts=opts
+        ).compile()
+    held = resident + _bytes_per_device(batch)
+    flops = sum(forward(c, R * L, L) for c in cfgs.values())
+    plans["score"] = common(compiled, held, flops, compute_seconds(flops), mesh)
+    return plans
+
+
+def table(p: Plan | dict[str, Plan], name: str) -> str:
+    """The plan as a Markdown table (what scripts/plan.py prints); a dict of plans (PPO's update, generate,
+    score) gives one column each."""
+    plans = p if isinstance(p, dict) else {"": p}
+    GB = lambda b: f"{b / GiB:.2f} GiB"
     rows = [
-        ("devices (mesh)", f"{p.devices} ({', '.join(f'{k} {v}' for k, v in p.mesh.items())})"),
-        ("trained parameters", f"{p.params / 1e9:.3f} B"),
-        ("params per device", f"{p.param_bytes_per_device / GiB:.2f} GiB"),
-        ("params + optimizer + EMA per device", f"{p.state_bytes_per_device / GiB:.2f} GiB"),
-        ("frozen roles per device", f"{p.frozen_bytes_per_device / GiB:.2f} GiB"),
-        ("activations and temporaries per device", f"{p.temp_bytes_per_device / GiB:.2f} GiB"),
-        ("peak memory per device", f"{p.peak_bytes_per_device / GiB:.2f} GiB"),
-        ("device memory", f"{p.device_memory_bytes / GiB:.0f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}"),
-        ("model FLOPs per step per device", f"{p.flops_per_device:.3e}"),
-        ("expected step time (at the stated MFU)", step),
+        ("devices (mesh)", lambda p: f"{p.devices} ({', '.join(f'{k} {v}' for k, v in p.mesh.items())})"),
+        ("trained parameters", lambda p: f"{p.params / 1e9:.3f} B"),
+        ("params per device", lambda p: GB(p.param_bytes_per_device)),
+        ("params + optimizer + EMA per device", lambda p: GB(p.state_bytes_per_device)),
+        ("frozen roles per device", lambda p: GB(p.frozen_bytes_per_device)),
+        ("activations and temporaries per device", lambda p: GB(p.temp_bytes_per_device)),
+        ("peak memory per device", lambda p: GB(p.peak_bytes_per_device)),
+        (
+            "device memory",
+            lambda p: f"{p.device_memory_bytes / GiB:.0f} GiB: {'fits' if p.fits else 'DOES NOT FIT'}",
+        ),
+        ("model FLOPs per step per device", lambda p: f"{p.flops_per_device:.3e}"),
+        (
+            "expected step time (at the stated MFU)",
+            lambda p: f"{p.step_seconds:.2f} s" if p.step_seconds else "n/a",
+        ),
     ]
-    lines = [f"| {name} | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    if any(p.kv_cache_bytes_per_device for p in plans.values()):
+        kv = lambda p: GB(p.kv_cache_bytes_per_device) if p.kv_cache_bytes_per_device else ""
+        rows.insert(6, ("KV cache per device (in its dtype)", kv))
+    head = f"| {name} | " + " | ".join(plans) + " |"
+    lines = [head, "|---|" + "---|" * len(plans)]
+    lines += [f"| {k} | " + " | ".join(f(p) for p in plans.values()) + " |" for k, f in rows]
     return "\n".join(lines)

@@ -63,6 +63,11 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
         problems.append(
             f"rollout.batch_size={r.batch_size} must be a multiple of train.batch_size={minibatch}"
         )
+    if r.generate_rows and r.batch_size % (r.generate_rows * jax.process_count()):
+        problems.append(
+            f"rollout.generate_rows={r.generate_rows} must divide rollout.batch_size={r.batch_size} "
+            f"(per host, over {jax.process_count()} processes)"
+        )
     if r.kl_kind not in rl.KL_KINDS:
         problems.append(f"rollout.kl_kind={r.kl_kind!r}: use one of {rl.KL_KINDS}")
     if r.kl_target < 0 or (r.kl_target > 0 and r.kl_horizon <= 0):
@@ -95,6 +100,11 @@ def _experience(params, tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef
     return rl.experience(
         params, dict(cfgs), tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef, temperature, opts
     )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _compute_dtype_params(cfg, params):
+    return sample.cast_to_compute_dtype(cfg, params)
 
 
 def reward_at(config) -> str:
@@ -248,31 +258,45 @@ class RolloutSource:
     # -- one rollout ---------------------------------------------------------------------------------
 
     def _policy_for_rollout(self, policy_params):
+        """The policy's params in the rollout layout: cast to the compute dtype where they are (sharded as
+        for training), then moved, so the rollout layout never holds a param-dtype (fp32) copy."""
         if self.rollout_shardings is None:
             return policy_params, 0.0
         start = time.perf_counter()
-        moved = jax.block_until_ready(jax.device_put(policy_params, self.rollout_shardings))
+        cast = _compute_dtype_params(self.cfgs["policy"], policy_params)
+        moved = jax.block_until_ready(jax.device_put(cast, self.rollout_shardings))
         return moved, time.perf_counter() - start
 
     def _generate(self, policy_params, prompts: dict) -> sample.Generation:
+        """The rollout's samples, ``rollout.generate_rows`` prompts (per process: that / process count) per
+        generate call; call i samples with key fold_in(rollout key, i) (one call: the rollout key)."""
         r = self.config.rollout
         put = lambda x: jax.device_put(x, NamedSharding(self.rollout_mesh, sharding.batch_spec(x.ndim)))
         rng = jax.random.fold_in(self.rng, self.iteration)
         rng = jax.device_put(rng, sharding.replicated(self.rollout_mesh))
+        rows = len(prompts["prompt_BP"])
+        chunk = r.generate_rows // jax.process_count() if r.generate_rows else rows
+        outs = []
         with jax.set_mesh(self.rollout_mesh):
-            out = sample.generate(
-                self.cfgs["policy"],
-                policy_params,
-                put(prompts["prompt_BP"]),
-                rng,
-                max_new_tokens=r.max_new_tokens,
-                prompt_lengths_B=put(prompts["prompt_lengths_B"]),
-                temperature=r.temperature,
-                eos_id=self.vocab.eos_id,
-                pad_id=self.vocab.pad_id,
-                return_info=True,
-            )
-            return jax.tree.map(host_local, out)
+            for i, start in enumerate(range(0, rows, chunk)):
+                part = slice(start, start + chunk)
+                out = sample.generate(
+                    self.cfgs["policy"],
+                    policy_params,
+                    put(prompts["prompt_BP"][part]),
+                    rng if chunk == rows else jax.random.fold_in(rng, i),
+                    max_new_tokens=r.max_new_tokens,
+                    prompt_lengths_B=put(prompts["prompt_lengths_B"][part]),
+                    temperature=r.temperature,
+                    eos_id=self.vocab.eos_id,
+                    pad_id=self.vocab.pad_id,
+                    return_info=True,
+                )
+                outs.append(jax.tree.map(host_local, out))
+        if len(outs) == 1:
+            return outs[0]
+        joined = {k: np.concatenate([getattr(o, k) for o in outs]) for k in sample.Generation._fields[:-1]}
+        return sample.Generation(**joined, steps=max(int(o.steps) for o in outs))
 
     def _rollout(self, train_state) -> None:
         r = self.config.rollout

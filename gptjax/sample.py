@@ -94,11 +94,14 @@ def _sample(logits_BV, key, temperature, top_p, *, greedy: bool, top_k: int, use
 def _prefill(cfg, params, prompts_BP, positions_BP, prompt_lengths_B, cache):
     """Logits at each row's last prompt token, and the cache with all P slots written.
 
-    Only the last prompt position of each row is projected to logits (``logits_at_B``): the [B, P, V] logits
-    of the whole prompt would dwarf the KV cache at a 128k vocabulary.
+    The prompt fills slots 0..P-1 (``prefill``: attention as in training, no scores against all slots). Only
+    the last prompt position of each row is projected to logits (``logits_at_B``): the [B, P, V] logits of
+    the whole prompt would dwarf the KV cache at a 128k vocabulary.
     """
     last_B = prompt_lengths_B - 1
-    logits_B1V, cache = model_lib.decode(cfg, params, prompts_BP, positions_BP, cache, logits_at_B=last_B)
+    logits_B1V, cache = model_lib.decode(
+        cfg, params, prompts_BP, positions_BP, cache, logits_at_B=last_B, prefill=True
+    )
     return logits_B1V[:, 0], cache
 
 
@@ -107,13 +110,22 @@ def decode_params(cfg, params):
     are already in the compute dtype. The model casts each of them at use (norm scales, biases and the
     scalar head stay as they are), so the outputs are the same, and a token reads bf16 weights once instead
     of fp32 ones plus a cast."""
-    params = model_lib.unstack_layers(cfg, params)
+    return cast_to_compute_dtype(cfg, model_lib.unstack_layers(cfg, params))
+
+
+def cast_to_compute_dtype(cfg, params):
+    """Weight matrices and tables in ``cfg.dtype``; norm scales, biases and scalars as they are (what the
+    model casts at use, so its outputs are unchanged). Stacked layers (a leading layer axis) or per-layer
+    trees (``model.unstack_layers``) alike."""
     dt = jnp.dtype(cfg.dtype)
 
-    def cast(a):
-        return a.astype(dt) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a
+    def cast(a, matrix_ndim):
+        return a.astype(dt) if a.ndim >= matrix_ndim and jnp.issubdtype(a.dtype, jnp.floating) else a
 
-    return jax.tree.map(cast, params)
+    stacked = not isinstance(params["blocks"], tuple)
+    out = {k: jax.tree.map(lambda a: cast(a, 2), v) for k, v in params.items() if k != "blocks"}
+    out["blocks"] = jax.tree.map(lambda a: cast(a, 3 if stacked else 2), params["blocks"])
+    return out
 
 
 @functools.partial(

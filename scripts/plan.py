@@ -6,8 +6,9 @@
 Runs on CPU with N simulated devices (nothing is allocated: params, optimizer state and batch are abstract
 arrays in their sharded layouts) and prints parameters and memory per device, the compiler's peak memory,
 FLOPs per step and the step time expected at ``--mfu`` of ``--peak_tflops`` (default: H100 dense bf16).
-Fused attention is planned with its real footprint (see ``gptjax.plan``). Exits 1 naming the biggest
-consumers when the plan does not fit. Config overrides work as in scripts/train.py.
+Fused attention is planned with its real footprint (see ``gptjax.plan``). PPO configs also plan the
+rollout: generation in its rollout layout and the experience pass (``gptjax.plan.plan_rollout``). Exits 1
+naming the biggest consumers when a plan does not fit. Config overrides work as in scripts/train.py.
 """
 
 import os
@@ -21,6 +22,9 @@ flags.DEFINE_integer("devices", 8, "Devices to plan for (simulated on CPU).")
 flags.DEFINE_float("device_memory_gb", 80.0, "Memory per device, GiB.")
 flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for the step time.")
 flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s per device (H100 bf16: 989; TPU v5p: 459).")
+flags.DEFINE_float(
+    "hbm_tbps", 3.35, "Memory bandwidth per device, TB/s, for PPO's decode time (H100 SXM: 3.35)."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -43,20 +47,43 @@ def main(argv):
             "fresh process (nothing may initialise JAX before it)"
         )
     config = f.config
-    p = plan_lib.plan(config, f.device_memory_gb, mfu=f.mfu, peak_flops_per_device=f.peak_tflops * 1e12)
+    kw = dict(mfu=f.mfu, peak_flops_per_device=f.peak_tflops * 1e12)
+    plans = {config.stage: plan_lib.plan(config, f.device_memory_gb, **kw)}
+    if config.stage == "ppo":  # the rollout's generation and experience pass, beside the resident state
+        plans.update(
+            plan_lib.plan_rollout(config, f.device_memory_gb, hbm_bytes_per_second=f.hbm_tbps * 1e12, **kw)
+        )
     name = os.path.basename(config_flags.get_config_filename(f["config"]))
-    print(plan_lib.table(p, f"{name} ({config.stage})"))
-    if not p.fits:
-        lines = [f"  {b / plan_lib.GiB:8.2f} GiB  {what}" for what, b in p.biggest]
+    print(plan_lib.table(plans if len(plans) > 1 else plans[config.stage], f"{name} ({config.stage})"))
+    if len(plans) > 1:
+        r = config.rollout
         print(
-            f"\nDOES NOT FIT: peak {p.peak_bytes_per_device / plan_lib.GiB:.1f} GiB > "
+            f"\nppo: one update step (a minibatch); generate: the whole rollout ({r.batch_size} prompts, "
+            f"{r.generate_rows or r.batch_size} per call, {r.max_new_tokens} new tokens), timed as the "
+            "prefill at --mfu plus one read of the device's weights and KV cache per token at "
+            f"{f.hbm_tbps} TB/s; "
+            "score: the experience pass over the rollout. bf16 activations and caches are counted as the "
+            "CPU compiler holds them (some in fp32): an upper bound."
+        )
+    failed = {k: p for k, p in plans.items() if not p.fits}
+    for what, p in failed.items():
+        lines = [f"  {b / plan_lib.GiB:8.2f} GiB  {item}" for item, b in p.biggest]
+        print(
+            f"\nDOES NOT FIT ({what}): peak {p.peak_bytes_per_device / plan_lib.GiB:.1f} GiB > "
             f"{f.device_memory_gb:.0f} GiB per device. Params + optimizer + EMA take "
             f"{p.state_bytes_per_device / plan_lib.GiB:.1f} GiB, activations and temporaries "
             f"{p.temp_bytes_per_device / plan_lib.GiB:.1f} GiB; the largest temporaries:\n"
             + "\n".join(lines)
-            + "\nTry more devices (FSDP), train.micro_batches, model.remat, or a shorter train.seq_len.",
+            + (
+                "\nTry rollout.generate_rows (prompts per generate call), a rollout.mesh with more tensor "
+                "parallelism, or a shorter rollout.max_new_tokens."
+                if what == "generate"
+                else "\nTry more devices (FSDP), train.micro_batches, model.remat, or a shorter "
+                "train.seq_len."
+            ),
             file=sys.stderr,
         )
+    if failed:
         sys.exit(1)
 
 

@@ -131,14 +131,17 @@ def test_bf16_compute_keeps_fp32_params():
     np.testing.assert_allclose(out, ref, atol=0.1)
 
 
-def test_kv_cache_decode_matches_full_forward(cfg_params):
-    """Ragged right-padded prompts: prefill, then one token per step at each row's own slot."""
+@pytest.mark.parametrize("prefill", [False, True])
+def test_kv_cache_decode_matches_full_forward(cfg_params, prefill):
+    """Ragged right-padded prompts: prefill (against the whole cache, or ``prefill=True``: causal attention
+    over the prompt alone, as in training), then one token per step at each row's own slot."""
     cfg, params = cfg_params
     seq = tokens((2, 14), seed=11)
     lengths = jnp.array([9, 6])
     cache = model.init_cache(cfg, 2, 16)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    _, cache = decode(cfg, params, seq[:, :9], positions, cache)
+    prompt_logits, cache = model.decode(cfg, params, seq[:, :9], positions, cache, prefill=prefill)
+    np.testing.assert_allclose(prompt_logits[0], apply(cfg, params, seq[:1, :9])[0], atol=5e-5)
     for step in range(4):
         pos = lengths + step
         nxt = jnp.take_along_axis(seq, pos[:, None], 1)

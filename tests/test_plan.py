@@ -86,7 +86,7 @@ def test_plan_script_names_the_biggest_consumers_when_it_does_not_fit():
     )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "| devices (mesh) | 2 (data 1, fsdp 2, tensor 1) |" in done.stdout
-    assert "DOES NOT FIT" in done.stdout and "DOES NOT FIT: peak" in done.stderr
+    assert "DOES NOT FIT" in done.stdout and "DOES NOT FIT (pretrain): peak" in done.stderr
     assert "GiB  f32[" in done.stderr or "GiB  bf16[" in done.stderr  # a named consumer with its shape
     assert jax.device_count() == 8  # the script ran in its own process
 
@@ -128,13 +128,51 @@ def test_dpo_plan_holds_the_frozen_reference():
     assert sft < p.state_bytes_per_device + 0.5 * p.param_bytes_per_device
 
 
+def small_ppo(generate_rows=0, dtype="float32"):
+    """configs/ppo_13b.py with 2-layer roles (fast to compile); its rollout layout (data 2 x tensor 4)."""
+    c = defaults.load_config("configs/ppo_13b.py")
+    c.unlock()
+    for name in ("policy", "value"):
+        c.roles[name].model.update(n_layers=2, d_model=256, n_heads=8, vocab_size=4096, dtype=dtype)
+    c.rollout.update(batch_size=64, prompt_len=64, max_new_tokens=64, generate_rows=generate_rows)
+    c.ptx.ratio, c.loss.ptx_coef = 0, 0.0
+    c.train.update(batch_size=16, micro_batches=1, seq_len=128)
+    return c
+
+
+def test_ppo_rollout_plan_holds_the_kv_cache_beside_the_resident_train_state():
+    whole = plan_lib.plan_rollout(small_ppo(), device_memory_gb=80)
+    halves = plan_lib.plan_rollout(small_ppo(generate_rows=32), device_memory_gb=80)
+    gen = whole["generate"]
+    assert gen.mesh == {"data": 2, "fsdp": 1, "tensor": 4}  # the rollout layout
+    # k and v: 2 layers x 64 rows x 128 slots x 8 heads x 32 dims x 4 bytes; rows over data 2, heads over
+    # tensor 4
+    assert gen.kv_cache_bytes_per_device == 2 * 2 * 64 * 128 * 8 * 32 * 4 / (2 * 4)
+    assert halves["generate"].kv_cache_bytes_per_device == gen.kv_cache_bytes_per_device / 2
+    # generating in two calls frees at least half the cache; the update layout's state stays resident
+    freed = gen.temp_bytes_per_device - halves["generate"].temp_bytes_per_device
+    assert freed >= 0.99 * gen.kv_cache_bytes_per_device / 2
+    for p in (*whole.values(), *halves.values()):
+        assert p.peak_bytes_per_device >= p.state_bytes_per_device + p.frozen_bytes_per_device
+        assert p.fits
+    # twice the calls: twice the weight reads for the same tokens
+    assert halves["generate"].step_seconds > gen.step_seconds
+    assert whole["score"].mesh == {"data": 1, "fsdp": 8, "tensor": 1}  # scored in the update layout
+    assert whole["score"].flops_per_device > gen.flops_per_device  # four roles' forward passes vs one
+    assert "| KV cache per device (in its dtype) |" in plan_lib.table(whole, "ppo")
+
+
 def test_ppo_13b_preset_plans_to_fit_eight_80gb_devices():
     """The PPO update: policy and critic with Adam and EMA, frozen reference and reward model, 64 RL rows
-    plus 512 PPO-ptx rows a minibatch in 8 micro-batches."""
-    p = plan_lib.plan(defaults.load_config("configs/ppo_13b.py"), device_memory_gb=80)
+    plus 512 PPO-ptx rows a minibatch in 8 micro-batches; and the rollout (generation of 512 prompts in
+    calls of 256 in the rollout layout, the experience pass) beside the resident train state."""
+    config = defaults.load_config("configs/ppo_13b.py")
+    p = plan_lib.plan(config, device_memory_gb=80)
     assert p.devices == 8 and p.fits, plan_lib.table(p, "ppo_13b")
     assert 13.1e9 < p.params < 13.3e9  # OPT-13B-shaped policy + 350M-class critic
     assert p.frozen_bytes_per_device > 0.9 * p.param_bytes_per_device  # reference + reward model
+    rollout = plan_lib.plan_rollout(config, device_memory_gb=80)
+    assert all(q.fits for q in rollout.values()), plan_lib.table(rollout, "ppo_13b")
 
 
 def test_ppo_1b_preset_plans_to_fit_one_80gb_device():

@@ -340,6 +340,53 @@ def test_kv_cache_generation_under_the_rollout_layout_matches_a_full_forward_pas
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
+def test_rollout_generates_in_calls_of_generate_rows_with_the_policy_moved_in_its_compute_dtype():
+    """rollout.generate_rows=4 of 8 prompts: two generate calls (keys fold_in(rollout key, i)) whose rows
+    are joined in order; the policy reaches the rollout layout already cast to bf16 (no fp32 copy there)."""
+    from gptjax import rollout
+
+    cfg = tiny_cfg(dtype="bfloat16")
+    train_mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    rollout_mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    params = model.init(cfg, jax.random.key(3), train_mesh)
+    config = defaults.load_config("configs/tiny.py:stage=ppo")
+    config.unlock()
+    config.rollout.update(temperature=0.8, max_new_tokens=10, generate_rows=4)
+    src = rollout.RolloutSource.__new__(rollout.RolloutSource)  # only what _generate reads
+    src.config, src.rollout_mesh, src.iteration, src.rng = config, rollout_mesh, 2, jax.random.key(7)
+    src.cfgs = {"policy": cfg}
+    src.rollout_shardings = model.param_shardings(cfg, rollout_mesh)
+    src.vocab = type("V", (), {"eos_id": 258, "pad_id": 0})()
+    moved, _ = src._policy_for_rollout(params)
+    assert moved["blocks"]["attn"]["wq"].dtype == jnp.bfloat16
+    assert moved["blocks"]["attn_norm"]["scale"].dtype == jnp.float32  # kept as the model casts at use
+    assert moved["blocks"]["attn"]["wq"].sharding.spec != params["blocks"]["attn"]["wq"].sharding.spec
+    prompts = {
+        "prompt_BP": np.random.default_rng(0).integers(0, 258, (8, 6)).astype(np.int32),
+        "prompt_lengths_B": np.array([6, 3, 4, 1, 6, 2, 5, 6], np.int32),
+    }
+    got = src._generate(moved, prompts)
+    assert got.tokens_BT.shape == (8, 10) and got.lengths_B.shape == (8,)
+    key = jax.random.fold_in(src.rng, 2)
+    for i, rows in enumerate((slice(0, 4), slice(4, 8))):
+        with jax.set_mesh(rollout_mesh):
+            want = sample.generate(
+                cfg,
+                moved,
+                prompts["prompt_BP"][rows],
+                jax.random.fold_in(key, i),
+                max_new_tokens=10,
+                prompt_lengths_B=prompts["prompt_lengths_B"][rows],
+                temperature=0.8,
+                eos_id=258,
+                return_info=True,
+            )
+        np.testing.assert_array_equal(got.tokens_BT[rows], np.asarray(want.tokens_BT))
+        np.testing.assert_allclose(got.logprobs_BT[rows], np.asarray(want.logprobs_BT), atol=1e-6)
+        np.testing.assert_array_equal(got.lengths_B[rows], np.asarray(want.lengths_B))
+    assert not np.array_equal(got.tokens_BT[:4], got.tokens_BT[4:])
+
+
 # --------------------------------------------------------------------------------------------------
 # A tiny PPO-ptx run: checkpoint inside a rollout, resume, and end where an uninterrupted run ends
 
