@@ -9,6 +9,10 @@
         --config.train.init_from=runs/tiny/sft
     python scripts/train.py --config configs/tiny.py:stage=ppo,sft=runs/tiny/sft,rm=runs/tiny/rm \
         --workdir runs/tiny/ppo       # PPO-ptx: --config.ptx.ratio=0.25 --config.loss.ptx_coef=1.0
+    python scripts/train.py --config configs/tiny.py:stage=grpo,sft=runs/tiny/sft,rm=runs/tiny/rm \
+        --workdir runs/tiny/grpo      # and stage=rloo: no critic, 4 responses per prompt
+    python scripts/train.py --config configs/tiny.py:stage=bon,sft=runs/tiny/sft,rm=runs/tiny/rm \
+        --workdir runs/tiny/bon       # rejection sampling: SFT on the RM's best of 8 samples
 
 Hardware: 2 CPU cores (about 1 s a step). Expected (``make demo``, pretrain -> SFT -> RM -> PPO): a
 3.3M-parameter model; pretrain loss falls from 5.6 (uniform over the byte vocabulary) to ~1.25 in 300 steps;
@@ -19,7 +23,10 @@ a held-out pairwise accuracy of ~0.72 (chance 0.5; the labelers are noisy) and o
 the gold reward; its bias is then set so the SFT demonstrations score mean 0. PPO (30 rollouts of 64
 prompts, 2 epochs of 2 minibatches each, beta 0.1, EMA 0.992) raises the sampled gold reward to ~0.54
 (+0.05, > 3 standard errors paired by prompt) at a KL to SFT of ~0.7 nats per answer (EMA: ~0.16). DPO (ref
-= the frozen SFT model) raises the held-out chosen-minus-rejected margin.
+= the frozen SFT model) raises the held-out chosen-minus-rejected margin. GRPO and RLOO (PPO's steps and
+learning rate, rollouts of 16 prompts x 4 answers, no critic, about 2.5 minutes; one seed): RLOO (beta 0.1 in
+the reward) +0.03 gold (EMA +0.04, ~4 standard errors) at a KL of ~0.6 (EMA ~0.14); GRPO (k3 KL in the loss,
+coefficient 0.5) holds the gold reward (-0.01 +- 0.01; EMA +0.02) at a KL of ~0.6.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from ml_collections import ConfigDict
 from gptjax import data, defaults
 from gptjax.model import ModelConfig
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "bon")
 
 
 def tiny_model(head: str = "lm") -> ModelConfig:
@@ -41,8 +48,10 @@ def get_config(arg: str | None = None):
     stage = args["stage"]
     if stage not in STAGES:
         raise ValueError(f"configs/tiny.py: stage={stage!r}; choose one of {STAGES}")
-    if stage == "ppo":
-        return ppo_config(args["sft"], args["rm"])
+    if stage == "bon":
+        return bon_config(args["sft"], args["rm"])
+    if stage in ("ppo", "grpo", "rloo"):
+        return ppo_config(args["sft"], args["rm"], stage)
     c = defaults.base_config(stage)
     c.model = defaults.model_section(tiny_model("scalar" if stage == "rm" else "lm"))
     c.data = data.tiny_config("rm" if stage == "dpo" else stage)
@@ -77,21 +86,23 @@ def get_config(arg: str | None = None):
     return c
 
 
-def ppo_config(sft: str, rm: str):
+def ppo_config(sft: str, rm: str, stage: str = "ppo"):
     """PPO-ptx with an EMA policy and an RM-initialised critic: policy and ref from ``sft``, value and reward
-    from ``rm``. A step is one minibatch of 32 responses; a rollout is 64 prompts (2 steps)."""
-    c = defaults.base_config("ppo")
+    from ``rm``. A step is one minibatch of 32 responses; a rollout is 64 prompts (2 steps, 2 epochs).
+
+    ``stage`` 'grpo' / 'rloo': the same policy, optimizer, rollout size and steps without the critic; a
+    rollout is 16 prompts x 4 responses (``rollout.samples_per_prompt``), each response's advantage its
+    standing in its group."""
+    c = defaults.base_config(stage)
     c.data = data.tiny_config("prompts")
     policy_optim = c.optim.copy_and_resolve_references()
     policy_optim.update(lr=3e-5, warmup_steps=5, schedule="constant", ema_decay=0.992)
     value_optim = c.optim.copy_and_resolve_references()
     value_optim.update(lr=1e-4, warmup_steps=5, schedule="constant")
-    c.roles = ConfigDict(
-        {
-            "policy": defaults.trained_role(tiny_model("lm"), policy_optim, init_from=sft),
-            "value": defaults.trained_role(tiny_model("scalar"), value_optim, init_from=rm),
-        }
-    )
+    roles = {"policy": defaults.trained_role(tiny_model("lm"), policy_optim, init_from=sft)}
+    if stage == "ppo":
+        roles["value"] = defaults.trained_role(tiny_model("scalar"), value_optim, init_from=rm)
+    c.roles = ConfigDict(roles)
     c.frozen = ConfigDict({"ref": defaults.frozen_role(sft), "reward": defaults.frozen_role(rm)})
     c.rollout = defaults.rollout_section()
     # kl_coef 0.1, not InstructGPT's 0.02: on 5-token answers 0.02 lets the policy drift ~1.5 nats into
@@ -104,6 +115,12 @@ def ppo_config(sft: str, rm: str):
         kl_coef=0.1,
         gold="gptjax.data.tiny:gold_reward",
     )
+    if stage != "ppo":
+        c.rollout.samples_per_prompt = 4
+    if stage == "grpo":
+        # 0.5, not the paper's 0.04: group-standardised advantages are ~1 whatever the RM's spread, and at
+        # 0.04 the policy drifts ~6 nats into what this small RM misjudges (held-out gold 0.51 -> 0.28)
+        c.loss.kl_coef = 0.5
     c.ptx = defaults.ptx_section(data.tiny_config("pretrain"), ratio=0.0, seq_len=64)
     c.train.batch_size = 32
     c.train.seq_len = c.rollout.prompt_len + c.rollout.max_new_tokens
@@ -113,3 +130,71 @@ def ppo_config(sft: str, rm: str):
     del c.optim  # each role has its own
     c.lock()
     return c
+
+
+def bon_config(sft: str, rm: str):
+    """Rejection sampling: SFT from ``sft`` on the reward model's (``rm``) best of 8 samples for each of 1024
+    training prompts, written to the workdir as demonstrations (``gptjax.bon.prepare_demonstrations``)."""
+    c = defaults.base_config("bon")
+    c.model = defaults.model_section(tiny_model("lm"))
+    c.data = data.tiny_config("sft")  # its vocabulary; the sources become the written demonstrations
+    c.bon = ConfigDict(
+        {
+            "policy": "",  # '' = train.init_from
+            "reward": rm,
+            "data": data.tiny_config("prompts"),
+            "prompts": 1024,
+            "n": 8,
+            "temperature": 1.0,
+            "max_new_tokens": 16,
+            "require_eos": True,  # only finished samples compete (an unfinished one is a truncated answer)
+            "gold": "gptjax.data.tiny:gold_reward",  # logged, never used to choose
+        }
+    )
+    c.train.update(init_from=sft, batch_size=16, seq_len=128, steps=150)
+    c.train.checkpoint_every = c.train.steps
+    c.optim.update(lr=1e-4, warmup_steps=10)
+    c.lock()
+    return c
+
+
+def get_sweeps():
+    """The ablations, from the demo's SFT and RM checkpoints, 3 seeds each (differences here are a few
+    hundredths of gold reward): ``python scripts/sweep.py --config configs/tiny.py --sweep NAME``.
+    InstructGPT's (Appendix E): the PPO-ptx coefficient, the KL beta, EMA (every PPO run is evaluated with
+    and without it), the critic's initialisation; and the methods on one table."""
+    from gptjax import sweep
+
+    ptx = [
+        sweep.Point(
+            f"ptx_coef={coef}",
+            overrides=(("loss.ptx_coef", coef), ("ptx.ratio", 1.0 if coef else 0.0)),
+            seed=s,
+            x=coef,
+        )
+        for coef in (0.0, 1.0, 27.8)
+        for s in range(3)
+    ]
+    critic = [
+        sweep.Point(f"critic from {who.strip('{}')}", overrides=(("roles.value.init_from", who),), seed=s)
+        for who in ("{rm}", "{sft}")
+        for s in range(3)
+    ]
+    methods = [
+        sweep.Point(name, arg=f"stage={name},sft={{sft}},rm={{rm}}", seed=s)
+        for name in ("ppo", "grpo", "rloo", "bon")
+        for s in range(3)
+    ] + [sweep.Point("best-of-16 sampling", best_of_n=16, seed=s) for s in range(3)]
+    return {
+        "kl_coef": sweep.grid("rollout.kl_coef", [0.0, 0.01, 0.02, 0.1, 1.0], seeds=3),
+        "ptx_coef": sweep.Sweep(tuple(ptx), xlabel="loss.ptx_coef (ptx.ratio 1 when > 0)"),
+        "seeds": sweep.Sweep(
+            tuple(sweep.Point("ppo", seed=s) for s in range(5)), title="PPO with and without EMA"
+        ),
+        "critic_init": sweep.Sweep(tuple(critic), title="critic initialised from the RM or the SFT model"),
+        "methods": sweep.Sweep(tuple(methods), title="PPO, GRPO, RLOO, rejection sampling, best-of-N"),
+        # 2 points of 4 steps each: that a sweep runs end to end (tests/test_sweep.py)
+        "smoke": sweep.grid(
+            "rollout.kl_coef", [0.0, 0.1], train__steps=4, rollout__batch_size=32, train__batch_size=16
+        ),
+    }

@@ -529,10 +529,11 @@ def _fields(cfg: model.ModelConfig) -> dict:
 
 
 def meta_for(model_cfg: model.ModelConfig, stage: str, *, roles: dict | None = None, **extra) -> dict:
-    """A run's meta: ``model`` (the first trained role's config) and, with several trained roles, ``roles``
-    ({role: config}) with ``keyed_by_role`` (its params tree is keyed by role)."""
+    """A run's meta: ``model`` (the first trained role's config) and, with named trained roles (several, or
+    one not called 'model'), ``roles`` ({role: config}) with ``keyed_by_role`` (its params tree is keyed by
+    role)."""
     meta = {"model": _fields(model_cfg), "stage": stage, **extra}
-    if roles and len(roles) > 1:
+    if roles and set(roles) != {"model"}:
         meta["roles"] = {name: _fields(cfg) for name, cfg in roles.items()}
         meta["keyed_by_role"] = True
     return meta

@@ -65,6 +65,40 @@ def plot_split(workdir: str, path: str, split: str, metrics: Sequence[str]) -> N
     plt.close(fig)
 
 
+def plot_panels(panels: Sequence[dict], path: str, xlabel: str = "") -> None:
+    """Side-by-side panels of series: each panel {"title", "ylabel", "series": {name: {"x", "y", "yerr"
+    (optional), "line" (True: a fitted curve, no markers), "scatter" (True: markers only), "color"}}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for name, s in panel["series"].items():
+            if s.get("line"):
+                ax.plot(s["x"], s["y"], "--", color=s.get("color"), label=name)
+            elif s.get("scatter"):  # points without an order (e.g. one per window of rollouts)
+                ax.plot(s["x"], s["y"], "o", alpha=0.7, color=s.get("color"), label=name)
+            else:
+                ax.errorbar(
+                    s["x"],
+                    s["y"],
+                    yerr=s.get("yerr"),
+                    marker="o",
+                    capsize=3,
+                    color=s.get("color"),
+                    label=name,
+                )
+        ax.set_title(panel.get("title", ""))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def fmt(value, spec: str = ".3f") -> str:
     """A table cell: numbers formatted, missing values as '-'."""
     if value is None:

@@ -43,6 +43,34 @@ def ranked_batch(vocab, rankings: Sequence[tuple[str, Sequence[str]]], seq_len: 
 _rewards = jax.jit(ranking.rewards)  # ctx is a pytree whose static fields are hashable (FrozenConfigDict)
 
 
+def trained_reward_at(path: str) -> str:
+    """How the reward model in ``path`` was trained to score ('last' | 'mean': its run's loss.reward_at);
+    'last' for a checkpoint without a run config (e.g. a Hugging Face directory)."""
+    import json
+
+    from gptjax import checkpoint
+
+    try:
+        run_config = checkpoint.load_meta(path)[1].get("config") or "{}"
+    except (FileNotFoundError, ValueError):
+        return "last"
+    run_config = json.loads(run_config) if isinstance(run_config, str) else run_config
+    return (run_config.get("loss") or {}).get("reward_at") or "last"
+
+
+def scorer(path: str, vocab, seq_len: int, reward_at: str = "") -> Callable[[list], list[np.ndarray]]:
+    """``f(rankings) -> scores`` of the reward model in ``path`` (a workdir or HF directory), scoring as it
+    was trained to (``trained_reward_at``) unless ``reward_at`` says otherwise."""
+    from ml_collections import FrozenConfigDict
+
+    from gptjax import checkpoint, step
+
+    cfg, params = checkpoint.load_model(path)
+    loss_cfg = FrozenConfigDict({"reward_at": reward_at or trained_reward_at(path)})
+    ctx = step.Ctx(model_cfg=cfg, loss_cfg=loss_cfg)
+    return lambda rankings: score(ctx, params, vocab, rankings, seq_len)
+
+
 def score(ctx, params, vocab, rankings, seq_len: int, batch_size: int = 64) -> list[np.ndarray]:
     """Rewards of each prompt's responses (a list of [K_i] arrays) under the scalar-head model ``params``."""
     out = []

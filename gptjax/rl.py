@@ -2,6 +2,11 @@
 
 Everything here is a pure function (jittable); ``gptjax.rollout`` drives them from the train loop.
 
+Group objectives (GRPO, RLOO) train no critic: their loss module defines
+``advantages(score_B, kl_B, kl_coef, group_size, opts) -> adv_B`` over groups of ``group_size`` adjacent rows
+(the responses to one prompt), and ``experience`` spreads each row's advantage over its response tokens in
+place of GAE.
+
 Layout: a rollout row is ``BOS prompt response [EOS] pad...`` of length L = P + T, right-padded, and every
 per-token array is aligned with the tokens: ``x_BL[b, t]`` belongs to token t (its log-prob is predicted at
 t - 1), and ``mask_BL`` is True on the response tokens (EOS included). The value of the state before token t
@@ -11,6 +16,7 @@ token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -119,10 +125,11 @@ def score(
     temperature: jax.Array,
     chunk_rows: int = 0,
 ) -> dict[str, jax.Array]:
-    """The four roles' per-token outputs: policy and reference log-probs, values, reward-model outputs (fp32)
-    and the response mask. ``chunk_rows`` (0: all at once) runs the forward passes that many rows at a time,
-    so only one chunk's logits are ever in memory; chunk k takes rows k, k + n, k + 2n, ... (n chunks), so
-    every chunk keeps the batch's split over data-parallel devices."""
+    """The roles' per-token outputs: policy and reference log-probs, values (when ``cfgs`` has a 'value'
+    role), reward-model outputs (fp32) and the response mask. ``chunk_rows`` (0: all at once) runs the
+    forward passes that many rows at a time, so only one chunk's logits are ever in memory; chunk k takes
+    rows k, k + n, k + 2n, ... (n chunks), so every chunk keeps the batch's split over data-parallel
+    devices."""
 
     def rows(tokens, prompt_lengths, lengths):
         logp, mask = logprobs.response_logprobs(
@@ -131,13 +138,15 @@ def score(
         ref_logp, _ = logprobs.response_logprobs(
             cfgs["ref"], params["ref"], tokens, prompt_lengths, lengths, temperature=temperature
         )
-        return {
+        out = {
             "logp": logp,
             "mask": mask,
             "ref_logp": ref_logp,
-            "values": model.apply(cfgs["value"], params["value"], tokens).astype(jnp.float32),
             "rm": model.apply(cfgs["reward"], params["reward"], tokens).astype(jnp.float32),
         }
+        if "value" in cfgs:
+            out["values"] = model.apply(cfgs["value"], params["value"], tokens).astype(jnp.float32)
+        return out
 
     B = tokens_BL.shape[0]
     if not chunk_rows or chunk_rows >= B:
@@ -161,18 +170,24 @@ def experience(
     kl_coef: jax.Array,
     temperature: jax.Array,
     opts: Any,
+    advantages_fn: Callable | None = None,
+    loss_opts: Any = None,
 ) -> dict[str, jax.Array]:
     """One rollout batch's experience: old log-probs and values, reference log-probs, scores, rewards, GAE.
 
     ``params`` / ``cfgs`` hold the roles 'policy', 'value', 'ref' and 'reward'; ``lengths_B`` counts all real
     tokens (prompt + response); ``opts`` is the rollout section (kl_kind, gamma, lam, whiten_advantages,
-    reward_at, reward_norm, reward_clip, missing_eos_penalty; score_rows: ``score``'s chunk_rows). Old
-    log-probs are recomputed with a full forward pass (the numbers the loss compares against), at the
-    sampling temperature.
+    reward_at, reward_norm, reward_clip, missing_eos_penalty, samples_per_prompt; score_rows: ``score``'s
+    chunk_rows). Old log-probs are recomputed with a full forward pass (the numbers the loss compares
+    against), at the sampling temperature.
+
+    With ``advantages_fn`` (a group loss's ``advantages``, called with ``loss_opts``) there is no 'value'
+    role: each response's advantage is ``advantages_fn(score_B, kl_B, kl_coef, samples_per_prompt,
+    loss_opts)`` on every one of its tokens, kl_B being the response's summed ``kl_kind`` estimate, and the
+    experience carries ``ref_logp_BL`` instead of values and returns.
     """
     out = score(params, cfgs, tokens_BL, prompt_lengths_B, lengths_B, temperature, opts.get("score_rows", 0))
     logp_BL, mask_BL, ref_logp_BL, rm_BL = out["logp"], out["mask"], out["ref_logp"], out["rm"]
-    values_BL = jnp.where(mask_BL, shift_right(out["values"]), 0.0)
     if opts.reward_at == "mean":  # a reward model trained on its mean over the response (loss.reward_at)
         raw_score_B = jnp.sum(jnp.where(mask_BL, rm_BL, 0.0), 1) / jnp.maximum(jnp.sum(mask_BL, 1), 1)
     else:
@@ -185,30 +200,48 @@ def experience(
         score_B = jnp.clip(score_B, -opts.reward_clip, opts.reward_clip)
 
     kl_BL = jnp.where(mask_BL, kl_penalty(logp_BL, ref_logp_BL, opts.kl_kind), 0.0)
+    k1_BL = jnp.where(mask_BL, logp_BL - ref_logp_BL, 0.0)
+    exp = {
+        "tokens_BL": tokens_BL,
+        "prompt_lengths_B": prompt_lengths_B,
+        "lengths_B": lengths_B,
+        "old_logp_BL": logp_BL,
+        "stats": {  # per row
+            "score_B": raw_score_B,
+            "shaped_score_B": score_B,
+            "kl_B": jnp.sum(k1_BL, axis=1),  # the k1 KL: an unbiased estimate
+            "kl_penalty_B": jnp.sum(kl_BL, axis=1),
+        },
+    }
+    if advantages_fn is not None:
+        adv_B = advantages_fn(score_B, jnp.sum(kl_BL, axis=1), kl_coef, opts.samples_per_prompt, loss_opts)
+        group_std = jnp.std(score_B.reshape(-1, opts.samples_per_prompt), axis=1)
+        return {
+            **exp,
+            "advantages_BL": jnp.where(mask_BL, adv_B.astype(jnp.float32)[:, None], 0.0),
+            "ref_logp_BL": ref_logp_BL,
+            # a group of equal scores teaches nothing: how spread the scores within a group are
+            "diagnostics": {
+                "group_score_std": jnp.mean(group_std),
+                "tied_groups": jnp.mean((group_std < 1e-6).astype(jnp.float32)),
+            },
+        }
+
+    values_BL = jnp.where(mask_BL, shift_right(out["values"]), 0.0)
     last_BL = jnp.arange(tokens_BL.shape[1])[None, :] == (lengths_B - 1)[:, None]
     rewards_BL = -kl_coef * kl_BL + jnp.where(last_BL & mask_BL, score_B[:, None], 0.0)
     adv_BL, returns_BL = gae(rewards_BL, values_BL, mask_BL, opts.gamma, opts.lam)
     if opts.whiten_advantages:
         adv_BL = whiten(adv_BL, mask_BL)
 
-    # Diagnostics: explained variance of the returns by the old values; the k1 KL (an unbiased estimate).
+    # Diagnostics: explained variance of the returns by the old values.
     _, var_ret = masked_mean_var(returns_BL, mask_BL)
     _, var_res = masked_mean_var(returns_BL - values_BL, mask_BL)
-    k1_BL = jnp.where(mask_BL, logp_BL - ref_logp_BL, 0.0)
     return {
-        "tokens_BL": tokens_BL,
-        "prompt_lengths_B": prompt_lengths_B,
-        "lengths_B": lengths_B,
-        "old_logp_BL": logp_BL,
+        **exp,
         "old_values_BL": values_BL,
         "advantages_BL": adv_BL,
         "returns_BL": returns_BL,
-        "stats": {  # per row
-            "score_B": raw_score_B,
-            "shaped_score_B": score_B,
-            "kl_B": jnp.sum(k1_BL, axis=1),
-            "kl_penalty_B": jnp.sum(kl_BL, axis=1),
-        },
         "diagnostics": {  # over the whole rollout batch
             "explained_variance": 1.0 - var_res / jnp.maximum(var_ret, 1e-8),
             "value_mean": masked_mean_var(values_BL, mask_BL)[0],

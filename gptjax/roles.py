@@ -2,11 +2,11 @@
 ``policy`` and ``value``); frozen roles (``ref``, ``reward``, ...) only score, from ``Ctx.frozen``.
 
 Config: single-model stages keep ``config.model`` + ``config.train.init_from`` (+ ``init_role``, ``init_ema``)
-+ ``config.optim``: one trained role named 'model' whose params are the model's own tree. Stages with several
-trained roles list them in ``config.roles.<name>`` (``model``, ``init_from``, ``init_role``, ``init_ema``,
-``optim``): the params tree is then keyed by role, each role with its own optimizer. Frozen roles are
-``config.frozen.<name>`` (``init_from``, ``role``, ``ema``): a workdir (one role of it, or its EMA) or a
-Hugging Face directory; their model config comes from that checkpoint.
++ ``config.optim``: one trained role named 'model' whose params are the model's own tree. Stages with named
+trained roles (PPO's policy and value; GRPO's policy alone) list them in ``config.roles.<name>`` (``model``,
+``init_from``, ``init_role``, ``init_ema``, ``optim``): the params tree is then keyed by role, each role with
+its own optimizer. Frozen roles are ``config.frozen.<name>`` (``init_from``, ``role``, ``ema``): a workdir
+(one role of it, or its EMA) or a Hugging Face directory; their model config comes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -69,14 +69,15 @@ def trained_roles(config: ConfigDict, stage: Stage) -> list[Role]:
         roles = [
             Role(SINGLE, cfg, t.init_from, t.get("init_role", ""), t.get("init_ema", False), config.optim)
         ]
-    if len(roles) > 1 and any(r.cfg.lora_rank for r in roles):
+    if keyed(roles) and any(r.cfg.lora_rank for r in roles):
         raise ValueError("LoRA adapters are supported for single-model stages only")
     return roles
 
 
 def keyed(roles: list[Role]) -> bool:
-    """Whether the params tree is keyed by role (several trained roles)."""
-    return len(roles) > 1
+    """Whether the params tree is keyed by role: roles named in ``config.roles`` (PPO's two, GRPO's one
+    'policy'), so a loss reads ``params['policy']`` however many roles train beside it."""
+    return len(roles) > 1 or roles[0].name != SINGLE
 
 
 def _init_one(role: Role, mesh, rng) -> tuple[Any, dict]:

@@ -1,13 +1,18 @@
-"""PPO's batch source: generate with the current policy -> score -> KL -> GAE -> minibatches (+ ptx text).
+"""The RL batch source: generate with the current policy -> score -> KL -> advantages -> minibatches (+ ptx).
 
     source = RolloutSource(config, batch_size=..., ctx=ctx, mesh=mesh)
     batch = source.next(train_state)   # one minibatch; a new rollout when the last one is used up
 
-Each rollout takes ``rollout.batch_size`` prompts, samples a response to each from the policy in
+Each rollout takes ``rollout.batch_size / rollout.samples_per_prompt`` prompts, repeats each prompt in
+``samples_per_prompt`` adjacent rows (a group), samples a response per row from the policy in
 ``train_state`` (in the rollout layout, ``rollout.mesh``, when one is set: the policy's params are resharded
 device to device, never through the host), computes the experience (``gptjax.rl.experience``) and serves it
 as ``rollout.epochs`` shuffled passes of ``train.batch_size`` minibatches: one train step each. PPO-ptx
 adds ``ptx.ratio`` pretraining sequences per RL sequence to every minibatch.
+
+Advantages: PPO's GAE over a critic (the trained role 'value'), or, when the loss module defines
+``advantages`` (a group objective: ``gptjax.losses.grpo``, ``rloo``), that function over each group of
+responses, with no critic; groups are whole when it runs, and only the minibatches are shuffled.
 
 State (checkpointed with the train state): the prompt and ptx iterators, the rollout count (the rollout RNG
 is derived from it), the KL coefficient, the position inside the current rollout's minibatches and, when a
@@ -31,7 +36,19 @@ from ml_collections import FrozenConfigDict
 
 from gptjax import checkpoint, model, rl, sample, sharding
 
-ROLES = ("policy", "value", "ref", "reward")
+ROLES = ("policy", "value", "ref", "reward")  # PPO's; a group objective has no 'value'
+
+
+def group_advantages(config):
+    """The loss module's ``advantages(score_B, kl_B, kl_coef, group_size, opts) -> adv_B`` (a group
+    objective, trained without a critic), or None (PPO: GAE over the 'value' role)."""
+    from gptjax.train import load_loss
+
+    return getattr(load_loss(config.loss.name), "advantages", None)
+
+
+def roles_needed(config) -> tuple[str, ...]:
+    return ROLES if group_advantages(config) is None else tuple(r for r in ROLES if r != "value")
 
 
 def load_gold(spec: str):
@@ -46,9 +63,29 @@ def load_gold(spec: str):
 
 
 def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> None:
-    """Clear errors for settings PPO cannot run with."""
+    """Clear errors for settings PPO, GRPO or RLOO cannot run with."""
     r = config.rollout
     problems = []
+    group = group_advantages(config) is not None
+    n, per_host = r.samples_per_prompt, r.batch_size // jax.process_count()
+    if n < 1 or per_host % n:
+        problems.append(
+            f"rollout.samples_per_prompt={n} must be >= 1 and divide the responses per host "
+            f"(rollout.batch_size={r.batch_size} over {jax.process_count()} processes), so groups stay whole"
+        )
+    if group and n < 2:
+        problems.append(
+            f"loss {config.loss.name!r} compares the responses to one prompt: set rollout.samples_per_prompt "
+            f">= 2 (it is {n})"
+        )
+    trained = set(config.get("roles") or {})
+    if group and "value" in trained:
+        problems.append(
+            f"loss {config.loss.name!r} trains no critic: remove config.roles.value (its advantages come "
+            "from each prompt's group of responses)"
+        )
+    if group and config.ptx.ratio > 0:
+        problems.append(f"loss {config.loss.name!r} has no ptx term: set ptx.ratio=0")
     if r.top_k or r.top_p < 1.0:
         problems.append(
             f"rollout.top_k={r.top_k} / top_p={r.top_p}: PPO's log-probs are those of the whole "
@@ -72,18 +109,21 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
         problems.append(f"rollout.kl_kind={r.kl_kind!r}: use one of {rl.KL_KINDS}")
     if r.kl_target < 0 or (r.kl_target > 0 and r.kl_horizon <= 0):
         problems.append(f"rollout.kl_target={r.kl_target} needs >= 0 and kl_horizon > 0")
-    ptx_ratio, ptx_coef = config.ptx.ratio, config.loss.ptx_coef
-    if (ptx_ratio > 0) != (ptx_coef > 0):
+    ptx_ratio, ptx_coef = config.ptx.ratio, config.loss.get("ptx_coef", 0.0)
+    if not group and (ptx_ratio > 0) != (ptx_coef > 0):
         problems.append(
             f"ptx.ratio={ptx_ratio} and loss.ptx_coef={ptx_coef}: PPO-ptx needs both > 0 (plain PPO: both 0)"
         )
     heads = {"policy": "lm", "value": "scalar", "ref": "lm", "reward": "scalar"}
+    missing = [name for name in roles_needed(config) if name not in cfgs]
+    if missing:
+        problems.append(f"loss {config.loss.name!r} needs the role(s) {missing}; roles: {sorted(cfgs)}")
     for name, head in heads.items():
-        if cfgs[name].head != head:
+        if name in cfgs and cfgs[name].head != head:
             problems.append(f"role {name!r} needs a model with a {head!r} head; it has {cfgs[name].head!r}")
     vocabs = {name: c.vocab_size for name, c in cfgs.items()}
     if len(set(vocabs.values())) > 1:
-        problems.append(f"the four roles must share one vocabulary; vocab sizes: {vocabs}")
+        problems.append(f"the roles must share one vocabulary; vocab sizes: {vocabs}")
     total = r.prompt_len + r.max_new_tokens
     for name, c in cfgs.items():
         if c.pos == "learned" and total > c.max_len:
@@ -91,14 +131,25 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
                 f"rollout.prompt_len + max_new_tokens = {total} exceeds role {name!r}'s max_len={c.max_len}"
             )
     if problems:
-        raise ValueError("invalid PPO config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"invalid {config.stage} config:\n  " + "\n  ".join(problems))
 
 
-@functools.partial(jax.jit, static_argnames=("cfgs", "opts"))
-def _experience(params, tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef, temperature, *, cfgs, opts):
-    """rl.experience, compiled once per (roles' configs, rollout options) for the process."""
+@functools.partial(jax.jit, static_argnames=("cfgs", "opts", "advantages_fn", "loss_opts"))
+def _experience(
+    params, tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef, temperature, *, cfgs, opts, **group
+):
+    """rl.experience, compiled once per (roles' configs, rollout options, group advantages) a process."""
     return rl.experience(
-        params, dict(cfgs), tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef, temperature, opts
+        params,
+        dict(cfgs),
+        tokens_BL,
+        prompt_lengths_B,
+        lengths_B,
+        ended_B,
+        kl_coef,
+        temperature,
+        opts,
+        **group,
     )
 
 
@@ -166,14 +217,18 @@ class RolloutSource:
 
         self.config, self.mesh, self.minibatch = config, mesh, batch_size
         r = config.rollout
-        self.cfgs = {name: ctx.cfg_of(name) for name in ROLES}
+        known = dict(ctx.role_cfgs + ctx.frozen_cfgs)
+        self.cfgs = {name: known[name] for name in roles_needed(config) if name in known}
+        check_config(config, self.cfgs, batch_size * jax.process_count())
         self.opts = FrozenConfigDict(
             {**r.to_dict(), "reward_at": reward_at(config), "score_rows": score_rows(config, self.cfgs, mesh)}
         )
-        check_config(config, self.cfgs, batch_size * jax.process_count())
+        # A group objective's advantages replace GAE (static for jit: a module function and the loss options).
+        fn = group_advantages(config)
+        self.group = {"advantages_fn": fn, "loss_opts": FrozenConfigDict(config.loss)} if fn else {}
         self.frozen = {"ref": ctx.frozen["ref"], "reward": ctx.frozen["reward"]}
         self.vocab = data.get_vocabulary(config.data)
-        per_host = r.batch_size // jax.process_count()
+        per_host = r.batch_size // jax.process_count() // r.samples_per_prompt  # prompts; rows are responses
         seed = config.train.seed
         self.prompts = prompts or data.make_iterator(
             config.data, stage="prompts", batch_size=per_host, seq_len=r.prompt_len, seed=seed
@@ -302,7 +357,8 @@ class RolloutSource:
         r = self.config.rollout
         start = time.perf_counter()
         train_time = start - self._last_end if self._last_end is not None else 0.0
-        prompts = next(self.prompts)
+        # each prompt in samples_per_prompt adjacent rows: a group (its prompt_ids too, for the gold reward)
+        prompts = {k: np.repeat(v, r.samples_per_prompt, axis=0) for k, v in next(self.prompts).items()}
         policy, reshard_s = self._policy_for_rollout(train_state.params["policy"])
         gen = self._generate(policy, prompts)
         del policy
@@ -321,7 +377,8 @@ class RolloutSource:
             },
             self.mesh,
         )
-        params = {"policy": train_state.params["policy"], "value": train_state.params["value"], **self.frozen}
+        params = {name: train_state.params[name] for name in self.cfgs if name not in self.frozen}
+        params.update(self.frozen)
         exp = _experience(
             params,
             batch["tokens_BL"],
@@ -332,6 +389,7 @@ class RolloutSource:
             jnp.float32(r.temperature),
             cfgs=tuple(sorted(self.cfgs.items())),
             opts=self.opts,
+            **self.group,
         )
         rows = {k: host_local(v) for k, v in exp.pop("stats").items()}
         scalars = {k: float(v) for k, v in jax.device_get(exp.pop("diagnostics")).items()}

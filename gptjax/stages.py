@@ -17,10 +17,13 @@ class Stage:
     loss: str  # default config.loss.name (a module of gptjax.losses, or a dotted module path)
     head: str = "lm"  # the trained model's head: 'lm' | 'scalar'
     frozen: tuple[str, ...] = ()  # frozen roles the loss reads from ctx.frozen
-    source: str = "data"  # 'data': a data iterator (gptjax.sources) | 'rollout': PPO's (gptjax.rollout)
+    source: str = "data"  # 'data': a data iterator (gptjax.sources) | 'rollout': gptjax.rollout (RL)
     # 'module:function' run on the train state before the final checkpoint: f(config, state, ctx, mesh) ->
     # (state, metrics), e.g. the reward model's normalisation
     finish: str = ""
+    # 'module:function' run before anything is built: f(config, workdir) -> config, e.g. rejection
+    # sampling's demonstrations written to the workdir and named as the stage's data
+    prepare: str = ""
 
 
 STAGES: dict[str, Stage] = {
@@ -28,7 +31,12 @@ STAGES: dict[str, Stage] = {
     "sft": Stage(data="sft", loss="lm"),
     "rm": Stage(data="rm", loss="ranking", head="scalar", finish="gptjax.reward:normalize_state"),
     "dpo": Stage(data="rm", loss="dpo", frozen=("ref",)),
+    # rejection sampling: SFT on the reward model's best of n samples per prompt (gptjax.bon)
+    "bon": Stage(data="sft", loss="lm", prepare="gptjax.bon:prepare_demonstrations"),
     "ppo": Stage(data="prompts", loss="ppo", frozen=("ref", "reward"), source="rollout"),
+    # Group objectives on the same rollouts: no critic, advantages from each prompt's group of responses
+    "grpo": Stage(data="prompts", loss="grpo", frozen=("ref", "reward"), source="rollout"),
+    "rloo": Stage(data="prompts", loss="rloo", frozen=("ref", "reward"), source="rollout"),
 }
 
 
@@ -40,9 +48,18 @@ def get(name: str) -> Stage:
 
 def finish_fn(stage: Stage):
     """The stage's finishing function, or None."""
-    if not stage.finish:
+    return _function(stage.finish)
+
+
+def prepare_fn(stage: Stage):
+    """The stage's preparing function, or None."""
+    return _function(stage.prepare)
+
+
+def _function(spec: str):
+    if not spec:
         return None
     import importlib
 
-    module, _, fn = stage.finish.partition(":")
+    module, _, fn = spec.partition(":")
     return getattr(importlib.import_module(module), fn)

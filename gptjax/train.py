@@ -186,6 +186,9 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     except OSError as e:
         raise ValueError(f"--workdir {workdir!r} cannot be created ({e.strerror}): choose a path") from None
     try:
+        prepare = stages.prepare_fn(stage)
+        if prepare is not None:  # e.g. rejection sampling writes its demonstrations into the workdir
+            config = prepare(config, workdir)
         # The mesh in context lets kernels that need shard_map (Pallas attention) split work per device.
         with jax.set_mesh(mesh):
             return _train(config, workdir, mesh, stage, roles)

@@ -40,6 +40,14 @@ flags.DEFINE_bool("quick", False, "Fewer steps and a smaller eval, for a smoke r
 flags.DEFINE_integer("eval_prompts", 200, "Held-out prompts for the gold-reward evaluation.")
 flags.DEFINE_integer("eval_samples", 4, "Sampled responses per held-out prompt.")
 flags.DEFINE_integer("steps", 0, "Steps per stage (0: the config's, or a tenth of it with --quick).")
+flags.DEFINE_integer(
+    "rounds",
+    0,
+    "Iterated RLHF after the stages (which must include ppo): R rounds of collecting comparisons of the "
+    "current policy's samples from the simulated labelers, retraining the RM on every comparison so far, and "
+    "PPO from the current policy against it.",
+)
+flags.DEFINE_integer("round_prompts", 500, "Iterated RLHF: prompts labelled per round (4 samples each).")
 FLAGS = flags.FLAGS
 
 
@@ -180,12 +188,100 @@ def main(argv):
         results[stage].update(train_s=trained - start, eval_s=time.perf_counter() - trained)
         with open(saved, "w") as f:
             json.dump(results[stage], f, indent=1)
+    if FLAGS.rounds:
+        if "ppo" not in results:
+            raise app.UsageError("--rounds needs the ppo stage (the first round's policy)")
+        results["rounds"] = iterate(results)
     write_report(results)
+
+
+def iterate(results: dict) -> list[dict]:
+    """Iterated RLHF (``--rounds``): per round, K = 4 samples of the current policy on fresh RM-bucket
+    prompts ranked by the simulated labelers, an RM from SFT on all comparisons so far (the original ones
+    included), PPO from the current policy (reference: SFT; critic: the new RM) against it, and the gold
+    reward of the new policy against SFT's on the held-out prompts. Finished rounds are not rerun."""
+    from gptjax import bon, data
+
+    vocab = get_vocabulary(stage_config("sft").data)
+    sft_dir = os.path.join(FLAGS.workdir, "sft")
+    policy_dir, rank_files, rows = os.path.join(FLAGS.workdir, "ppo"), [], []
+    ppo = results["ppo"]
+    rows.append(
+        {
+            "round": 0,
+            "gold": ppo["gold_reward_mean"],
+            "gold_se": ppo["gold_reward_se"],
+            "gold_vs_sft": ppo.get("gold_vs_sft"),
+            "kl": ppo.get("kl_to_ref"),
+            "rm_accuracy": results.get("rm", {}).get("pairwise_accuracy"),
+        }
+    )
+    for r in range(1, FLAGS.rounds + 1):
+        root = os.path.join(FLAGS.workdir, f"round_{r}")
+        saved = os.path.join(root, "results.json")
+        comparisons = os.path.join(root, "comparisons.jsonl")
+        rank_files.append(comparisons)
+        if os.path.exists(saved):
+            with open(saved) as f:
+                rows.append(json.load(f))
+            policy_dir = os.path.join(root, "ppo")
+            continue
+        os.makedirs(root, exist_ok=True)
+        start = time.perf_counter()
+        if not os.path.exists(comparisons):
+            cfg, params = checkpoint.load_model(policy_dir, role="policy")
+            prompts = tiny.rm_prompts(100 + r, FLAGS.round_prompts)
+            texts, _ = bon.sample(
+                cfg, params, vocab, prompts, n=4, rng=jax.random.key(100 + r), max_new_tokens=16
+            )
+            samples = [texts[i * 4 : (i + 1) * 4] for i in range(len(prompts))]
+            records, skipped = tiny.label_samples(100 + r, prompts, samples)
+            logging.info(
+                "round %d: %d prompts ranked, %d with < 2 distinct samples skipped", r, len(records), skipped
+            )
+            with open(comparisons + ".tmp", "w") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in records)
+            os.replace(comparisons + ".tmp", comparisons)
+        rm_config = stage_config("rm")
+        rm_config.unlock()
+        for i, path in enumerate(rank_files):
+            rm_config.data.sources[f"round_{i + 1}"] = data.source(format="rank", path=path)
+        rm_config.lock()
+        rm_dir = os.path.join(root, "rm")
+        if not finished(rm_dir, rm_config.train.steps):
+            train.run(rm_config, rm_dir)
+        rm_eval = evaluate_stage("rm", rm_config, rm_dir, vocab)
+        ppo_config = defaults.load_config(f"{FLAGS.config}:stage=ppo,sft={sft_dir},rm={rm_dir}")
+        ppo_config.unlock()
+        ppo_config.roles.policy.init_from = policy_dir
+        ppo_config.roles.policy.init_role = "policy"
+        ppo_config.lock()
+        ppo_dir = os.path.join(root, "ppo")
+        if not finished(ppo_dir, ppo_config.train.steps):
+            train.run(ppo_config, ppo_dir)
+        policy_dir = ppo_dir
+        cmp = compare("ppo", ppo_dir, vocab)["ppo"]
+        row = {
+            "round": r,
+            "gold": cmp["gold_reward_mean"],
+            "gold_se": cmp["gold_reward_se"],
+            "gold_vs_sft": cmp["gold_vs_sft"],
+            "gold_vs_sft_se": cmp["gold_vs_sft_se"],
+            "kl": cmp.get("kl_to_ref"),
+            "rm_accuracy": rm_eval["pairwise_accuracy"],
+            "rm_gold_agreement": rm_eval.get("gold_agreement"),
+            "comparisons_files": len(rank_files),
+            "wall_s": time.perf_counter() - start,
+        }
+        with open(saved, "w") as f:
+            json.dump(row, f, indent=1)
+        rows.append(row)
+    return rows
 
 
 def policy_rows(results: dict) -> dict[str, dict]:
     """The LM policies to compare: each LM stage, plus PPO's EMA (evaluated with the PPO stage)."""
-    rows = {s: r for s, r in results.items() if s not in ("rm", "pretrain")}
+    rows = {s: r for s, r in results.items() if s not in ("rm", "pretrain", "rounds")}
     for stage in ("dpo", "ppo"):  # the SFT model's sampled numbers come from a later comparison
         compared = results.get(stage, {}).get("compared", {})
         if "sft" in rows and "sft" in compared:
@@ -279,16 +375,39 @@ def write_report(results: dict) -> None:
             f"DPO: held-out chosen-minus-rejected margin {report.fmt(results['dpo'].get('eval_margin'))}.",
             "",
         ]
-    losses = {s: report.fmt(r.get("final_train_loss")) for s, r in results.items()}
+    if "rounds" in results:
+        lines += [
+            "## Iterated RLHF",
+            "",
+            "Round 0: the PPO stage above. Each round: comparisons of the current policy's samples from the "
+            "simulated labelers, an RM retrained from SFT on all comparisons so far, PPO from the current "
+            "policy.",
+            "",
+            *report.table(
+                ["round", "gold reward", "gold - SFT (paired)", "KL to SFT", "RM held-out accuracy"],
+                [
+                    [
+                        str(r["round"]),
+                        f"{report.fmt(r['gold'])} +- {report.fmt(r['gold_se'])}",
+                        report.fmt(r.get("gold_vs_sft")),
+                        report.fmt(r.get("kl")),
+                        report.fmt(r.get("rm_accuracy")),
+                    ]
+                    for r in results["rounds"]
+                ],
+            ),
+            "",
+        ]
+    losses = {s: report.fmt(r.get("final_train_loss")) for s, r in results.items() if s != "rounds"}
     lines += ["Final train loss: " + ", ".join(f"{s} {v}" for s, v in losses.items()) + ".", ""]
-    timed = {s: r for s, r in results.items() if "train_s" in r}
+    timed = {s: r for s, r in results.items() if isinstance(r, dict) and "train_s" in r}
     if timed:
         total = sum(r["train_s"] + r["eval_s"] for r in timed.values())
         parts = ", ".join(f"{s} {r['train_s']:.0f} + {r['eval_s']:.0f}" for s, r in timed.items())
         lines += [f"Wall time, seconds (train + evaluation): {parts}; {total / 60:.1f} minutes in all.", ""]
     lines += [*plots, ""]
     for stage, r in results.items():
-        if "samples" not in r:
+        if not isinstance(r, dict) or "samples" not in r:
             continue
         lines += [f"## Greedy answers after {stage}", ""]
         lines += report.table(

@@ -103,3 +103,19 @@ def test_tiny_config_per_stage_and_pretraining_text():
         [tiny.gold_reward(ln[: ln.index("=") + 1], ln[ln.index("=") + 1 :]) == 1.0 for ln in lines]
     )
     assert 0.85 < right < 0.97  # mostly correct worked examples, some mistakes
+
+
+def test_labelling_a_policys_own_samples_for_iterated_rlhf():
+    """Distinct samples ranked by the labeler (temperature 0: by gold reward); a prompt whose samples are all
+    the same cannot be compared and is counted, not silently dropped."""
+    prompts = tiny.rm_prompts(3, 3)
+    assert len(set(prompts)) == 3 and all(tiny.bucket(p) == "rm" for p in prompts)
+    assert not set(prompts) & set(tiny.eval_prompts(n=200))
+    good = tiny.solve(prompts[0])
+    samples = [[good[:-1], good, good[:-1], "zzz"], [good] * 4, ["a", "b", "a", "b"]]
+    records, skipped = tiny.label_samples(0, prompts, samples, temperature=0.0)
+    assert skipped == 1 and [r["prompt"] for r in records] == [prompts[0], prompts[2]]
+    ranked = records[0]["responses"]
+    assert sorted(ranked) == sorted({good[:-1], good, "zzz"})  # duplicates removed
+    golds = [tiny.gold_reward(prompts[0], x) for x in ranked]
+    assert ranked[0] == good and golds == sorted(golds, reverse=True)

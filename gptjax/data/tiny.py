@@ -203,6 +203,27 @@ def rank_records(
     return out
 
 
+def rm_prompts(seed: int, n: int) -> list[str]:
+    """Prompts of the reward-model bucket (never evaluated on), for comparisons of a policy's samples."""
+    return _prompts(_rng(seed, "rm-prompts"), n, lambda p: bucket(p) == "rm")
+
+
+def label_samples(
+    seed: int, prompts: list[str], samples: list[list[str]], temperature: float = 0.15
+) -> tuple[list[dict], int]:
+    """Rank records from a policy's own samples (iterated RLHF): each prompt's distinct samples ranked by a
+    simulated labeler; prompts with fewer than 2 distinct samples cannot be compared and are counted."""
+    rng = _rng(seed, "label")
+    out, skipped = [], 0
+    for p, cands in zip(prompts, samples, strict=True):
+        distinct = list(dict.fromkeys(cands))
+        if len(distinct) < 2:
+            skipped += 1
+            continue
+        out.append({"prompt": p, "responses": rank_by_labeler(rng, p, distinct, temperature)})
+    return out, skipped
+
+
 def prompt_records(seed: int, n: int) -> list[dict]:
     rng = _rng(seed, "prompts")
     return [{"prompt": p} for p in _prompts(rng, n, lambda p: bucket(p) == "prompts")]

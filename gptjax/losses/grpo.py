@@ -1,0 +1,77 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): group-relative advantages, no critic, the KL to ref in the loss.
+
+Each rollout holds ``rollout.samples_per_prompt`` = G responses to each prompt in adjacent rows. A response's
+outcome advantage is its reward-model score standardised within its group,
+
+    A_i = (r_i - mean(r_group)) / (std(r_group) + std_eps)      (std with G - 1 in the denominator)
+
+on every one of its tokens; r is the score ``gptjax.rl.experience`` computes for PPO too (``reward_at``,
+reward normalisation and clipping, the missing-EOS penalty) without any KL in it. The loss is PPO's clipped
+surrogate with the ratio to the sampling policy, plus ``kl_coef`` times the k3 estimate of KL(pi || ref) per
+response token:
+
+    loss = (sum_t max(-A r_t, -A clip(r_t, 1 - clip, 1 + clip)) + kl_coef * sum_t k3_t) / N
+
+Normalisation: the sums run over every response token of the batch and N counts the response tokens of the
+FULL batch (``denominators``, as in ``ppo.py``), so micro-batches add up exactly. The paper instead averages
+over each response's tokens and then over responses, which gives a long response's tokens less weight.
+
+Options (``ctx.loss_cfg``): clip (0.2), kl_coef (0.04), std_eps (1e-4); the batch is an experience minibatch
+(tokens_BL, prompt_lengths_B, lengths_B, old_logp_BL, ref_logp_BL, advantages_BL) and
+``ctx.scalars['temperature']`` the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gptjax import rl
+from gptjax.losses import ppo
+from gptjax.losses.ppo import policy_loss, policy_terms, rollout_mask
+
+denominators = ppo.denominators  # response tokens of the full batch (train.py finds it by name)
+
+
+def advantages(score_B: jax.Array, kl_B: jax.Array, kl_coef: jax.Array, group_size: int, opts) -> jax.Array:
+    """[B] (r - group mean) / (group std + std_eps) over groups of ``group_size`` adjacent rows; GRPO keeps
+    the KL out of the reward (``kl_B`` and ``kl_coef`` are unused)."""
+    del kl_B, kl_coef
+    r_GN = score_B.astype(jnp.float32).reshape(-1, group_size)
+    mean_G1 = jnp.mean(r_GN, axis=1, keepdims=True)
+    std_G1 = jnp.std(r_GN, axis=1, keepdims=True, ddof=1)
+    return ((r_GN - mean_G1) / (std_G1 + opts.std_eps)).reshape(-1)
+
+
+def clipped_objective(params, batch: dict, ctx, kl_coef: float) -> tuple[jax.Array, dict]:
+    """The clipped surrogate on the batch's advantages plus ``kl_coef`` x k3 KL to the reference (whose
+    log-probs, ``ref_logp_BL``, the experience holds), both over the full batch's response tokens."""
+    mask_BL = rollout_mask(batch)
+    n = jnp.maximum(ctx.denominators["tokens"], 1.0)
+    count = jnp.sum(mask_BL).astype(jnp.float32)
+
+    def masked_sum(x_BL):
+        return jnp.sum(jnp.where(mask_BL, x_BL, 0.0))
+
+    temperature = ctx.scalars.get("temperature", 1.0)
+    logp_BL, entropy_BL = policy_terms(ctx.cfg_of("policy"), params["policy"], batch, temperature)
+    pg_BL, clipped_BL = policy_loss(logp_BL, batch["old_logp_BL"], batch["advantages_BL"], ctx.loss_cfg.clip)
+    kl_ref_BL = rl.kl_penalty(logp_BL, batch["ref_logp_BL"], "k3")
+    pg_sum, kl_sum = masked_sum(pg_BL), masked_sum(kl_ref_BL)
+    loss = (pg_sum + kl_coef * kl_sum) / n
+    log_ratio_BL = logp_BL - batch["old_logp_BL"]
+    metrics = {
+        "policy_loss": (pg_sum, count),
+        "kl_ref": (kl_sum, count),  # k3, per response token, of the policy being trained
+        "entropy": (masked_sum(entropy_BL), count),
+        "policy_clipfrac": (masked_sum(clipped_BL.astype(jnp.float32)), count),
+        "approx_kl": (masked_sum(jnp.expm1(-log_ratio_BL) + log_ratio_BL), count),  # old -> new, k3
+        # already normalised by the full batch: each micro-batch counts its share of the tokens
+        "loss": (loss, count / n),
+    }
+    return loss, metrics
+
+
+def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
+    del rng
+    return clipped_objective(params, batch, ctx, ctx.loss_cfg.kl_coef)

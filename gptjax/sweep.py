@@ -1,0 +1,338 @@
+"""Sweeps as code: a config file declares its grids, ``scripts/sweep.py`` runs one and writes a table + plot.
+
+A config module defines ``get_sweeps() -> {name: Sweep}``; a sweep is a list of points, each a config arg
+(e.g. ``stage=ppo``), dotted overrides and a seed:
+
+    def get_sweeps():
+        return {"kl": sweep.grid("rollout.kl_coef", [0.0, 0.02, 0.1], seeds=3)}
+
+    python scripts/sweep.py --config configs/tiny.py --sweep kl --base runs/demo --workdir runs/sweeps
+
+Every point trains one run (``train.run``; a finished point is not trained again, an interrupted one resumes
+from its checkpoint) from the SFT / RM checkpoints under ``--base`` (values ``{sft}`` / ``{rm}`` in args and
+overrides name them), then evaluates its policy (and EMA policy, where the run keeps one) on held-out prompts
+against the SFT model with the same prompts and sampling keys: sampled gold reward, paired difference to SFT,
+reward-model score and KL to SFT (``evaluate.compare_policies``). A point may instead be best-of-n sampling
+of the SFT model (no training). Points sharing a label are seeds: the table reports their mean and the
+standard error over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+PPO = "stage=ppo,sft={sft},rm={rm}"  # a point's default config arg: PPO from the base's checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    label: str  # rows of the table; points sharing a label are seeds of one setting
+    arg: str = PPO  # the config file's arg
+    overrides: tuple[tuple[str, Any], ...] = ()  # dotted config keys -> values
+    seed: int = 0
+    x: float | None = None  # where the point sits on the plot's x axis (None: by label order)
+    best_of_n: int = 0  # > 0: best-of-n samples of the SFT model scored by the RM, no training
+
+    @property
+    def name(self) -> str:
+        safe = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in self.label)
+        return f"{safe}-seed{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    points: tuple[Point, ...]
+    xlabel: str = ""
+    title: str = ""
+
+
+def grid(
+    key: str, values: Sequence, *, seeds: int = 1, arg: str = PPO, label: str = "", **fixed
+) -> Sweep:
+    """One override key over ``values`` (x axis), each with ``seeds`` seeds; ``fixed`` overrides (dotted keys
+    written with '__' for '.') apply to every point."""
+    base = tuple((k.replace("__", "."), v) for k, v in fixed.items())
+    points = [
+        Point(
+            label=f"{label or key.split('.')[-1]}={v}",
+            arg=arg,
+            overrides=((key, v), *base),
+            seed=s,
+            x=float(v) if isinstance(v, (int, float)) else None,
+        )
+        for v in values
+        for s in range(seeds)
+    ]
+    return Sweep(tuple(points), xlabel=key)
+
+
+def seeds_of(point: Point, seeds: int) -> list[Point]:
+    return [dataclasses.replace(point, seed=s) for s in range(seeds)]
+
+
+def load_sweep(config_file: str, name: str) -> Sweep:
+    """``get_sweeps()[name]`` of a config file (clear errors for a missing function or sweep)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_config", config_file)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"--config {config_file!r}: not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sweeps = module.get_sweeps() if hasattr(module, "get_sweeps") else {}
+    if name not in sweeps:
+        raise ValueError(f"{config_file} declares no sweep {name!r}; its sweeps: {sorted(sweeps)}")
+    return sweeps[name]
+
+
+def point_config(config_file: str, point: Point, base: str):
+    """The point's config: the file at its arg, overrides applied (unknown keys: a clear error)."""
+    from gptjax import defaults
+
+    paths = {"sft": os.path.join(base, "sft"), "rm": os.path.join(base, "rm")}
+    c = defaults.load_config(f"{config_file}:{point.arg.format(**paths)}")
+    c.unlock()
+    for key, value in (*point.overrides, ("train.seed", point.seed)):
+        value = value.format(**paths) if isinstance(value, str) else value
+        node = c
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part not in node:
+                raise ValueError(
+                    f"sweep point {point.label!r}: config has no key {'.'.join(parts[: i + 1])!r}"
+                )
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"sweep point {point.label!r}: config has no key {key!r}")
+        node[parts[-1]] = float(value) if isinstance(node[parts[-1]], float) else value
+    c.lock()
+    return c
+
+
+class Evaluator:
+    """Policies on held-out prompts against the SFT model under ``base`` (same prompts and keys)."""
+
+    def __init__(self, config_file: str, base: str, eval_prompts: int, samples: int):
+        import jax
+
+        from gptjax import checkpoint, defaults, reward
+        from gptjax.data import get_vocabulary, tiny
+
+        self.base, self.samples = base, samples
+        rm_config = defaults.load_config(f"{config_file}:stage=rm")
+        self.vocab = get_vocabulary(rm_config.data)
+        self.reward_fn = reward.scorer(os.path.join(base, "rm"), self.vocab, rm_config.train.seq_len)
+        self.sft = checkpoint.load_model(os.path.join(base, "sft"))
+        self.prompts = tiny.eval_prompts(n=eval_prompts)
+        self.gold = tiny.gold_reward
+        self.rng = jax.random.key(1)
+        self._sft_result: dict | None = None
+
+    def compare(self, policies: dict) -> dict[str, dict]:
+        from gptjax import evaluate
+
+        return evaluate.compare_policies(
+            policies,
+            self.vocab,
+            self.prompts,
+            self.gold,
+            rng=self.rng,
+            ref=self.sft,
+            reward_fn=self.reward_fn,
+            samples_per_prompt=self.samples,
+        )
+
+    def sft_result(self, cache: str) -> dict:
+        if self._sft_result is None:
+            if os.path.exists(cache):
+                with open(cache) as f:
+                    self._sft_result = json.load(f)
+            else:
+                self._sft_result = self.compare({"sft": self.sft})["sft"]
+                with open(cache, "w") as f:
+                    json.dump(self._sft_result, f)
+        return self._sft_result
+
+    def best_of_n(self, n: int, seed: int) -> dict:
+        """Best-of-n of the SFT model: gold and RM score of the RM-best of n samples per prompt (one sample
+        pool of n per prompt), KL log n - (n - 1) / n."""
+        import jax
+
+        from gptjax import bon
+
+        pool = bon.sample_and_score(
+            *self.sft,
+            self.vocab,
+            self.prompts,
+            n=n,
+            rng=jax.random.fold_in(self.rng, 1000 + seed),
+            reward_fn=self.reward_fn,
+            gold=self.gold,
+        )
+        best = bon.pick_best(pool["proxy_BN"])
+        rows = np.arange(len(best))
+        gold_B = pool["gold_BN"][rows, best]
+        return {
+            "gold_reward_mean": float(gold_B.mean()),
+            "gold_reward_se": float(gold_B.std(ddof=1) / math.sqrt(len(gold_B))),
+            "per_prompt": gold_B.tolist(),
+            "rm_reward_mean": float(pool["proxy_BN"][rows, best].mean()),
+            "kl_to_ref": float(bon.kl_bon(n)),
+            "eos_rate": float(pool["ended_BN"][rows, best].mean()),
+        }
+
+
+def run_point(config_file: str, point: Point, base: str, root: str, evaluator: Evaluator) -> dict:
+    """Train (unless finished) and evaluate one point; its results.json is the resume marker."""
+    from gptjax import checkpoint, evaluate, train
+
+    workdir = os.path.join(root, point.name)
+    saved = os.path.join(workdir, "results.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            return json.load(f)
+    os.makedirs(workdir, exist_ok=True)
+    start = time.perf_counter()
+    if point.best_of_n:
+        results = {"policy": evaluator.best_of_n(point.best_of_n, point.seed)}
+    else:
+        config = point_config(config_file, point, base)
+        train.run(config, workdir)
+        role = "policy" if "roles" in config and "policy" in config.roles else None
+        policies = {"policy": checkpoint.load_model(workdir, role=role)}
+        decay = (config.roles.policy.optim if role else config.optim).ema_decay
+        if decay > 0:
+            policies["ema"] = checkpoint.load_model(workdir, role=role, ema=True)
+        results = evaluator.compare(policies)
+    sft = evaluator.sft_result(os.path.join(root, "sft_eval.json"))
+    for r in results.values():
+        r["gold_vs_sft"], r["gold_vs_sft_se"] = evaluate.paired_difference(r, sft)
+        r.pop("examples", None)
+    out = {
+        "label": point.label,
+        "seed": point.seed,
+        "x": point.x,
+        "arg": point.arg,
+        "overrides": dict(point.overrides),
+        "results": results,
+        "wall_s": time.perf_counter() - start,
+    }
+    with open(saved, "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (label, policy): means over seeds and their standard error across seeds (0 for one
+    seed: then the within-run standard error over prompts is reported)."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    order: list[tuple[str, str]] = []
+    for run in runs:
+        for policy, r in run["results"].items():
+            key = (run["label"], policy)
+            if key not in rows:
+                order.append(key)
+            rows.setdefault(key, []).append({**r, "x": run["x"], "wall_s": run["wall_s"]})
+    out = []
+    for label, policy in order:
+        rs = rows[(label, policy)]
+
+        def stat(k, rs=rs):
+            vals = np.array([r[k] for r in rs if r.get(k) is not None], np.float64)
+            if not len(vals):
+                return None, None
+            se = vals.std(ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else None
+            return float(vals.mean()), se
+
+        gold, gold_se = stat("gold_reward_mean")
+        diff, diff_se = stat("gold_vs_sft")
+        if len(rs) == 1:  # one seed: the standard errors over prompts
+            gold_se, diff_se = rs[0]["gold_reward_se"], rs[0]["gold_vs_sft_se"]
+        out.append(
+            {
+                "label": label,
+                "policy": policy,
+                "seeds": len(rs),
+                "x": rs[0]["x"],
+                "gold": gold,
+                "gold_se": gold_se,
+                "gold_vs_sft": diff,
+                "gold_vs_sft_se": diff_se,
+                "rm_reward": stat("rm_reward_mean")[0],
+                "kl": stat("kl_to_ref")[0],
+                "wall_s": float(sum(r["wall_s"] for r in rs)),
+            }
+        )
+    return out
+
+
+def report_lines(
+    name: str, sweep: Sweep, rows: list[dict], sft: dict, command: str, wall_s: float
+) -> list[str]:
+    from gptjax import report
+
+    def pm(v, se):
+        return f"{report.fmt(v)} +- {report.fmt(se)}" if se is not None else report.fmt(v)
+
+    table = [
+        [
+            r["label"],
+            r["policy"],
+            str(r["seeds"]),
+            pm(r["gold"], r["gold_se"]),
+            pm(r["gold_vs_sft"], r["gold_vs_sft_se"]),
+            report.fmt(r["rm_reward"]),
+            report.fmt(r["kl"]),
+        ]
+        for r in rows
+    ]
+    return [
+        f"## Sweep `{name}`{': ' + sweep.title if sweep.title else ''}",
+        "",
+        f"`{command}` ({wall_s / 60:.0f} min on this machine)",
+        "",
+        f"SFT model: gold reward {pm(sft['gold_reward_mean'], sft['gold_reward_se'])}, RM reward "
+        f"{report.fmt(sft.get('rm_reward_mean'))}.",
+        "",
+        *report.table(
+            ["setting", "policy", "seeds", "gold reward", "gold - SFT (paired)", "RM reward", "KL to SFT"],
+            table,
+        ),
+        "",
+        "Gold reward: mean over held-out prompts of sampled answers (temperature 1); +- is the standard "
+        "error across seeds (one seed: over prompts). gold - SFT pairs each prompt with the SFT model's "
+        "answers under the same sampling keys.",
+        "",
+    ]
+
+
+def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "") -> None:
+    """Gold reward (+- its standard error) and KL to SFT against the swept value, one line per policy
+    (the run's policy, its EMA); settings without a numeric value are placed by table order."""
+    from gptjax import report
+
+    numeric = all(r["x"] is not None for r in rows)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    xs = {r["label"]: (r["x"] if numeric else labels.index(r["label"])) for r in rows}
+    gold, kl = {}, {}
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == policy]
+        x = [xs[r["label"]] for r in mine]
+        gold[policy] = {"x": x, "y": [r["gold"] for r in mine], "yerr": [r["gold_se"] or 0 for r in mine]}
+        kl[policy] = {"x": x, "y": [r["kl"] for r in mine]}
+    span = sorted(xs.values())
+    gold["SFT"] = {"x": [span[0], span[-1]], "y": [sft["gold_reward_mean"]] * 2, "line": True}
+    panels = [
+        {"title": "gold reward (sampled)", "ylabel": "gold reward", "series": gold},
+        {"title": "KL to SFT per answer", "ylabel": "nats", "series": kl},
+    ]
+    report.plot_panels(panels, path, xlabel if numeric else "setting: " + ", ".join(labels))

@@ -1,0 +1,125 @@
+"""Sweeps as code: a config's grid runs end to end into a table, resumes finished points, and aggregates
+seeds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import optax
+import pytest
+
+from gptjax import checkpoint, defaults, model, sweep
+from gptjax import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def save_run(path, cfg, stage):
+    params = model.init(cfg, jax.random.key(0 if stage == "sft" else 1))
+    mngr = checkpoint.manager(path)
+    checkpoint.save(
+        mngr,
+        state_lib.create(params, optax.sgd(0.0), ema=False),
+        data_state={},
+        meta=checkpoint.meta_for(cfg, stage),
+    )
+    mngr.wait_until_finished()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Random SFT and RM checkpoints of the tiny config's shapes (what `make demo` leaves in runs/demo)."""
+    path = tmp_path_factory.mktemp("base")
+    for stage in ("sft", "rm"):
+        cfg = model.config_from_dict(defaults.load_config(f"{TINY}:stage={stage}").model.to_dict())
+        save_run(str(path / stage), cfg, stage)
+    return str(path)
+
+
+def run_sweep(base, workdir, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    args = [
+        "--sweep",
+        "smoke",
+        "--base",
+        base,
+        "--workdir",
+        workdir,
+        "--eval_prompts",
+        "8",
+        "--eval_samples",
+        "1",
+    ]
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), *args, *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_a_two_point_sweep_writes_its_table_and_resumes(base, tmp_path):
+    done = run_sweep(base, str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "smoke"
+    report = (root / "report.md").read_text()
+    for label in ("kl_coef=0.0", "kl_coef=0.1"):
+        for policy in ("policy", "ema"):  # the tiny PPO keeps an EMA policy: both evaluated
+            assert f"| {label} | {policy} | 1 |" in report
+    assert (root / "smoke.png").stat().st_size > 0
+    rows = json.loads((root / "results.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["gold"] is not None and 0.0 <= r["gold"] <= 1.0 for r in rows)
+    runs = json.loads((root / "results.json").read_text())["runs"]
+    assert [r["overrides"]["rollout.kl_coef"] for r in runs] == [0.0, 0.1]
+    assert all(r["overrides"]["train.steps"] == 4 for r in runs)
+    # the run trained the point's steps with the point's settings
+    point = root / "kl_coef=0.1-seed0"
+    assert checkpoint.load_meta(str(point))[0] == 4
+    # a second invocation trains nothing: every point's results are kept
+    stamps = {
+        p: os.path.getmtime(root / p / "results.json") for p in ("kl_coef=0.0-seed0", "kl_coef=0.1-seed0")
+    }
+    again = run_sweep(base, str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "=== stage" not in again.stderr and "resuming" not in again.stderr
+    assert {p: os.path.getmtime(root / p / "results.json") for p in stamps} == stamps
+    assert (root / "report.md").read_text().split("\n")[4:] == report.split("\n")[4:]  # same table
+
+
+def test_seeds_are_averaged_with_their_standard_error():
+    def run(label, seed, gold, diff):
+        r = {"gold_reward_mean": gold, "gold_reward_se": 0.05, "gold_vs_sft": diff, "gold_vs_sft_se": 0.02}
+        return {
+            "label": label,
+            "seed": seed,
+            "x": 1.0,
+            "wall_s": 10.0,
+            "results": {"policy": {**r, "kl_to_ref": 0.5}},
+        }
+
+    rows = sweep.summarise([run("a", 0, 0.5, 0.1), run("a", 1, 0.7, 0.3), run("b", 0, 0.4, 0.0)])
+    a, b = rows
+    assert (a["label"], a["seeds"]) == ("a", 2) and (b["label"], b["seeds"]) == ("b", 1)
+    assert a["gold"] == pytest.approx(0.6) and a["gold_se"] == pytest.approx(0.1)  # std 0.1414 / sqrt 2
+    assert a["gold_vs_sft"] == pytest.approx(0.2) and a["gold_vs_sft_se"] == pytest.approx(0.1)
+    assert b["gold_se"] == 0.05 and b["gold_vs_sft_se"] == 0.02  # one seed: the over-prompts errors
+    assert a["wall_s"] == 20.0
+
+
+def test_point_overrides_name_unknown_keys():
+    p = sweep.Point("x", overrides=(("rollout.kl_coeff", 0.1),))
+    with pytest.raises(ValueError, match="no key 'rollout.kl_coeff'"):
+        sweep.point_config(TINY, p, "runs/base")
+    c = sweep.point_config(TINY, sweep.Point("y", overrides=(("rollout.kl_coef", 1),), seed=2), "runs/base")
+    assert c.rollout.kl_coef == 1.0 and c.train.seed == 2
+    assert c.roles.policy.init_from == os.path.join("runs/base", "sft")
+    assert c.frozen.reward.init_from == os.path.join("runs/base", "rm")
+    with pytest.raises(ValueError, match="declares no sweep 'nope'"):
+        sweep.load_sweep(TINY, "nope")
+    assert defaults.load_config(f"{TINY}:stage=ppo").rollout.kl_coef == 0.1  # the file itself unchanged
