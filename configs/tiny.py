@@ -180,11 +180,17 @@ def get_sweeps():
         for who in ("{rm}", "{sft}")
         for s in range(3)
     ]
-    methods = [
-        sweep.Point(name, arg=f"stage={name},sft={{sft}},rm={{rm}}", seed=s)
-        for name in ("ppo", "grpo", "rloo", "bon")
+    methods = [  # seed-major: an interrupted sweep already has every method
+        p
         for s in range(3)
-    ] + [sweep.Point("best-of-16 sampling", best_of_n=16, seed=s) for s in range(3)]
+        for p in [
+            *(
+                sweep.Point(name, arg=f"stage={name},sft={{sft}},rm={{rm}}", seed=s)
+                for name in ("ppo", "grpo", "rloo", "bon")
+            ),
+            sweep.Point("best-of-16 sampling", best_of_n=16, seed=s),
+        ]
+    ]
     return {
         "kl_coef": sweep.grid("rollout.kl_coef", [0.0, 0.01, 0.02, 0.1, 1.0], seeds=3),
         "ptx_coef": sweep.Sweep(tuple(ptx), xlabel="loss.ptx_coef (ptx.ratio 1 when > 0)"),

@@ -127,7 +127,7 @@ def rollout_section() -> ConfigDict:
             "reward_clip": 0.0,  # > 0: clip the score to +-reward_clip
             "missing_eos_penalty": 0.0,  # subtracted from the score of a response that never emitted EOS
             "score_rows": 0,  # rows per scoring forward pass (dividing batch_size); 0: fp32 logits < 2 GiB
-            "generate_rows": 0,  # prompts per generate call (dividing batch_size; KV cache memory); 0: all
+            "generate_rows": 0,  # rows (responses) per generate call, dividing batch_size (KV cache); 0: all
             "mesh": ConfigDict({}),  # the rollout layout, e.g. {data: 1, fsdp: 1, tensor: -1}; {}: training's
             "gold": "",  # 'module:function' gold reward logged per rollout (the tiny task's: built in)
         }

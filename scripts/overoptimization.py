@@ -122,11 +122,18 @@ def main(argv):
     gold_BN = np.asarray(pool["gold_BN"])
     ns = [2**i for i in range(int(math.log2(FLAGS.n_max)) + 1)]
     results: dict = {"sizes": sizes, "bon": {}, "ppo": {}, "fits": {}}
+    scores_path = os.path.join(root, "proxy_scores.json")  # each proxy's scores of the pool, once
+    scores = json.load(open(scores_path)) if os.path.exists(scores_path) else {}
     for size, rm_dir in proxies.items():
-        score = reward.scorer(rm_dir, vocab, rm_config.train.seq_len)
-        proxy_BN = np.stack(
-            [np.concatenate(score([(p, list(t))])) for p, t in zip(prompts, pool["texts"], strict=True)]
-        )
+        if str(size) not in scores:
+            score = reward.scorer(rm_dir, vocab, rm_config.train.seq_len)
+            scores[str(size)] = [
+                np.concatenate(score([(p, list(t))])).tolist()
+                for p, t in zip(prompts, pool["texts"], strict=True)
+            ]
+            with open(scores_path, "w") as f:
+                json.dump(scores, f)
+        proxy_BN = np.asarray(scores[str(size)])
         curve = bon.best_of_n_curve(proxy_BN, gold_BN, ns)
         results["bon"][size] = curve
 
