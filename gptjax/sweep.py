@@ -55,9 +55,7 @@ class Sweep:
     title: str = ""
 
 
-def grid(
-    key: str, values: Sequence, *, seeds: int = 1, arg: str = PPO, label: str = "", **fixed
-) -> Sweep:
+def grid(key: str, values: Sequence, *, seeds: int = 1, arg: str = PPO, label: str = "", **fixed) -> Sweep:
     """One override key over ``values`` (x axis), each with ``seeds`` seeds; ``fixed`` overrides (dotted keys
     written with '__' for '.') apply to every point."""
     base = tuple((k.replace("__", "."), v) for k, v in fixed.items())
