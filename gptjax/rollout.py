@@ -25,7 +25,6 @@ import base64
 import functools
 import importlib
 import io
-import json
 import time
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, model, rl, sample, sharding
+from gptjax import model, rl, sample, sharding
 
 ROLES = ("policy", "value", "ref", "reward")  # PPO's; a group objective has no 'value'
 
@@ -161,15 +160,9 @@ def _compute_dtype_params(cfg, params):
 def reward_at(config) -> str:
     """How the reward model turns per-token outputs into a score: the rollout's setting, else the one the
     reward model was trained with (its checkpoint's loss.reward_at), else 'last'."""
-    if config.rollout.reward_at:
-        return config.rollout.reward_at
-    path = config.frozen.reward.init_from
-    try:
-        run_config = checkpoint.load_meta(path)[1].get("config") or "{}"
-    except (FileNotFoundError, ValueError):  # e.g. a Hugging Face directory: no run config
-        return "last"
-    run_config = json.loads(run_config) if isinstance(run_config, str) else run_config
-    return (run_config.get("loss") or {}).get("reward_at") or "last"
+    from gptjax import reward
+
+    return config.rollout.reward_at or reward.trained_reward_at(config.frozen.reward.init_from)
 
 
 def score_rows(config, cfgs: dict[str, model.ModelConfig], mesh) -> int:
