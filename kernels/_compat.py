@@ -54,6 +54,19 @@ def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32)
 
 
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a[k, m]^T @ b [k, n] in fp32."""
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32)
+
+
+def atomic_add(ref, idx, val) -> None:
+    """ref[idx] += val atomically (Triton's atomic add; the interpreter applies it in grid order)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    pltriton.atomic_add(ref, idx, val)
+
+
 def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [m, k] @ b [k, n] in fp32."""
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None

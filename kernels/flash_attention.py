@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ class BlockSizes:
     block_k_dq: int = 64
     num_warps: int | None = None  # None: 4 for head dim <= 64, else 8
     num_stages: int = 2
+    fused_dq: bool = False  # one backward kernel, dq by atomic adds (see flash_kernels)
 
     @classmethod
     def default(cls, backend: str, head_dim: int, itemsize: int = 2) -> BlockSizes:
@@ -48,9 +50,10 @@ class BlockSizes:
                 )
             # Measured on an H100 (scripts/bench_attention.py --tune, causal, 4k, GQA 4): wide dk/dv tiles
             # with 4 warps spill and cost ~3x in the backward pass; these were the fastest forward+backward.
+            fused = os.environ.get("GPTJAX_FLASH_FUSED_BWD", "0") == "1"  # A/B switch for whole-model runs
             if head_dim * itemsize <= 128:
-                return cls(64, 64, 64, 64, 64, 64, num_warps=4, num_stages=3)
-            return cls(128, 64, 64, 128, 128, 64, num_warps=8, num_stages=2)
+                return cls(64, 64, 64, 64, 64, 64, num_warps=4, num_stages=3, fused_dq=fused)
+            return cls(128, 64, 64, 128, 128, 64, num_warps=8, num_stages=2, fused_dq=fused)
         # Interpreter: large tiles mean fewer grid steps; they are clamped to the sequence below.
         return cls(128, 128, 128, 128, 128, 128, num_warps=4, num_stages=1)
 
@@ -253,6 +256,7 @@ def flash_attention(
         num_warps=bs.num_warps or (4 if Dp <= 64 else 8),
         num_stages=bs.num_stages,
         interpret=interp,
+        fused_dq=bool(bs.fused_dq),
     )
     q = _pad_axis(_pad_axis(q_BLHD, 3, Dp), 1, Lp)
     k = _pad_axis(_pad_axis(k_BSKD, 3, Dp), 1, Sp)
@@ -300,7 +304,8 @@ def _all_ranges(c: fk.Static, q_seg, k_seg):
         causal=c.causal,
         offset=c.offset,
     )
-    return q_rows(c.block_q, c.block_k), q_rows(c.block_q_dq, c.block_k_dq), dkdv
+    r_dq = jnp.zeros((0,), jnp.int32) if c.fused_dq else q_rows(c.block_q_dq, c.block_k_dq)
+    return q_rows(c.block_q, c.block_k), r_dq, dkdv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -317,8 +322,12 @@ def _flash_bwd(c, res, do):
     q, k, v, q_seg, k_seg, r_dq, r_dkdv, o, lse = res
     do = do.astype(q.dtype)
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
-    dq = fk.backward_dq(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dq)
-    dk, dv = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv)
+    if c.fused_dq:
+        dk, dv, dq = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv)
+        dq = (dq * c.scale).astype(q.dtype)
+    else:
+        dq = fk.backward_dq(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dq)
+        dk, dv = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv)
     return dq, dk, dv, None, None, None, None, None
 
 

@@ -8,6 +8,10 @@ loops, [lo, a) masked, [a, b) unmasked, [b, hi) masked, with (lo, a, b, hi) comp
 blocks in [a, b) need no mask. Masked scores are -inf; a row with no visible key keeps max = -inf, which
 is read as 0 so nothing becomes NaN, and its lse is +inf so the backward pass gives it zero weight.
 
+With ``fused_dq`` the backward pass is one kernel: the dk/dv kernel also adds each tile's dS^T K into an
+fp32 dq buffer with atomic adds, so P and dP are computed once (five matmuls per tile, not seven), at the
+price of atomics on dq; without it a separate dq kernel recomputes them.
+
 Grouped-query attention is native: a query head h reads kv head h // G through the BlockSpec index map in
 the forward and dq kernels, and the dk/dv kernel of kv head k loops over its G query heads, so repeated
 K/V or per-query-head dk/dv are never materialised.
@@ -50,6 +54,7 @@ class Static:
     num_warps: int
     num_stages: int
     interpret: bool
+    fused_dq: bool = False
 
     @property
     def G(self) -> int:
@@ -257,16 +262,17 @@ def backward_dq(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Backward: dk, dv (one program per kv block and kv head; loops over the G query heads that share it)
+# Backward: dk, dv (one program per kv block and kv head; loops over the G query heads that share it),
+# and with c.fused_dq also dq (atomic adds into an fp32 buffer)
 
 
 def _dkdv_kernel(*refs, c: Static):
-    if c.has_seg:
-        (ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref) = (
-            refs
-        )
-    else:
-        ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    n_in = 7 + 2 * c.has_seg + c.fused_dq
+    ins, outs = refs[:n_in], refs[n_in:]
+    ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins[:7]
+    qseg_ref, kseg_ref = ins[7:9] if c.has_seg else (None, None)
+    dk_ref, dv_ref = outs[:2]
+    dq_ref = outs[2] if c.fused_dq else None
     bq, bk = c.block_q_dkv, c.block_k_dkv
     j = pl.program_id(0)
     k = k_ref[...]
@@ -290,8 +296,10 @@ def _dkdv_kernel(*refs, c: Static):
             p_t = jnp.exp2(s_t - lse)
             dv = dv + _compat.dot_nn(p_t.astype(do.dtype), do)
             dp_t = _compat.dot_nt(v, do)
-            ds_t = p_t * (dp_t - delta)
-            dk = dk + _compat.dot_nn(ds_t.astype(q.dtype), q)
+            ds_t = (p_t * (dp_t - delta)).astype(q.dtype)
+            dk = dk + _compat.dot_nn(ds_t, q)
+            if c.fused_dq:  # unscaled; the caller applies the softmax scale once
+                _compat.atomic_add(dq_ref, (pl.ds(start, bq), g, slice(None)), _compat.dot_tn(ds_t, k))
             return dk, dv
 
         return _three_loops(ranges_ref, step, carry)
@@ -303,6 +311,7 @@ def _dkdv_kernel(*refs, c: Static):
 
 
 def backward_dkdv(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
+    """dk, dv [B, Sp, K, Dp] (k dtype); with c.fused_dq also dq [B, Lp, H, Dp] in fp32, not yet scaled."""
     bk = c.block_k_dkv
     nk = c.Sp // bk
     G = c.G
@@ -326,13 +335,23 @@ def backward_dkdv(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
             pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
         ]
         args += [q_seg, k_seg]
+    out_specs = [kv_spec, kv_spec]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    aliases = {}
+    if c.fused_dq:  # every kv block adds into dq: it starts as zeros, aliased to the output
+        aliases = {len(args): 2}
+        in_specs.append(q_spec)
+        args.append(jnp.zeros(q.shape, jnp.float32))
+        out_specs.append(q_spec)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, c=c),
         grid=(nk, c.B, c.K),
         in_specs=in_specs,
-        out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=_compat.compiler_params(c.interpret, c.num_warps, c.num_stages),
         interpret=c.interpret,
-        name="flash_attention_dkdv",
+        name="flash_attention_bwd" if c.fused_dq else "flash_attention_dkdv",
     )(*args)

@@ -12,6 +12,9 @@ token are ``gptjax.model.flops_per_token`` (6N + causal attention), the peak is 
 
 from __future__ import annotations
 
+import collections
+import glob
+import tempfile
 import time
 
 import jax
@@ -29,6 +32,7 @@ config_flags.DEFINE_config_file("config", None, "Python config file (with :arg).
 flags.DEFINE_integer("steps", 10, "timed steps")
 flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation, autotuning)")
 flags.DEFINE_float("fill", 0.75, "SFT: mean fraction of each row holding real tokens")
+flags.DEFINE_integer("profile", 0, "then trace this many steps and print where the device time goes")
 flags.mark_flags_as_required(["config"])
 
 
@@ -65,6 +69,66 @@ def synthetic_batch(stage: str, batch: int, seq_len: int, vocab: int, fill: floa
         "segment_ids_BL": seg_BL,
         "positions_BL": pos_BL,
     }
+
+
+# Kernel-name fragments -> category, first match wins (cuBLAS / cuDNN / our Pallas kernels / XLA fusions).
+CATEGORIES = (
+    ("attention", ("flash_attention", "fmha", "cudnn", "decode_attention")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "ynn_fusion", "dot")),
+    ("collective", ("nccl", "all-reduce", "all-gather", "reduce-scatter")),
+    ("copy / transpose", ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other fusions")
+
+
+def profile_events(run, steps: int) -> dict[str, list[float]]:
+    """Trace ``run()`` and return kernel name -> durations in ms: the GPU planes' stream lines when there is a
+    GPU, else the CPU client threads' XLA events (thread-pool bookkeeping dropped)."""
+    logdir = tempfile.mkdtemp(prefix="gptjax_profile_")
+    with jax.profiler.trace(logdir):
+        run()
+    [path] = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+    planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    if planes:  # stream lines hold the kernels; "XLA Ops" / "XLA Modules" lines would count them again
+        names = sorted({ln.name for p in planes for ln in p.lines})
+        print(f"profile: GPU timeline lines {names}")
+        lines = [ln for p in planes for ln in p.lines if not ln.name.startswith(("XLA", "Steps", "Source"))]
+    else:  # CPU: XLA ops on the client and Eigen threads (their executor wrappers would count them twice)
+        lines = [
+            ln
+            for p in data.planes
+            if p.name == "/host:CPU"
+            for ln in p.lines
+            if ln.name not in ("python", "")
+        ]
+    skip = ("ThreadpoolListener", "SlinkyThreadPool", "ThunkExecutor", "end: ", "$")  # "$": Python frames
+    events = collections.defaultdict(list)
+    for ln in lines:
+        for ev in ln.events:
+            if not ev.name.startswith(skip):
+                events[ev.name].append(ev.duration_ns / 1e6 / steps)
+    return events
+
+
+def print_profile(events: dict[str, list[float]], step_ms: float, top: int = 25) -> None:
+    totals = {name: sum(d) for name, d in events.items()}
+    busy = sum(totals.values())
+    by_cat = collections.Counter()
+    for name, ms in totals.items():
+        by_cat[category(name)] += ms
+    print(f"\nprofile: device busy {busy:.1f} ms of a {step_ms:.1f} ms step (the rest: idle / host gaps)")
+    print(f"{'category':24} {'ms/step':>9} {'share':>7}")
+    for cat, ms in by_cat.most_common():
+        print(f"{cat:24} {ms:9.2f} {ms / busy:7.1%}")
+    print(f"\n{'kernel (top ' + str(top) + ')':72} {'calls':>6} {'ms/step':>9} {'share':>7}")
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+        calls = len(events[name])
+        print(f"{name[:72]:72} {calls:6d} {ms:9.2f} {ms / busy:7.1%}")
 
 
 def main(argv):
@@ -107,6 +171,16 @@ def main(argv):
             state, metrics = step(state, batch, rng, ctx)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - t0) / FLAGS.steps
+        events = None
+        if FLAGS.profile:
+
+            def run():
+                s = state
+                for _ in range(FLAGS.profile):
+                    s, m = step(s, batch, rng, ctx)
+                jax.block_until_ready(m)
+
+            events = profile_events(run, FLAGS.profile)
     real = int(np.sum(np.asarray(batch["segment_ids_BL"]) > 0))
     total = t.batch_size * t.seq_len
     tps = real / step_s
@@ -131,6 +205,8 @@ def main(argv):
         f"{tps:10.0f} "
         f"{tflops:12.1f} {mfu_s} {warm_s:9.1f} {loss:7.3f}"
     )
+    if events is not None:
+        print_profile(events, step_s * 1e3)
 
 
 if __name__ == "__main__":

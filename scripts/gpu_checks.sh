@@ -5,6 +5,8 @@
 #   bash scripts/gpu_checks.sh            # prints one table per item; exits 1 on a correctness failure
 #   SECTIONS="5 4" bash scripts/gpu_checks.sh   # some items only: 1 kernels, 2 attention + decode,
 #                                               # d decode tile sweep, 4 MFU, 5 PPO tokens/s
+#   TUNE=1 ATTN_IMPLS=cudnn SECTIONS=2 ...      # tile sweep (two-kernel and fused backward), then cuDNN vs
+#                                               # the default ('pallas') and the sweep's best ('tuned')
 #
 # Runs from the repo root with whatever python has jax[cuda], flax and optax. The package is used in place
 # (no install needed); ml_collections is taken from .whl/ when python lacks it (pip download it there).
@@ -39,13 +41,14 @@ section "5. PPO tokens/s: OPT-1.3B policy + 350M critic / reward (configs/ppo_1b
 # DeepSpeed-Chat's count: prompts x (prompt + answer length) per second, generation + scoring + training.
 for rb in ${PPO_ROLLOUTS:-128}; do
   timeout "${PPO_TIMEOUT:-240}" $PY scripts/bench_ppo.py --config configs/ppo_1b.py --config.rollout.batch_size="$rb" \
-    --rollouts 4 --warmup 1 2>&1 | grep -v "libtpu\|^I1\|^W1" || echo "bench_ppo rollout $rb did not finish"
+    --rollouts "${PPO_ROLLOUTS_TIMED:-4}" --warmup 1 2>&1 | grep -v "libtpu\|^I1\|^W1" || echo "bench_ppo rollout $rb did not finish"
 done
 fi
 
 if want 2; then
 section "2-3. attention vs cuDNN (causal, GQA 4, packed), tile sweep at 4k, decode vs the HBM bound"
-timeout "${ATTN_TIMEOUT:-330}" $PY scripts/bench_attention.py --seqs 2048,4096,8192 --head-dims 64,128 --impls cudnn,pallas \
+timeout "${ATTN_TIMEOUT:-330}" $PY scripts/bench_attention.py --seqs 2048,4096,8192 --head-dims 64,128 \
+  --impls "${ATTN_IMPLS:-cudnn,pallas}" \
   --gqa 4 --iters 5 ${TUNE:+--tune} --check-max-seq 2048 --max-err 3e-2 --hbm-gbps "${HBM_GBPS:-3350}" \
   || { echo "FAILED: attention bench"; fail=1; }
 fi
@@ -58,10 +61,12 @@ fi
 
 if want 4; then
 section "4. MFU: ~1.2B LLaMA (configs/llama_1b.py) pretraining step, one GPU, batch 4 x 4096"
-# variant = attention:remat:micro_batches:scan_layers
-for variant in ${MFU_VARIANTS:-pallas:dots_no_batch:1:1 pallas:none:2:1 pallas:none:2:0}; do
-  IFS=: read -r impl remat micro scan <<<"$variant"
-  timeout 120 $PY scripts/bench_train.py --config configs/llama_1b.py --config.train.batch_size=4 \
+# variant = attention:remat:micro_batches:scan_layers[:fused] (fused: one-kernel attention backward);
+# MFU_PROFILE=N also traces N steps and prints where the device time goes.
+for variant in ${MFU_VARIANTS:-pallas:dots_no_batch:1:1 pallas:dots_no_batch:1:1:fused}; do
+  IFS=: read -r impl remat micro scan fused <<<"$variant"
+  GPTJAX_FLASH_FUSED_BWD=$([ "${fused:-}" = fused ] && echo 1 || echo 0) \
+  timeout 120 $PY scripts/bench_train.py --profile "${MFU_PROFILE:-0}" --config configs/llama_1b.py --config.train.batch_size=4 \
     --config.train.seq_len=4096 --config.model.attention_impl="$impl" --config.model.remat="$remat" \
     --config.train.micro_batches="$micro" --config.model.scan_layers="$([ "$scan" = 0 ] && echo False || echo True)" \
     --steps 5 --warmup 2 2>&1 | grep -v "libtpu" | grep -v "^I1\|^W1" || echo "bench_train $variant did not finish"

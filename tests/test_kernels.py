@@ -3,6 +3,7 @@ decode attention, and the model with attention_impl='pallas' vs 'xla'."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -94,6 +95,27 @@ F32, BF16 = 1e-5, 2e-2
 )
 def test_flash_fp32(B, L, S, H, K, D, causal, seg):
     _check(B, L, S, H, K, D, causal, seg, jnp.float32, F32)
+
+
+FUSED = dataclasses.replace(SMALL, fused_dq=True)
+
+
+@pytest.mark.parametrize(
+    "B,L,S,H,K,D,causal,seg,dtype",
+    [
+        (1, 33, 33, 8, 2, 64, True, True, jnp.float32),  # GQA 4, packed, causal: many kv blocks add into dq
+        (1, 20, 45, 8, 1, 16, True, False, jnp.float32),  # MQA, q shorter than kv
+        (2, 24, 24, 2, 1, 80, False, False, jnp.float32),  # padded head dim, non-causal
+        (2, 64, 64, 4, 2, 128, True, True, jnp.bfloat16),
+    ],
+)
+def test_flash_fused_backward(B, L, S, H, K, D, causal, seg, dtype):
+    """One backward kernel (dq by atomic adds) matches the reference, and the two-kernel backward."""
+    tol = F32 if dtype == jnp.float32 else BF16
+    out, grads, _ = _check(B, L, S, H, K, D, causal, seg, dtype, tol, block_sizes=FUSED)
+    out2, grads2, _ = _check(B, L, S, H, K, D, causal, seg, dtype, tol, block_sizes=SMALL)
+    for g, g2 in zip(grads, grads2, strict=True):
+        assert _err(g, g2) <= tol
 
 
 def test_flash_bf16_packed_hd128():
@@ -297,8 +319,14 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch):
     cache = jax.ShapeDtypeStruct((2, 1024, 2, 64), bf)
     qd, lengths = jax.ShapeDtypeStruct((2, 8, 64), bf), jax.ShapeDtypeStruct((2,), jnp.int32)
     allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+    def train_fused(q, k, v, do, s):
+        bs = dataclasses.replace(fa.BlockSizes.default("gpu", 128), fused_dq=True)
+        return jax.vjp(lambda q, k, v: fa.flash_attention(q, k, v, True, s, block_sizes=bs), q, k, v)[1](do)
+
     for fn, args, n_kernels in [
         (train, (q, k, k, q, seg), 3),
+        (train_fused, (q, k, k, q, seg), 2),
         (da.decode_attention, (qd, cache, cache, lengths), 1),
     ]:
         exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*args)
