@@ -336,12 +336,18 @@ def over_layers(cfg: ModelConfig, body, carry, xs, unstacked: bool = False):
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
+    cp = jax.checkpoint_policies
     policies = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
     }
-    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+    chosen = policies[policy]
+    if policy != "full":  # and the fused attention's output and log-sum-exp: no second forward kernel
+        from gptjax.kernels import flash_attention
+
+        chosen = cp.save_from_both_policies(chosen, flash_attention.save_forward_kernel)
+    return jax.checkpoint(fn, policy=chosen, prevent_cse=False)
 
 
 # ----------------------------------------------------------------------------------------------------

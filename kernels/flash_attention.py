@@ -313,6 +313,16 @@ def _flash(c, q, k, v, q_seg, k_seg, r_fwd, r_dq, r_dkdv):
     return fk.forward(c, q, k, v, q_seg, k_seg, r_fwd)[0]
 
 
+def save_forward_kernel(prim, *_, **params) -> bool:
+    """A ``jax.checkpoint`` policy: keep the forward kernel's outputs (out, lse) for the backward pass, so a
+    rematerialised block does not run the kernel again (names inside a custom VJP are invisible to remat
+    policies; the kernel call itself is not)."""
+    if prim.name != "pallas_call":
+        return False
+    info = params.get("name", params.get("name_and_src_info"))  # a str or a name-and-source record
+    return str(getattr(info, "name", info)).split(" ")[0] == "flash_attention_fwd"
+
+
 def _flash_fwd(c, q, k, v, q_seg, k_seg, r_fwd, r_dq, r_dkdv):
     o, lse = fk.forward(c, q, k, v, q_seg, k_seg, r_fwd)
     return o, (q, k, v, q_seg, k_seg, r_dq, r_dkdv, o, lse)

@@ -32,7 +32,9 @@ $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__ve
 if want 1; then
 section "1. tests/test_kernels.py compiled on the GPU (fp32 compared at full fp32 precision, and bf16)"
 # fp32 references must not silently use TF32 on the GPU, or they, not the kernels, would be off.
+# KERNEL_TESTS_K: a pytest -k filter (a subset when time is short).
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+  ${KERNEL_TESTS_K:+-k "$KERNEL_TESTS_K"} \
   || { echo "FAILED: kernel tests"; fail=1; }
 fi
 

@@ -388,3 +388,40 @@ def test_pallas_dispatch_under_mesh():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _err(a, b) <= F32
     assert _err(dec, jax.jit(attn_lib.cached_attention)(q[:, :1], k, v, pos)) <= F32
+
+
+def test_remat_keeps_the_forward_kernel_outputs():
+    """Under remat 'dots_no_batch' the backward pass reuses the forward kernel's out and lse: one forward
+    kernel per layer in the whole gradient computation (it ran twice, a second time in the backward pass)."""
+
+    def kernels(jaxpr, found):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                info = eqn.params.get("name", eqn.params.get("name_and_src_info"))
+                found.append(str(getattr(info, "name", info)).split(" ")[0])
+                continue
+            for p in eqn.params.values():
+                for j in p if isinstance(p, (tuple, list)) else (p,):
+                    j = getattr(j, "jaxpr", j)
+                    if hasattr(j, "eqns"):
+                        kernels(j, found)
+        return found
+
+    from gptjax.losses import lm
+
+    for remat, fwd_per_layer in (("dots_no_batch", 1), ("full", 2)):
+        cfg = model_lib.ModelConfig.llama(
+            vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=16,
+            attention_impl="pallas", remat=remat, scan_layers=False,
+        )  # fmt: skip
+        params = model_lib.init(cfg, jax.random.key(1))
+        tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, 97)
+        batch = {"inputs_BL": tokens[:, :-1], "targets_BL": tokens[:, 1:], "weights_BL": jnp.ones((2, 16))}
+
+        class Ctx:
+            model_cfg = cfg
+
+        loss = lambda p: lm.loss_fn(p, batch, jax.random.key(0), Ctx())[0]  # noqa: E731, B023
+        found = kernels(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, [])
+        assert found.count("flash_attention_fwd") == fwd_per_layer * 2, (remat, found)
+        assert found.count("flash_attention_dq") == 2 and found.count("flash_attention_dkdv") == 2

@@ -114,3 +114,49 @@ def test_chunked_loss_never_holds_the_whole_logits():
     assert whole >= logits_bytes  # one chunk: the logits (and their gradient) exist at once
     # a 4 MiB chunk: its logits and their gradient, plus the [D, V] weight gradient (8 MiB) being summed
     assert chunked < logits_bytes / 3, (chunked, whole)
+
+
+def _dots(jaxpr, found):
+    """Every dot_general in a jaxpr and its sub-jaxprs (scan, remat, custom VJP, pjit), not Pallas kernels."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(
+                (tuple(str(v.aval.dtype) for v in eqn.invars), tuple(v.aval.shape for v in eqn.invars))
+            )
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for p in eqn.params.values():
+            for j in p if isinstance(p, (tuple, list)) else (p,):
+                j = getattr(j, "jaxpr", j)  # a closed jaxpr's jaxpr (custom VJP rules hold callables)
+                if hasattr(j, "eqns"):
+                    _dots(j, found)
+    return found
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bf16_model_trains_with_bf16_matmuls_only(chunked):
+    """A bf16 model with fp32 params: every matmul of the loss and its gradient (model, LM head, both
+    backward products) takes bf16 operands. An fp32 product in the backward pass (the logits' fp32 cotangent
+    meeting the bf16 head) ran as a TF32 GEMM on an H100 and cost a third of a llama_1b step."""
+    cfg = model.ModelConfig.llama(
+        vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=16, dtype="bfloat16"
+    )
+    if chunked:
+        cfg = cfg.replace(logits_chunk_mb=5 * 2 * 97 * 4 / 2**20)
+    params = model.init(cfg, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, 97)
+    batch = {"inputs_BL": tokens[:, :-1], "targets_BL": tokens[:, 1:], "weights_BL": jnp.ones((2, 16))}
+
+    class Ctx:
+        model_cfg = cfg
+
+    loss = lambda p: lm.loss_fn(p, batch, jax.random.key(0), Ctx())[0]  # noqa: E731
+    dots = _dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, [])
+    assert len(dots) >= 3 * 2 * 4  # forward and two backward products of each layer's matmuls at least
+    head = [d for d in dots if 97 in d[1][0] + d[1][1]]
+    assert len(head) >= 3, head  # the LM head's forward, d features and d head were found
+    assert all(dt == ("bfloat16", "bfloat16") for dt, _ in dots), [
+        d for d in dots if d[0] != ("bfloat16",) * 2
+    ]
+    grads = jax.grad(loss)(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

@@ -11,6 +11,7 @@ the whole sequence is one chunk and nothing is scanned.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -25,11 +26,8 @@ def chunk_len(batch: int, seq_len: int, vocab: int, budget_mb: float) -> int:
     return max(1, min(seq_len, int(budget_mb * 2**20 // per_position)))
 
 
-def _terms(features_BCD, w_DV, targets_BC, temperature, entropy: bool):
-    logits_BCV = jnp.einsum(
-        "bcd,dv->bcv", features_BCD, w_DV.astype(features_BCD.dtype), preferred_element_type=jnp.float32
-    )
-    if not (isinstance(temperature, (int, float)) and temperature == 1.0):  # may be traced
+def _terms_of_logits(logits_BCV, targets_BC, temperature, scaled: bool, entropy: bool):
+    if scaled:
         logits_BCV = logits_BCV / temperature
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
@@ -37,9 +35,58 @@ def _terms(features_BCD, w_DV, targets_BC, temperature, entropy: bool):
     if entropy:  # H = -sum(p log p)
         logp_BCV = logits_BCV - lse_BC[..., None]
         out["entropy"] = -jnp.sum(jnp.exp(logp_BCV) * logp_BCV, axis=-1)
-    hit_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
-    out["hit"] = jax.lax.stop_gradient(hit_BC.astype(jnp.float32))
     return out
+
+
+def _logits(f_BCD, w_DV):
+    return jnp.einsum("bcd,dv->bcv", f_BCD, w_DV, preferred_element_type=jnp.float32)
+
+
+def _chunked_forward(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy):
+    """Terms and argmax hits of every chunk, [N, B, C] each; ``w_DV`` already in the features' dtype."""
+
+    def chunk(_, xs):
+        f_BCD, t_BC = xs
+        logits_BCV = _logits(f_BCD, w_DV)
+        out = _terms_of_logits(logits_BCV, t_BC, temperature, scaled, entropy)
+        out["hit"] = (jnp.argmax(logits_BCV, axis=-1) == t_BC).astype(jnp.float32)
+        return None, out
+
+    return jax.lax.scan(chunk, None, (f_NBCD, t_NBC))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(f_NBCD, w_DV, t_NBC, temperature, scaled: bool, entropy: bool):
+    return _chunked_forward(f_NBCD, w_DV.astype(f_NBCD.dtype), t_NBC, temperature, scaled, entropy)
+
+
+def _chunked_fwd(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy):
+    w_c = w_DV.astype(f_NBCD.dtype)  # once, not per chunk
+    out = _chunked_forward(f_NBCD, w_c, t_NBC, temperature, scaled, entropy)
+    return out, (f_NBCD, w_c, t_NBC, temperature, jnp.zeros((0,), w_DV.dtype))
+
+
+def _chunked_bwd(scaled, entropy, res, ct):
+    """Each chunk's logits recomputed; the logits' cotangent meets the matmuls in the features' dtype (bf16
+    products on an accelerator, not fp32 ones), and the head's gradient is summed over chunks in w's dtype."""
+    f_NBCD, w_c, t_NBC, temperature, w_like = res
+
+    def chunk(dw_DV, xs):
+        f_BCD, t_BC, ct_chunk = xs
+        logits_BCV = _logits(f_BCD, w_c)
+        _, vjp = jax.vjp(lambda lg: _terms_of_logits(lg, t_BC, temperature, scaled, entropy), logits_BCV)
+        (g_BCV,) = vjp({k: ct_chunk[k] for k in ("logp", "entropy") if k in ct_chunk})
+        g_BCV = g_BCV.astype(f_BCD.dtype)
+        df_BCD = jnp.einsum("bcv,dv->bcd", g_BCV, w_c, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", f_BCD, g_BCV, preferred_element_type=jnp.float32)
+        return dw_DV, df_BCD.astype(f_BCD.dtype)
+
+    cts = {k: v for k, v in ct.items() if k != "hit"}
+    dw_DV, df_NBCD = jax.lax.scan(chunk, jnp.zeros(w_c.shape, jnp.float32), (f_NBCD, t_NBC, cts))
+    return df_NBCD, dw_DV.astype(w_like.dtype), None, jnp.zeros_like(temperature)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def head_terms(
@@ -53,24 +100,23 @@ def head_terms(
 ) -> dict[str, jax.Array]:
     """{'logp': log p(target), 'hit': argmax == target (no gradient), 'entropy' if asked}, each [B, L] fp32.
 
-    The logits are ``features @ w / temperature`` in fp32; they are built ``chunk_len`` positions at a time
-    (the sequence is zero-padded to a whole number of chunks and the padding dropped from the outputs).
-    Leading dims of ``features`` beyond one batch axis are not supported: flatten them first.
+    The logits are ``features @ w / temperature`` in fp32 (the product in the features' dtype with fp32
+    accumulation); they are built ``chunk_len`` positions at a time (the sequence is zero-padded to a whole
+    number of chunks and the padding dropped from the outputs). The backward pass (a custom VJP) recomputes
+    each chunk's logits, casts their cotangent to the features' dtype for the two products (as mixed
+    precision does for any matmul) and accumulates the head's gradient in fp32. No gradient flows to
+    ``temperature``. Leading dims of ``features`` beyond one batch axis are not supported: flatten them first.
     """
     B, L, D = features_BLD.shape
     C = chunk_len(B, L, w_DV.shape[1], budget_mb)
-    if C >= L:
-        return _terms(features_BLD, w_DV, targets_BL, temperature, entropy)
     n = math.ceil(L / C)
     pad = n * C - L
     f_NBCD = jnp.pad(features_BLD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).transpose(1, 0, 2, 3)
     t_NBC = jnp.pad(targets_BL, ((0, 0), (0, pad))).reshape(B, n, C).transpose(1, 0, 2)
-
-    @jax.checkpoint
-    def chunk(f_BCD, t_BC):
-        return _terms(f_BCD, w_DV, t_BC, temperature, entropy)
-
-    _, out_N = jax.lax.scan(lambda carry, xs: (carry, chunk(*xs)), None, (f_NBCD, t_NBC))
+    scaled = not (isinstance(temperature, (int, float)) and temperature == 1.0)  # may be traced
+    temp = jnp.asarray(temperature, jnp.float32)
+    out_N = _chunked(f_NBCD, w_DV, t_NBC, temp, scaled, entropy)
+    out_N["hit"] = jax.lax.stop_gradient(out_N["hit"])
     return {k: v.transpose(1, 0, 2).reshape(B, n * C)[:, :L] for k, v in out_N.items()}
 
 
