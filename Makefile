@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/python scripts/pipeline.py --workdir runs/demo
 
 test: install-test
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 tests
 
 lint: install-test
 	$(BIN)/ruff check gptjax kernels scripts configs tests

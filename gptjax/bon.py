@@ -127,23 +127,11 @@ def sample(
     ended with EOS."""
     from gptjax import evaluate
 
-    rep = [p for p in prompts for _ in range(n)]
-    pad_to = max(len(vocab.encode(p)) + 1 for p in prompts)  # one prompt shape: one compilation
     texts: list[str] = []
     ended: list[bool] = []
-    for start in range(0, len(rep), batch_size):
-        chunk = rep[start : start + batch_size]
-        t, e, *_ = evaluate._sample_batch(
-            cfg,
-            params,
-            vocab,
-            chunk,
-            jax.random.fold_in(rng, start),
-            max_new_tokens,
-            temperature,
-            batch_size,
-            pad_to,
-        )
+    for _, t, e, *_ in evaluate.sample_batches(
+        cfg, params, vocab, prompts, n, rng, max_new_tokens, temperature, batch_size
+    ):
         texts += t
         ended += [bool(x) for x in e]
     return texts, ended

@@ -113,6 +113,38 @@ _seq_logprobs = jax.jit(
 )
 
 
+def sample_batches(
+    cfg,
+    params,
+    vocab,
+    prompts: Sequence[str],
+    n: int,
+    rng,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size,
+):
+    """Sample ``n`` answers to every prompt, prompt-major (prompt 0's n, then prompt 1's ...), ``batch_size``
+    rows per call, every batch padded to one prompt shape (one compilation); batch at row ``start`` uses key
+    ``fold_in(rng, start)``. Yields (the batch's prompts, texts, ended, lengths, tokens_BL, plen_B, len_B)."""
+    rep = [p for p in prompts for _ in range(n)]
+    pad_to = max(len(vocab.encode(p)) + 1 for p in prompts)
+    for start in range(0, len(rep), batch_size):
+        chunk = rep[start : start + batch_size]
+        out = _sample_batch(
+            cfg,
+            params,
+            vocab,
+            chunk,
+            jax.random.fold_in(rng, start),
+            max_new_tokens,
+            temperature,
+            batch_size,
+            pad_to,
+        )
+        yield (chunk, *out)
+
+
 def compare_policies(
     policies: dict[str, tuple[model.ModelConfig, Any]],
     vocab: Any,
@@ -135,23 +167,13 @@ def compare_policies(
     ``per_prompt`` (kept in the result) holds each prompt's mean gold reward.
     """
     rep = [p for p in prompts for _ in range(samples_per_prompt)]
-    pad_to = max(len(vocab.encode(p)) + 1 for p in prompts)  # one prompt shape for every batch
     out: dict[str, dict[str, Any]] = {}
     for name, (cfg, params) in policies.items():
         texts, ended, lengths, kls = [], [], [], []
-        for start in range(0, len(rep), batch_size):
-            chunk = rep[start : start + batch_size]
-            t, e, n, tokens_BL, plen_B, len_B = _sample_batch(
-                cfg,
-                params,
-                vocab,
-                chunk,
-                jax.random.fold_in(rng, start),
-                max_new_tokens,
-                temperature,
-                batch_size,
-                pad_to,
-            )
+        batches = sample_batches(
+            cfg, params, vocab, prompts, samples_per_prompt, rng, max_new_tokens, temperature, batch_size
+        )
+        for chunk, t, e, n, tokens_BL, plen_B, len_B in batches:
             texts += t
             ended += list(e)
             lengths += list(n)

@@ -27,6 +27,9 @@ from gptjax.layers import LORA_TARGETS, Block, Norm, make_param
 
 Params = dict[str, Any]
 
+# What each layer keeps for the backward pass: none = everything (no recompute), full = nothing, dots =
+# every matmul output, dots_no_batch = the weight matmuls' outputs (not attention's batched products). The
+# last two also keep the fused attention kernel's output and log-sum-exp (its recompute is the costliest).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 

@@ -276,6 +276,25 @@ def _peak(compiled, held: float) -> tuple[float, Any]:
     return float(peak + max(0.0, held - mem.argument_size_in_bytes)), mem
 
 
+def _plan_of(s: _Setup, compiled, held: float, flops: float, seconds, mesh, device_memory_gb: float) -> Plan:
+    """A compiled program's plan with the setup's state beside it (``held``: bytes resident while it runs)."""
+    peak, mem = _peak(compiled, held)
+    return Plan(
+        devices=mesh.size,
+        mesh=dict(mesh.shape),
+        params=sum(model.num_params(c) for c in s.cfgs.values()),
+        param_bytes_per_device=_bytes_per_device(s.params),
+        state_bytes_per_device=_bytes_per_device(s.state),
+        frozen_bytes_per_device=_bytes_per_device(s.frozen),
+        peak_bytes_per_device=peak,
+        temp_bytes_per_device=float(mem.temp_size_in_bytes),
+        flops_per_device=flops,
+        device_memory_bytes=device_memory_gb * GiB,
+        step_seconds=seconds,
+        biggest=_biggest_temporaries(compiled.as_text()),
+    )
+
+
 def plan(
     config: ConfigDict,
     device_memory_gb: float,
@@ -325,28 +344,14 @@ def plan(
     with jax.set_mesh(mesh), stand_in:
         compiled = train_step.lower(s.state, batch, rng, ctx).compile()
     held = _bytes_per_device(s.state) + _bytes_per_device(s.frozen) + _bytes_per_device(batch)
-    peak, mem = _peak(compiled, held)
-    n = mesh.size
     tokens = math.prod(batch[next(iter(batch))].shape)
     flops = sum(model.flops_per_token(c, config.train.seq_len) for c in cfgs.values()) * tokens
     if "ptx_inputs_BL" in batch:  # the policy's LM loss on the pretraining rows
         ptx = batch["ptx_inputs_BL"].shape
         flops += model.flops_per_token(cfgs["policy"], ptx[1]) * math.prod(ptx)
-    flops /= n
-    return Plan(
-        devices=n,
-        mesh=dict(mesh.shape),
-        params=sum(model.num_params(c) for c in cfgs.values()),
-        param_bytes_per_device=_bytes_per_device(s.params),
-        state_bytes_per_device=_bytes_per_device(s.state),
-        frozen_bytes_per_device=_bytes_per_device(s.frozen),
-        peak_bytes_per_device=peak,
-        temp_bytes_per_device=float(mem.temp_size_in_bytes),
-        flops_per_device=flops,
-        device_memory_bytes=device_memory_gb * GiB,
-        step_seconds=flops / (mfu * peak_flops_per_device) if peak_flops_per_device else None,
-        biggest=_biggest_temporaries(compiled.as_text()),
-    )
+    flops /= mesh.size
+    seconds = flops / (mfu * peak_flops_per_device) if peak_flops_per_device else None
+    return _plan_of(s, compiled, held, flops, seconds, mesh, device_memory_gb)
 
 
 def plan_rollout(
@@ -385,21 +390,7 @@ def plan_rollout(
     i32, f32 = jnp.int32, jnp.float32
 
     def common(compiled, held, flops, seconds, on) -> Plan:
-        peak, mem = _peak(compiled, held)
-        return Plan(
-            devices=n,
-            mesh=dict(on.shape),
-            params=sum(model.num_params(c) for c in s.cfgs.values()),
-            param_bytes_per_device=_bytes_per_device(s.params),
-            state_bytes_per_device=_bytes_per_device(s.state),
-            frozen_bytes_per_device=_bytes_per_device(s.frozen),
-            peak_bytes_per_device=peak,
-            temp_bytes_per_device=float(mem.temp_size_in_bytes),
-            flops_per_device=flops,
-            device_memory_bytes=device_memory_gb * GiB,
-            step_seconds=seconds,
-            biggest=_biggest_temporaries(compiled.as_text()),
-        )
+        return _plan_of(s, compiled, held, flops, seconds, on, device_memory_gb)
 
     def at(m, shape, dtype, spec):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(m, spec))

@@ -27,7 +27,15 @@ import pytest  # noqa: E402
 
 # The files of long end-to-end runs go first: pytest-xdist hands out what is left in ever smaller chunks, so
 # the workers then finish together instead of one idling while the other runs a long last test.
-LONG_FIRST = ("test_train.py", "test_ppo.py")
+LONG_FIRST = (
+    "test_train.py",
+    "test_ppo.py",
+    "test_plan.py",
+    "test_sweep.py",
+    "test_multihost.py",
+    "test_bon.py",
+    "test_reliability.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from gptjax import rl
 from gptjax.losses import ppo
-from gptjax.losses.ppo import policy_loss, policy_terms, rollout_mask
 
 denominators = ppo.denominators  # response tokens of the full batch (train.py finds it by name)
 
@@ -46,28 +45,14 @@ def advantages(score_B: jax.Array, kl_B: jax.Array, kl_coef: jax.Array, group_si
 def clipped_objective(params, batch: dict, ctx, kl_coef: float) -> tuple[jax.Array, dict]:
     """The clipped surrogate on the batch's advantages plus ``kl_coef`` x k3 KL to the reference (whose
     log-probs, ``ref_logp_BL``, the experience holds), both over the full batch's response tokens."""
-    mask_BL = rollout_mask(batch)
-    n = jnp.maximum(ctx.denominators["tokens"], 1.0)
-    count = jnp.sum(mask_BL).astype(jnp.float32)
-
-    def masked_sum(x_BL):
-        return jnp.sum(jnp.where(mask_BL, x_BL, 0.0))
-
-    temperature = ctx.scalars.get("temperature", 1.0)
-    logp_BL, entropy_BL = policy_terms(ctx.cfg_of("policy"), params["policy"], batch, temperature)
-    pg_BL, clipped_BL = policy_loss(logp_BL, batch["old_logp_BL"], batch["advantages_BL"], ctx.loss_cfg.clip)
-    kl_ref_BL = rl.kl_penalty(logp_BL, batch["ref_logp_BL"], "k3")
-    pg_sum, kl_sum = masked_sum(pg_BL), masked_sum(kl_ref_BL)
-    loss = (pg_sum + kl_coef * kl_sum) / n
-    log_ratio_BL = logp_BL - batch["old_logp_BL"]
+    sur = ppo.clipped_surrogate(params, batch, ctx, ctx.loss_cfg.clip)
+    kl_sum = sur.masked_sum(rl.kl_penalty(sur.logp_BL, batch["ref_logp_BL"], "k3"))
+    loss = (sur.pg_sum + kl_coef * kl_sum) / sur.n
     metrics = {
-        "policy_loss": (pg_sum, count),
-        "kl_ref": (kl_sum, count),  # k3, per response token, of the policy being trained
-        "entropy": (masked_sum(entropy_BL), count),
-        "policy_clipfrac": (masked_sum(clipped_BL.astype(jnp.float32)), count),
-        "approx_kl": (masked_sum(jnp.expm1(-log_ratio_BL) + log_ratio_BL), count),  # old -> new, k3
+        **sur.metrics,
+        "kl_ref": (kl_sum, sur.count),  # k3, per response token, of the policy being trained
         # already normalised by the full batch: each micro-batch counts its share of the tokens
-        "loss": (loss, count / n),
+        "loss": (loss, sur.count / sur.n),
     }
     return loss, metrics
 

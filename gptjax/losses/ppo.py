@@ -17,6 +17,9 @@ Options (``ctx.loss_cfg``): clip (0.2), value_clip (0.2; 0 = off), vf_coef, entr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -70,11 +73,20 @@ def policy_terms(cfg, params, batch: dict, temperature) -> tuple[jax.Array, jax.
     return terms["logp"], terms["entropy"]
 
 
-def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
-    del rng
-    opts = ctx.loss_cfg
+class Surrogate(NamedTuple):
+    masked_sum: Callable[[jax.Array], jax.Array]  # sum over the micro-batch's response tokens
+    n: jax.Array  # response tokens of the FULL batch (the loss's denominator)
+    count: jax.Array  # response tokens of this micro-batch (the metrics' weight)
+    logp_BL: jax.Array
+    pg_sum: jax.Array  # the clipped surrogate, summed
+    entropy_sum: jax.Array
+    metrics: dict  # policy_loss, entropy, policy_clipfrac, approx_kl as (sum, count)
+
+
+def clipped_surrogate(params, batch: dict, ctx, clip: float) -> Surrogate:
+    """The policy side that PPO and the group objectives (GRPO, RLOO) share: the clipped surrogate of the
+    batch's advantages at the sampling temperature, its response-token sums and its diagnostics."""
     mask_BL = rollout_mask(batch)
-    n = jnp.maximum(ctx.denominators["tokens"], 1.0)
     count = jnp.sum(mask_BL).astype(jnp.float32)
 
     def masked_sum(x_BL):
@@ -82,22 +94,35 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
 
     temperature = ctx.scalars.get("temperature", 1.0)
     logp_BL, entropy_BL = policy_terms(ctx.cfg_of("policy"), params["policy"], batch, temperature)
-    pg_BL, pg_clipped_BL = policy_loss(logp_BL, batch["old_logp_BL"], batch["advantages_BL"], opts.clip)
+    pg_BL, clipped_BL = policy_loss(logp_BL, batch["old_logp_BL"], batch["advantages_BL"], clip)
+    log_ratio_BL = logp_BL - batch["old_logp_BL"]
+    pg_sum, ent_sum = masked_sum(pg_BL), masked_sum(entropy_BL)
+    metrics = {
+        "policy_loss": (pg_sum, count),
+        "entropy": (ent_sum, count),
+        "policy_clipfrac": (masked_sum(clipped_BL.astype(jnp.float32)), count),
+        # old -> new policy: k3, never negative (Schulman's approximation)
+        "approx_kl": (masked_sum(jnp.expm1(-log_ratio_BL) + log_ratio_BL), count),
+    }
+    n = jnp.maximum(ctx.denominators["tokens"], 1.0)
+    return Surrogate(masked_sum, n, count, logp_BL, pg_sum, ent_sum, metrics)
+
+
+def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
+    del rng
+    opts = ctx.loss_cfg
+    sur = clipped_surrogate(params, batch, ctx, opts.clip)
+    masked_sum, n, count = sur.masked_sum, sur.n, sur.count
     out = model.apply(ctx.cfg_of("value"), params["value"], batch["tokens_BL"]).astype(jnp.float32)
     values_BL = shift_right(out)
     vf_BL, vf_clipped_BL = value_loss(values_BL, batch["old_values_BL"], batch["returns_BL"], opts.value_clip)
 
-    pg_sum, vf_sum, ent_sum = masked_sum(pg_BL), masked_sum(vf_BL), masked_sum(entropy_BL)
-    loss = (pg_sum + opts.vf_coef * vf_sum - opts.entropy_coef * ent_sum) / n
-    log_ratio_BL = logp_BL - batch["old_logp_BL"]
+    vf_sum = masked_sum(vf_BL)
+    loss = (sur.pg_sum + opts.vf_coef * vf_sum - opts.entropy_coef * sur.entropy_sum) / n
     metrics = {
-        "policy_loss": (pg_sum, count),
+        **sur.metrics,
         "value_loss": (vf_sum, count),
-        "entropy": (ent_sum, count),
-        "policy_clipfrac": (masked_sum(pg_clipped_BL.astype(jnp.float32)), count),
         "value_clipfrac": (masked_sum(vf_clipped_BL.astype(jnp.float32)), count),
-        # old -> new policy: k3, never negative (Schulman's approximation)
-        "approx_kl": (masked_sum(jnp.expm1(-log_ratio_BL) + log_ratio_BL), count),
         "value_error": (masked_sum(jnp.abs(values_BL - batch["returns_BL"])), count),
     }
     if "ptx_inputs_BL" in batch:
