@@ -65,9 +65,13 @@ def plot_split(workdir: str, path: str, split: str, metrics: Sequence[str]) -> N
     plt.close(fig)
 
 
-def plot_panels(panels: Sequence[dict], path: str, xlabel: str = "") -> None:
+def plot_panels(
+    panels: Sequence[dict], path: str, xlabel: str = "", xticks: Sequence[str] | None = None
+) -> None:
     """Side-by-side panels of series: each panel {"title", "ylabel", "series": {name: {"x", "y", "yerr"
-    (optional), "line" (True: a fitted curve, no markers), "scatter" (True: markers only), "color"}}}."""
+    (optional), "line" (True: a fitted curve, no markers), "scatter" (True: markers only), "hline" (True: a
+    horizontal reference line at "y", no "x"), "color"}}}. ``xticks``: category names at x = 0, 1, ...
+    (their points are not joined by lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +80,9 @@ def plot_panels(panels: Sequence[dict], path: str, xlabel: str = "") -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for name, s in panel["series"].items():
-            if s.get("line"):
+            if s.get("hline"):
+                ax.axhline(s["y"], linestyle="--", color=s.get("color", "tab:green"), label=name)
+            elif s.get("line"):
                 ax.plot(s["x"], s["y"], "--", color=s.get("color"), label=name)
             elif s.get("scatter"):  # points without an order (e.g. one per window of rollouts)
                 ax.plot(s["x"], s["y"], "o", alpha=0.7, color=s.get("color"), label=name)
@@ -87,9 +93,13 @@ def plot_panels(panels: Sequence[dict], path: str, xlabel: str = "") -> None:
                     yerr=s.get("yerr"),
                     marker="o",
                     capsize=3,
+                    linestyle="none" if xticks else "-",
                     color=s.get("color"),
                     label=name,
                 )
+        if xticks:
+            ax.set_xticks(range(len(xticks)), xticks, rotation=15 if len(xticks) > 3 else 0, fontsize=8)
+            ax.set_xlim(-0.5, len(xticks) - 0.5)
         ax.set_title(panel.get("title", ""))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(panel.get("ylabel", ""))

@@ -315,7 +315,7 @@ def report_lines(
 
 def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "") -> None:
     """Gold reward (+- its standard error) and KL to SFT against the swept value, one line per policy
-    (the run's policy, its EMA); settings without a numeric value are placed by table order."""
+    (the run's policy, its EMA); settings without a numeric value are categories, in table order."""
     from gptjax import report
 
     numeric = all(r["x"] is not None for r in rows)
@@ -327,10 +327,12 @@ def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "") -> None:
         x = [xs[r["label"]] for r in mine]
         gold[policy] = {"x": x, "y": [r["gold"] for r in mine], "yerr": [r["gold_se"] or 0 for r in mine]}
         kl[policy] = {"x": x, "y": [r["kl"] for r in mine]}
-    span = sorted(xs.values())
-    gold["SFT"] = {"x": [span[0], span[-1]], "y": [sft["gold_reward_mean"]] * 2, "line": True}
+    gold["SFT"] = {"y": sft["gold_reward_mean"], "hline": True}
     panels = [
         {"title": "gold reward (sampled)", "ylabel": "gold reward", "series": gold},
         {"title": "KL to SFT per answer", "ylabel": "nats", "series": kl},
     ]
-    report.plot_panels(panels, path, xlabel if numeric else "setting: " + ", ".join(labels))
+    if numeric:
+        report.plot_panels(panels, path, xlabel)
+    else:
+        report.plot_panels(panels, path, "setting", xticks=labels)
