@@ -172,8 +172,8 @@ def get_sweeps():
             seed=s,
             x=coef,
         )
+        for s in range(3)  # seed-major: an interrupted sweep has every coefficient
         for coef in (0.0, 1.0, 27.8)
-        for s in range(3)
     ]
     critic = [
         sweep.Point(f"critic from {who.strip('{}')}", overrides=(("roles.value.init_from", who),), seed=s)

@@ -56,8 +56,8 @@ class Sweep:
 
 
 def grid(key: str, values: Sequence, *, seeds: int = 1, arg: str = PPO, label: str = "", **fixed) -> Sweep:
-    """One override key over ``values`` (x axis), each with ``seeds`` seeds; ``fixed`` overrides (dotted keys
-    written with '__' for '.') apply to every point."""
+    """One override key over ``values`` (x axis), each with ``seeds`` seeds, seed-major (an interrupted sweep
+    has every value); ``fixed`` overrides (dotted keys written with '__' for '.') apply to every point."""
     base = tuple((k.replace("__", "."), v) for k, v in fixed.items())
     points = [
         Point(
@@ -67,8 +67,8 @@ def grid(key: str, values: Sequence, *, seeds: int = 1, arg: str = PPO, label: s
             seed=s,
             x=float(v) if isinstance(v, (int, float)) else None,
         )
-        for v in values
         for s in range(seeds)
+        for v in values
     ]
     return Sweep(tuple(points), xlabel=key)
 

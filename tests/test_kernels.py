@@ -104,18 +104,13 @@ FUSED = dataclasses.replace(SMALL, fused_dq=True)
     "B,L,S,H,K,D,causal,seg,dtype",
     [
         (1, 33, 33, 8, 2, 64, True, True, jnp.float32),  # GQA 4, packed, causal: many kv blocks add into dq
-        (1, 20, 45, 8, 1, 16, True, False, jnp.float32),  # MQA, q shorter than kv
-        (2, 24, 24, 2, 1, 80, False, False, jnp.float32),  # padded head dim, non-causal
+        (1, 20, 45, 8, 1, 80, True, False, jnp.float32),  # MQA, q shorter than kv, padded head dim
         (2, 64, 64, 4, 2, 128, True, True, jnp.bfloat16),
     ],
 )
 def test_flash_fused_backward(B, L, S, H, K, D, causal, seg, dtype):
-    """One backward kernel (dq by atomic adds) matches the reference, and the two-kernel backward."""
-    tol = F32 if dtype == jnp.float32 else BF16
-    out, grads, _ = _check(B, L, S, H, K, D, causal, seg, dtype, tol, block_sizes=FUSED)
-    out2, grads2, _ = _check(B, L, S, H, K, D, causal, seg, dtype, tol, block_sizes=SMALL)
-    for g, g2 in zip(grads, grads2, strict=True):
-        assert _err(g, g2) <= tol
+    """One backward kernel (dq by atomic adds from every kv block) matches the reference's gradients."""
+    _check(B, L, S, H, K, D, causal, seg, dtype, F32 if dtype == jnp.float32 else BF16, block_sizes=FUSED)
 
 
 def test_flash_bf16_packed_hd128():
