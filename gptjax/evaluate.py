@@ -49,20 +49,8 @@ def gold_reward_eval(
 ) -> dict[str, Any]:
     """Mean gold reward, EOS rate and mean length of sampled responses; a few samples for the report."""
     rewards, ended, lengths, samples = [], [], [], []
-    pad_to = max(len(vocab.encode(p)) + 1 for p in prompts)  # one prompt shape for every batch
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        texts, ended_B, len_B, *_ = _sample_batch(
-            cfg,
-            params,
-            vocab,
-            chunk,
-            jax.random.fold_in(rng, start),
-            max_new_tokens,
-            temperature,
-            batch_size,
-            pad_to,
-        )
+    batches = sample_batches(cfg, params, vocab, prompts, 1, rng, max_new_tokens, temperature, batch_size)
+    for chunk, texts, ended_B, len_B, *_ in batches:
         for p, text, e, n in zip(chunk, texts, ended_B, len_B, strict=True):
             r = gold(p, text, finished=bool(e))
             rewards.append(r)

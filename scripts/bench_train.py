@@ -88,15 +88,13 @@ def category(name: str) -> str:
 def profile_events(run, steps: int) -> dict[str, list[float]]:
     """Trace ``run()`` and return kernel name -> durations in ms: the GPU planes' stream lines when there is a
     GPU, else the CPU client threads' XLA events (thread-pool bookkeeping dropped)."""
-    logdir = tempfile.mkdtemp(prefix="gptjax_profile_")
-    with jax.profiler.trace(logdir):
-        run()
-    [path] = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-    data = jax.profiler.ProfileData.from_file(path)
+    with tempfile.TemporaryDirectory(prefix="gptjax_profile_") as logdir:
+        with jax.profiler.trace(logdir):
+            run()
+        [path] = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
     planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
     if planes:  # stream lines hold the kernels; "XLA Ops" / "XLA Modules" lines would count them again
-        names = sorted({ln.name for p in planes for ln in p.lines})
-        print(f"profile: GPU timeline lines {names}")
         lines = [ln for p in planes for ln in p.lines if not ln.name.startswith(("XLA", "Steps", "Source"))]
     else:  # CPU: XLA ops on the client and Eigen threads (their executor wrappers would count them twice)
         lines = [
@@ -115,7 +113,8 @@ def profile_events(run, steps: int) -> dict[str, list[float]]:
     return events
 
 
-def print_profile(events: dict[str, list[float]], step_ms: float, top: int = 25) -> None:
+def print_profile(events: dict[str, list[float]], step_ms: float, steps: int, top: int = 25) -> None:
+    """Device time per step by category and the top kernels (calls counted over the ``steps`` traced)."""
     totals = {name: sum(d) for name, d in events.items()}
     busy = sum(totals.values())
     by_cat = collections.Counter()
@@ -125,10 +124,11 @@ def print_profile(events: dict[str, list[float]], step_ms: float, top: int = 25)
     print(f"{'category':24} {'ms/step':>9} {'share':>7}")
     for cat, ms in by_cat.most_common():
         print(f"{cat:24} {ms:9.2f} {ms / busy:7.1%}")
-    print(f"\n{'kernel (top ' + str(top) + ')':72} {'calls':>6} {'ms/step':>9} {'share':>7}")
+    calls_head = f"calls/{steps}"
+    print(f"\n{'kernel (top ' + str(top) + ')':72} {calls_head:>8} {'ms/step':>9} {'share':>7}")
     for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
         calls = len(events[name])
-        print(f"{name[:72]:72} {calls:6d} {ms:9.2f} {ms / busy:7.1%}")
+        print(f"{name[:72]:72} {calls:8d} {ms:9.2f} {ms / busy:7.1%}")
 
 
 def main(argv):
@@ -206,7 +206,7 @@ def main(argv):
         f"{tflops:12.1f} {mfu_s} {warm_s:9.1f} {loss:7.3f}"
     )
     if events is not None:
-        print_profile(events, step_s * 1e3)
+        print_profile(events, step_s * 1e3, FLAGS.profile)
 
 
 if __name__ == "__main__":

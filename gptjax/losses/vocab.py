@@ -68,7 +68,8 @@ def _chunked_fwd(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy):
 
 def _chunked_bwd(scaled, entropy, res, ct):
     """Each chunk's logits recomputed; the logits' cotangent meets the matmuls in the features' dtype (bf16
-    products on an accelerator, not fp32 ones), and the head's gradient is summed over chunks in w's dtype."""
+    products on an accelerator, not fp32 ones), and the head's gradient is summed over chunks in fp32, then
+    returned in w's dtype."""
     f_NBCD, w_c, t_NBC, temperature, w_like = res
 
     def chunk(dw_DV, xs):
