@@ -345,23 +345,23 @@ def cached_attention(
 
 
 def _decode_attention_xla(q_B1HD, k_cache_BSKD, v_cache_BSKD, mask_B1S, softmax_scale):
-    """One query per row as multiply-and-reduce over the cache in its own [B, S, K, D] layout.
+    """One query per row: two batched products over the cache in its own [B, S, K, D] layout (batch b, kv
+    head k; a head group's G queries share their kv head's cache).
 
-    A batched matmul would first transpose the whole cache of the layer to put the kv-head axis before the
-    slot axis (every token, every layer); a query row is a matrix-vector product anyway, which XLA fuses
-    into one pass over the cache.
+    On this machine's CPU (the tiny LLaMA, B16, 160 slots, 4 layers) these run 1.3-5x faster than the same
+    math as broadcast multiply-and-reduce, which materialised the [B, S, K, G, D] products.
     """
     B, _, H, D = q_B1HD.shape
     K = k_cache_BSKD.shape[2]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     f32 = jnp.float32
-    q_B1KGD = (q_B1HD.astype(f32) * scale).reshape(B, 1, K, H // K, D)
-    scores_BSKG = jnp.sum(q_B1KGD * k_cache_BSKD.astype(f32)[:, :, :, None, :], axis=-1)
-    scores_BSKG = jnp.where(mask_B1S[:, 0, :, None, None], scores_BSKG, -jnp.inf)
-    max_B1KG = jnp.max(scores_BSKG, axis=1, keepdims=True)
-    max_B1KG = jnp.where(jnp.isfinite(max_B1KG), max_B1KG, 0.0)
-    p_BSKG = jnp.exp(scores_BSKG - max_B1KG)
-    denom_B1KG = jnp.sum(p_BSKG, axis=1, keepdims=True)
-    p_BSKG = p_BSKG / jnp.where(denom_B1KG == 0.0, 1.0, denom_B1KG)
-    out_BKGD = jnp.sum(p_BSKG[..., None] * v_cache_BSKD.astype(f32)[:, :, :, None, :], axis=1)
+    q_BKGD = (q_B1HD[:, 0].astype(f32) * scale).reshape(B, K, H // K, D)
+    scores_BKGS = jnp.einsum("bkgd,bskd->bkgs", q_BKGD, k_cache_BSKD.astype(f32))
+    scores_BKGS = jnp.where(mask_B1S[:, :, None, :], scores_BKGS, -jnp.inf)
+    max_BKG1 = jnp.max(scores_BKGS, axis=-1, keepdims=True)
+    max_BKG1 = jnp.where(jnp.isfinite(max_BKG1), max_BKG1, 0.0)
+    p_BKGS = jnp.exp(scores_BKGS - max_BKG1)
+    denom_BKG1 = jnp.sum(p_BKGS, axis=-1, keepdims=True)
+    p_BKGS = p_BKGS / jnp.where(denom_BKG1 == 0.0, 1.0, denom_BKG1)
+    out_BKGD = jnp.einsum("bkgs,bskd->bkgd", p_BKGS, v_cache_BSKD.astype(f32))
     return out_BKGD.reshape(B, 1, H, D).astype(q_B1HD.dtype)

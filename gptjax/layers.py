@@ -73,6 +73,20 @@ def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     return y if delta is None else y + delta
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """Contract x's last ``n_in`` dims with w's first: [..., in...], [in..., out...] -> [..., out...].
+
+    On CPU both sides are flattened to one 2-D product first: XLA's CPU backend then needs fewer transposed
+    copies of the activations for the weight gradients (the tiny LLaMA's train step, B8 x L256: 560 -> 460
+    ms). On accelerators the contraction stays one einsum (no reshape across differently sharded dims).
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.tensordot(x, w, axes=n_in)
+    lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    y = x.reshape(-1, math.prod(ins)) @ w.reshape(math.prod(ins), -1)
+    return y.reshape(*lead, *outs)
+
+
 class Norm(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -147,7 +161,7 @@ class Attention(nnx.Module):
 
     def _proj(self, x_BLD, w, b, name=None, lora_key=None):
         dt = x_BLD.dtype
-        y = jnp.einsum("bld,dhe->blhe", x_BLD, w[...].astype(dt))
+        y = dense(x_BLD, w[...].astype(dt))
         y = _plus(y, _lora_delta(self, name, x_BLD, 1, lora_key))
         return y if b is None else y + b[...].astype(dt)
 
@@ -164,7 +178,7 @@ class Attention(nnx.Module):
 
     def out(self, o_BLHD, lora_key=None):
         dt = o_BLHD.dtype
-        y_BLD = jnp.einsum("blhe,hed->bld", o_BLHD, self.wo[...].astype(dt))
+        y_BLD = dense(o_BLHD, self.wo[...].astype(dt), 2)
         y_BLD = _plus(y_BLD, _lora_delta(self, "wo", o_BLHD, 2, lora_key))
         return y_BLD + self.bo[...].astype(dt) if self.cfg.out_bias else y_BLD
 
@@ -188,18 +202,19 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLD, lora_key=None):
         cfg, dt = self.cfg, x_BLD.dtype
-        h_BLF = _plus(x_BLD @ self.w_in[...].astype(dt), _lora_delta(self, "w_in", x_BLD, 1, lora_key))
+        h_BLF = _plus(dense(x_BLD, self.w_in[...].astype(dt)), _lora_delta(self, "w_in", x_BLD, 1, lora_key))
         if cfg.mlp_bias:
             h_BLF = h_BLF + self.b_in[...].astype(dt)
         if cfg.mlp == "swiglu":
-            gate_BLF = x_BLD @ self.w_gate[...].astype(dt)
+            gate_BLF = dense(x_BLD, self.w_gate[...].astype(dt))
             gate_BLF = _plus(gate_BLF, _lora_delta(self, "w_gate", x_BLD, 1, lora_key))
             h_BLF = jax.nn.silu(gate_BLF) * h_BLF
         elif cfg.mlp == "relu":
             h_BLF = jax.nn.relu(h_BLF)
         else:
             h_BLF = jax.nn.gelu(h_BLF, approximate=cfg.mlp == "gelu")
-        y_BLD = _plus(h_BLF @ self.w_out[...].astype(dt), _lora_delta(self, "w_out", h_BLF, 1, lora_key))
+        y_BLD = dense(h_BLF, self.w_out[...].astype(dt))
+        y_BLD = _plus(y_BLD, _lora_delta(self, "w_out", h_BLF, 1, lora_key))
         return y_BLD + self.b_out[...].astype(dt) if cfg.mlp_bias else y_BLD
 
 
