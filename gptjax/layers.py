@@ -238,29 +238,36 @@ class Block(nnx.Module):
 
     def decode(self, x_BLD, positions_BL, k_cache, v_cache, layer, prefill: bool = False):
         """Write this chunk's K/V into cache layer ``layer`` at slots ``positions_BL`` and attend to that
-        layer's cache up to each slot. The caches are [N, B, S, K, D] arrays or tuples of N [B, S, K, D]
-        arrays (``gptjax.model.init_cache``); either way the write is one scatter, in place.
+        layer's cache up to each slot. The caches (``gptjax.model.init_cache``: keys [B, K, D, S], values
+        [B, K, S, D], stacked [N, ...] or a tuple of N) take the new keys and values in one scatter each, in
+        place.
 
         ``prefill``: the chunk fills slots 0..L-1 of an empty cache, so attending to the cache up to each
         slot is causal self-attention over the chunk: the training attention (fused kernels on
         accelerators), with no [B, H, L, S] scores against the whole cache.
         """
         q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
-        k_cache, k_BSKD = _cache_write(k_cache, layer, positions_BL, k)
-        v_cache, v_BSKD = _cache_write(v_cache, layer, positions_BL, v)
+        k_cache, k_BKDS = _cache_write(k_cache, layer, positions_BL, k, slot_axis=3)
+        v_cache, v_BKSD = _cache_write(v_cache, layer, positions_BL, v, slot_axis=2)
         if prefill:
             o_BLHD = attn_lib.attention(q, k, v, impl=self.cfg.attention_impl, causal=True)
         else:
-            o_BLHD = attn_lib.cached_attention(q, k_BSKD, v_BSKD, positions_BL, impl=self.cfg.attention_impl)
+            o_BLHD = attn_lib.cached_attention(q, k_BKDS, v_BKSD, positions_BL, impl=self.cfg.attention_impl)
         x_BLD = x_BLD + self.attn.out(o_BLHD)
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache, v_cache
 
 
-def _cache_write(cache, layer, positions_BL, new_BLKD):
-    """(cache with layer ``layer`` written at each row's slots, that layer's [B, S, K, D] cache)."""
+def _cache_write(cache, layer, positions_BL, new_BLKD, slot_axis: int):
+    """(cache with layer ``layer`` written at each row's slots, that layer's cache).
+
+    A layer's cache is [B, K, ..., D or S] with the slot axis at ``slot_axis`` (2 or 3); the (row, slot)
+    indices sit on either side of the kv-head axis, so the indexed view is [B, L, K, D]: the new entries' own
+    layout.
+    """
     rows_B1 = jnp.arange(new_BLKD.shape[0])[:, None]
+    at = (rows_B1, *(slice(None),) * (slot_axis - 1), positions_BL)
     if isinstance(cache, tuple):  # one buffer per layer: nothing to slice out for the attention
-        layer_BSKD = cache[layer].at[rows_B1, positions_BL].set(new_BLKD.astype(cache[layer].dtype))
-        return (*cache[:layer], layer_BSKD, *cache[layer + 1 :]), layer_BSKD
-    cache = cache.at[layer, rows_B1, positions_BL].set(new_BLKD.astype(cache.dtype))
+        layer_cache = cache[layer].at[at].set(new_BLKD.astype(cache[layer].dtype))
+        return (*cache[:layer], layer_cache, *cache[layer + 1 :]), layer_cache
+    cache = cache.at[(layer, *at)].set(new_BLKD.astype(cache.dtype))
     return cache, cache[layer]

@@ -463,14 +463,17 @@ def lm_head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
-    """Empty KV cache: k, v of shape [N, B, S, K, D]; with unrolled layers (``cfg.scan`` False) tuples of N
-    [B, S, K, D] arrays instead, so a layer's attention reads its own buffer rather than a slice copy.
+    """Empty KV cache: keys [N, B, K, D, S] and values [N, B, K, S, D]; with unrolled layers (``cfg.scan``
+    False) tuples of N per-layer arrays instead, so a layer's attention reads its own buffer rather than a
+    slice copy. Kv-head major, keys transposed: a decode step's two products, q @ keys and p @ values, read
+    each (row, kv head)'s slab in place as plain [D, S] and [S, D] matrices (CPU products, GPU kernel blocks).
     """
-    shape = (batch, max_len, cfg.kv_heads, cfg.dim_head)
+    B, K, S, D = batch, cfg.kv_heads, max_len, cfg.dim_head
     dt = jnp.dtype(dtype or cfg.dtype)
+    shapes = {"k": (B, K, D, S), "v": (B, K, S, D)}
     if cfg.scan:
-        return {"k": jnp.zeros((cfg.n_layers, *shape), dt), "v": jnp.zeros((cfg.n_layers, *shape), dt)}
-    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)) for name in ("k", "v")}
+        return {name: jnp.zeros((cfg.n_layers, *shape), dt) for name, shape in shapes.items()}
+    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)) for name, shape in shapes.items()}
 
 
 def decode(

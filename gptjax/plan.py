@@ -86,13 +86,13 @@ def flash_footprint(q_BLHD, k_BSKD, v_BSKD, **_):
     return _footprint(q_BLHD, k_BSKD, v_BSKD)
 
 
-def decode_footprint(q_BLHD, k_cache_BSKD, v_cache_BSKD, q_positions_BL, *, impl="xla", **kw):
+def decode_footprint(q_BLHD, k_cache_BKDS, v_cache_BKSD, q_positions_BL, *, impl="xla", **kw):
     """Stand-in for the decode kernel (one query per row): reads the cache in place and returns q's shape;
     its scratch (per-split partial outputs, [B, H, splits, D]) is negligible. Longer chunks go to the
     config's own cached attention."""
     if q_BLHD.shape[1] != 1:
-        return _cached_attention(q_BLHD, k_cache_BSKD, v_cache_BSKD, q_positions_BL, impl="xla", **kw)
-    touch = k_cache_BSKD[:, :1, :1, :1].astype(q_BLHD.dtype) + v_cache_BSKD[:, :1, :1, :1].astype(
+        return _cached_attention(q_BLHD, k_cache_BKDS, v_cache_BKSD, q_positions_BL, impl="xla", **kw)
+    touch = k_cache_BKDS[:, :1, :1, :1].astype(q_BLHD.dtype) + v_cache_BKSD[:, :1, :1, :1].astype(
         q_BLHD.dtype
     )
     return q_BLHD + touch.reshape(-1, 1, 1, 1)

@@ -157,7 +157,7 @@ def _generate(
     )
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
     # Layers unrolled, one cache buffer per layer: the attention (a Pallas kernel among others) then reads
-    # its layer's cache in place, where a slice of a stacked [N, B, S, K, D] cache is a copy of that layer's
+    # its layer's cache in place, where a slice of a stacked [N, ...] cache is a copy of that layer's
     # cache per token (the whole cache copied every step). Weights sliced and cast once, not per token.
     cfg = cfg.replace(scan_layers=False)
     params = decode_params(cfg, params)

@@ -1,12 +1,14 @@
 """Decode attention: one query token per row against a KV cache with per-row valid lengths (Pallas kernel).
 
-    out_BHD = decode_attention(q_BHD, k_cache_BSKD, v_cache_BSKD, lengths_B)
+    out_BHD = decode_attention(q_BHD, k_cache_BKDS, v_cache_BKSD, lengths_B)
 
 Keys [0, lengths_B[b]) of row b are valid. Decoding is bound by reading the cache, so the kernel is built
 for bandwidth: one program per (row, kv head, split) reads each cache block once for all G = H // K query
 heads of that kv head (grouped-query attention without repeating K/V), and the cache is split along its
 length (split-K) so that short batches still fill the GPU; the partial softmax results (unnormalised
-output, running max, running sum) are merged in jnp. A row with length 0 outputs zeros.
+output, running max, running sum) are merged in jnp. A row with length 0 outputs zeros. The caches are
+``gptjax.model.init_cache``'s, kv-head major: keys [B, K, D, S] (transposed, so q @ k is a plain product)
+and values [B, K, S, D]; a program reads one contiguous slab of each.
 """
 
 from __future__ import annotations
@@ -23,19 +25,19 @@ from jax.experimental import pallas as pl
 
 def decode_attention_reference(
     q_BHD: jax.Array,
-    k_cache_BSKD: jax.Array,
-    v_cache_BSKD: jax.Array,
+    k_cache_BKDS: jax.Array,
+    v_cache_BKSD: jax.Array,
     lengths_B: jax.Array,
     softmax_scale: float | None = None,
 ) -> jax.Array:
     """Plain-jnp decode attention in fp32 (HIGHEST precision); output in q's dtype."""
     B, H, D = q_BHD.shape
-    S, K = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2]
+    K, S = k_cache_BKDS.shape[1], k_cache_BKDS.shape[3]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     q_BKGD = q_BHD.reshape(B, K, H // K, D).astype(jnp.float32)
     s_BKGS = (
         jnp.einsum(
-            "bkgd,bskd->bkgs", q_BKGD, k_cache_BSKD.astype(jnp.float32), precision=lax.Precision.HIGHEST
+            "bkgd,bkds->bkgs", q_BKGD, k_cache_BKDS.astype(jnp.float32), precision=lax.Precision.HIGHEST
         )
         * scale
     )
@@ -45,7 +47,7 @@ def decode_attention_reference(
     p = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
-    o = jnp.einsum("bkgs,bskd->bkgd", p, v_cache_BSKD.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    o = jnp.einsum("bkgs,bksd->bkgd", p, v_cache_BKSD.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return o.reshape(B, H, D).astype(q_BHD.dtype)
 
 
@@ -71,8 +73,8 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, c: _Sta
     def step(j, carry):
         acc, m, denom = carry
         start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        s = _compat.dot_nt(q, k) * c.scale2  # [Gp, bk]
+        k = k_ref[:, pl.ds(start, bk)]  # [Dp, bk]
+        s = _compat.dot_nn(q, k) * c.scale2  # [Gp, bk]
         valid = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < length
         s = jnp.where(valid, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -107,8 +109,8 @@ def _pick_block(S: int, want: int) -> int:
 
 def decode_attention(
     q_BHD: jax.Array,
-    k_cache_BSKD: jax.Array,
-    v_cache_BSKD: jax.Array,
+    k_cache_BKDS: jax.Array,
+    v_cache_BKSD: jax.Array,
     lengths_B: jax.Array,
     interpret: bool = False,
     *,
@@ -119,16 +121,18 @@ def decode_attention(
     num_stages: int = 2,
 ) -> jax.Array:
     """Attention of one query per row over cache keys [0, lengths_B[b]); returns [B, H, D] in q's dtype."""
-    if q_BHD.ndim != 3 or k_cache_BSKD.ndim != 4 or v_cache_BSKD.shape != k_cache_BSKD.shape:
+    k_shape = k_cache_BKDS.shape
+    kv_match = len(k_shape) == 4 and v_cache_BKSD.shape == (*k_shape[:2], k_shape[3], k_shape[2])
+    if q_BHD.ndim != 3 or not kv_match:
         raise ValueError(
-            f"decode_attention: expected q [B, H, D] and caches [B, S, K, D] of one shape, got "
-            f"q {q_BHD.shape}, k {k_cache_BSKD.shape}, v {v_cache_BSKD.shape}"
+            f"decode_attention: expected q [B, H, D], keys [B, K, D, S] and values [B, K, S, D], got "
+            f"q {q_BHD.shape}, k {k_cache_BKDS.shape}, v {v_cache_BKSD.shape}"
         )
     B, H, D = q_BHD.shape
-    _, S, K, Dk = k_cache_BSKD.shape
-    if k_cache_BSKD.shape[0] != B or Dk != D or H % K or lengths_B.shape != (B,):
+    _, K, S, Dk = v_cache_BKSD.shape
+    if k_cache_BKDS.shape[0] != B or Dk != D or H % K or lengths_B.shape != (B,):
         raise ValueError(
-            f"decode_attention: q {q_BHD.shape}, cache {k_cache_BSKD.shape}, lengths {lengths_B.shape} "
+            f"decode_attention: q {q_BHD.shape}, values {v_cache_BKSD.shape}, lengths {lengths_B.shape} "
             f"disagree (batch, head dim, lengths [B], or {H} heads not a multiple of {K} kv heads)"
         )
     if S == 0:
@@ -139,15 +143,15 @@ def decode_attention(
     Gp = max(16, _compat.next_pow2(G))  # tl.dot needs >= 16 rows; padded heads are zero queries
     Dp = max(16, _compat.next_pow2(D))
     # Tiles of <= 32 KB: two k/v buffers per pipeline stage stay well inside shared memory.
-    want = block_k or (64 if interp else min(128, 32768 // (Dp * jnp.dtype(k_cache_BSKD.dtype).itemsize)))
+    want = block_k or (64 if interp else min(128, 32768 // (Dp * jnp.dtype(k_cache_BKDS.dtype).itemsize)))
     bk = _pick_block(S, want)
-    k, v = k_cache_BSKD, v_cache_BSKD
+    k, v = k_cache_BKDS, v_cache_BKSD
     Sp = S
     if bk == 0 or Dp != D:  # odd cache shapes cost one padded copy; multiples of 16 are read in place
         bk = bk or 16
         Sp = -(-S // bk) * bk
-        pad = ((0, 0), (0, Sp - S), (0, 0), (0, Dp - D))
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, Dp - D), (0, Sp - S)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, Sp - S), (0, Dp - D)))
     n_blocks = Sp // bk
     if num_splits is None:
         # Enough programs to cover the GPU's SMs twice over; the interpreter wants few.
@@ -169,8 +173,8 @@ def decode_attention(
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, s: (b,)),
             pl.BlockSpec((None, None, Gp, Dp), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, Sp, None, Dp), lambda b, h, s: (b, 0, h, 0)),
-            pl.BlockSpec((None, Sp, None, Dp), lambda b, h, s: (b, 0, h, 0)),
+            pl.BlockSpec((None, None, Dp, Sp), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, Sp, Dp), lambda b, h, s: (b, h, 0, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, Gp, Dp), lambda b, h, s: (b, h, s, 0, 0)),

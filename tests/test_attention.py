@@ -94,13 +94,20 @@ def test_causal_chunks_match_one_block():
 
 @pytest.mark.parametrize("H,K", [(4, 4), (4, 2)])
 def test_single_query_cached_attention_matches_general_path(H, K):
-    """One query per row (decode) takes the multiply-reduce form; it equals the batched-matmul path."""
+    """One query per row (decode) against the kv-head-major cache equals masked attention over the keys,
+    and so does a longer chunk at per-row slots (the general path)."""
     S = 11
     q, k, v, _ = _inputs(1, S, H, K, 8, seed=2)
+    k_BKDS, v_BKSD = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # init_cache's layouts
     pos_B1 = jnp.array([[4], [10]])
-    got = cached_attention(q, k, v, pos_B1)
+    got = cached_attention(q, k_BKDS, v_BKSD, pos_B1)
     mask = pos_B1[:, :, None] >= jnp.arange(S)[None, None]
     np.testing.assert_allclose(got, naive(q, k, v, mask), atol=1e-5)
     # slots past a row's position are never read
-    k2 = k.at[0, 5:].set(1e4)
-    np.testing.assert_allclose(cached_attention(q, k2, v, pos_B1), got, atol=1e-5)
+    k2 = k_BKDS.at[0, :, :, 5:].set(1e4)
+    np.testing.assert_allclose(cached_attention(q, k2, v_BKSD, pos_B1), got, atol=1e-5)
+    q3, _, _, _ = _inputs(3, S, H, K, 8, seed=3)
+    pos_B3 = jnp.array([[2, 3, 4], [7, 8, 9]])
+    mask3 = pos_B3[:, :, None] >= jnp.arange(S)[None, None]
+    want = naive(q3, k, v, mask3)
+    np.testing.assert_allclose(cached_attention(q3, k_BKDS, v_BKSD, pos_B3), want, atol=1e-5)

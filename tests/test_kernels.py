@@ -215,8 +215,8 @@ def test_decode_attention(B, S, H, K, D, dtype, block_k, splits):
     ks = jax.random.split(jax.random.PRNGKey(7), 4)
     q, kc, vc = (
         _rand(ks[0], (B, H, D), dtype),
-        _rand(ks[1], (B, S, K, D), dtype),
-        _rand(ks[2], (B, S, K, D), dtype),
+        _rand(ks[1], (B, K, D, S), dtype),  # keys transposed, as gptjax.model.init_cache keeps them
+        _rand(ks[2], (B, K, S, D), dtype),
     )
     lengths = jax.random.randint(ks[3], (B,), 1, S + 1).at[0].set(S).at[1].set(0)
     out = jax.jit(functools.partial(da.decode_attention, block_k=block_k, num_splits=splits))(
@@ -311,7 +311,7 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch):
     def train(q, k, v, do, s):
         return jax.vjp(lambda q, k, v: fa.flash_attention(q, k, v, True, s), q, k, v)[1](do)
 
-    cache = jax.ShapeDtypeStruct((2, 1024, 2, 64), bf)
+    k_cache, v_cache = jax.ShapeDtypeStruct((2, 2, 64, 1024), bf), jax.ShapeDtypeStruct((2, 2, 1024, 64), bf)
     qd, lengths = jax.ShapeDtypeStruct((2, 8, 64), bf), jax.ShapeDtypeStruct((2,), jnp.int32)
     allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
@@ -322,7 +322,7 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch):
     for fn, args, n_kernels in [
         (train, (q, k, k, q, seg), 3),
         (train_fused, (q, k, k, q, seg), 2),
-        (da.decode_attention, (qd, cache, cache, lengths), 1),
+        (da.decode_attention, (qd, k_cache, v_cache, lengths), 1),
     ]:
         exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*args)
         assert exp.mlir_module().count("@__gpu$xla.gpu.triton") == n_kernels
@@ -378,11 +378,12 @@ def test_pallas_dispatch_under_mesh():
             q_sharded, k, v
         )
         pos = jnp.array([[39], [0], [17], [25]])
-        dec = jax.jit(functools.partial(attn_lib.cached_attention, impl="pallas"))(q[:, :1], k, v, pos)
+        kc, vc = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # caches: [B, K, D, S], [B, K, S, D]
+        dec = jax.jit(functools.partial(attn_lib.cached_attention, impl="pallas"))(q[:, :1], kc, vc, pos)
     want = jax.jit(jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _err(a, b) <= F32
-    assert _err(dec, jax.jit(attn_lib.cached_attention)(q[:, :1], k, v, pos)) <= F32
+    assert _err(dec, jax.jit(attn_lib.cached_attention)(q[:, :1], kc, vc, pos)) <= F32
 
 
 def test_remat_keeps_the_forward_kernel_outputs():
