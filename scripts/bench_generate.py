@@ -7,8 +7,11 @@ For each response length T, ``sample.generate`` runs B rows of P prompt tokens t
 EOS); the table gives tokens/s and ms per decode step (one token for every row) with the prefill's share
 taken out, measured from two lengths: step(T) = (time(T) - time(T0)) / (T - T0) for the shortest T0. The
 cache holds P + T slots and every step attends over all of them (masked past each row's position), so
-ms/step may grow mildly with T through the attention, never with the step index. Expected on a 2-core CPU:
-ms/step within about 1.5x from T=32 to T=512.
+ms/step grows with T through the attention's reads of the cache, never through copies of it (the caches'
+layouts let both products read it in place) and never with the step index. On the 2-core development CPU
+(2026-11-27): 3.5-4 ms/step at T=64-128, 5-6.5 at 256, 8.2-8.5 at 512, where B16's cache (keys and values,
+4 layers, 544 slots: 36 MB) no longer fits the 32 MB last-level cache and each step streams it from memory
+(~18 GB/s here, 2 ms) and evicts the weights.
 """
 
 from __future__ import annotations
