@@ -260,9 +260,9 @@ class Block(nnx.Module):
 def _cache_write(cache, layer, positions_BL, new_BLKD, slot_axis: int):
     """(cache with layer ``layer`` written at each row's slots, that layer's cache).
 
-    A layer's cache is [B, K, ..., D or S] with the slot axis at ``slot_axis`` (2 or 3); the (row, slot)
-    indices sit on either side of the kv-head axis, so the indexed view is [B, L, K, D]: the new entries' own
-    layout.
+    A layer's cache is keys [B, K, D, S] (``slot_axis`` 3) or values [B, K, S, D] (``slot_axis`` 2). Rows
+    and slots are indexed with full slices between them, and NumPy indexing then puts the indexed axes first:
+    the written view is [B, L, K, D], the new entries' own layout, for both.
     """
     rows_B1 = jnp.arange(new_BLKD.shape[0])[:, None]
     at = (rows_B1, *(slice(None),) * (slot_axis - 1), positions_BL)
