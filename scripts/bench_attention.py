@@ -150,8 +150,8 @@ def bench_decode(B, S, H, K, D, iters, dtype, hbm_gbps, **tiles):
     key = jax.random.PRNGKey(1)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (B, H, D), jnp.float32).astype(dtype)
-    kc = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
-    vc = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
+    kc = jax.random.normal(kk, (B, K, D, S), jnp.float32).astype(dtype)  # init_cache's layouts
+    vc = jax.random.normal(kv, (B, K, S, D), jnp.float32).astype(dtype)
     lengths = jnp.full((B,), S, jnp.int32)
     fn = jax.jit(functools.partial(da.decode_attention, **tiles))
     ref = jax.jit(da.decode_attention_reference)
