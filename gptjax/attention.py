@@ -323,48 +323,39 @@ def cached_attention(
 
     The caches (``gptjax.model.init_cache``: keys [B, K, D, S], values [B, K, S, D]) hold slots in order, so
     this is causal attention by slot index; slots past a row's current position are never read (they hold
-    stale or zero entries). With impl == 'pallas' a single query token per row (decoding) runs the decode
-    kernel over slots [0, position]; longer chunks (prefill at arbitrary per-row slots) use the XLA path.
+    stale or zero entries). A single query token per row (decoding) runs ``_decode_attention``; longer chunks
+    (prefill at arbitrary per-row slots) the XLA attention against all slots, masked by slot.
     """
-    if impl == "pallas" and q_BLHD.shape[1] == 1:
-        from gptjax.kernels import decode_attention as da
-
-        lengths_B = q_positions_BL[:, 0].astype(jnp.int32) + 1
-        call = functools.partial(da.decode_attention, softmax_scale=softmax_scale)
-        args = (q_BLHD[:, 0], k_cache_BKDS, v_cache_BKSD, lengths_B)
-        mesh, b, h = _mesh_axes(q_BLHD.shape[0], (q_BLHD.shape[2], k_cache_BKDS.shape[1]))
-        if mesh is None:
-            return call(*args)[:, None]
-        cache = P(b, h, None, None)
-        return _shard_call(call, mesh, args, (P(b, h, None), cache, cache, P(b)), P(b, h, None))[:, None]
+    if q_BLHD.shape[1] == 1:
+        return _decode_attention(q_BLHD, k_cache_BKDS, v_cache_BKSD, q_positions_BL, impl, softmax_scale)
     S = v_cache_BKSD.shape[2]
     mask_BLS = q_positions_BL[:, :, None] >= jnp.arange(S)[None, None, :]
-    if q_BLHD.shape[1] == 1:
-        return _decode_attention_xla(q_BLHD, k_cache_BKDS, v_cache_BKSD, mask_BLS, softmax_scale)
     k_BSKD, v_BSKD = jnp.transpose(k_cache_BKDS, (0, 3, 1, 2)), jnp.swapaxes(v_cache_BKSD, 1, 2)
     return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale)
 
 
-def _decode_attention_xla(q_B1HD, k_cache_BKDS, v_cache_BKSD, mask_B1S, softmax_scale):
-    """One query per row: two plain batched products (batch b and kv head k; a head group's G queries share
-    their kv head), q [G, D] @ keys [D, S] and p [G, S] @ values [S, D], reading the caches in place.
+def _decode_attention(q_B1HD, k_cache_BKDS, v_cache_BKSD, q_positions_B1, impl, softmax_scale):
+    """One query token per row over cache slots [0, position]: the Pallas decode kernel (impl 'pallas') or
+    its plain-jnp reference at default precision (every other impl).
 
-    On this 2-core CPU (the tiny LLaMA, B16, 4 layers) the 4 layers' attention takes 0.4 ms a token at 160
-    slots and 1.3-1.6 ms at 544; as broadcast multiply-and-reduce (materialising [B, S, K, G, D] products)
-    3 ms at 160; with [B, S, K, D] caches, which XLA copied to head-major order every token, 2.6 ms at 544;
-    with keys [B, K, S, D], which the matmul library repacks every token, 4.1 ms at 544.
+    The reference's two batched products read the caches in place. On the 2-core development CPU (the tiny
+    LLaMA, B16, 4 layers) they take 0.4 ms a token at 160 slots and 1.3-1.6 ms at 544; as broadcast
+    multiply-and-reduce (materialising [B, S, K, G, D] products) 3 ms at 160; with [B, S, K, D] caches,
+    which XLA copied to head-major order every token, 2.6 ms at 544; with keys [B, K, S, D], which the
+    matmul library repacks every token, 4.1 ms at 544.
     """
-    B, _, H, D = q_B1HD.shape
-    K = k_cache_BKDS.shape[1]
-    scale = D**-0.5 if softmax_scale is None else softmax_scale
-    f32 = jnp.float32
-    q_BKGD = (q_B1HD[:, 0].astype(f32) * scale).reshape(B, K, H // K, D)
-    scores_BKGS = jnp.einsum("bkgd,bkds->bkgs", q_BKGD, k_cache_BKDS.astype(f32))
-    scores_BKGS = jnp.where(mask_B1S[:, :, None, :], scores_BKGS, -jnp.inf)
-    max_BKG1 = jnp.max(scores_BKGS, axis=-1, keepdims=True)
-    max_BKG1 = jnp.where(jnp.isfinite(max_BKG1), max_BKG1, 0.0)
-    p_BKGS = jnp.exp(scores_BKGS - max_BKG1)
-    denom_BKG1 = jnp.sum(p_BKGS, axis=-1, keepdims=True)
-    p_BKGS = p_BKGS / jnp.where(denom_BKG1 == 0.0, 1.0, denom_BKG1)
-    out_BKGD = jnp.einsum("bkgs,bksd->bkgd", p_BKGS, v_cache_BKSD.astype(f32))
-    return out_BKGD.reshape(B, 1, H, D).astype(q_B1HD.dtype)
+    from gptjax.kernels import decode_attention as da
+
+    lengths_B = q_positions_B1[:, 0].astype(jnp.int32) + 1
+    if impl != "pallas":
+        out_BHD = da.decode_attention_reference(
+            q_B1HD[:, 0], k_cache_BKDS, v_cache_BKSD, lengths_B, softmax_scale, precision=None
+        )
+        return out_BHD[:, None]
+    call = functools.partial(da.decode_attention, softmax_scale=softmax_scale)
+    args = (q_B1HD[:, 0], k_cache_BKDS, v_cache_BKSD, lengths_B)
+    mesh, b, h = _mesh_axes(q_B1HD.shape[0], (q_B1HD.shape[2], k_cache_BKDS.shape[1]))
+    if mesh is None:
+        return call(*args)[:, None]
+    cache = P(b, h, None, None)
+    return _shard_call(call, mesh, args, (P(b, h, None), cache, cache, P(b)), P(b, h, None))[:, None]

@@ -29,25 +29,28 @@ def decode_attention_reference(
     v_cache_BKSD: jax.Array,
     lengths_B: jax.Array,
     softmax_scale: float | None = None,
+    precision: lax.Precision | None = lax.Precision.HIGHEST,
 ) -> jax.Array:
-    """Plain-jnp decode attention in fp32 (HIGHEST precision); output in q's dtype."""
+    """Plain-jnp decode attention in fp32; output in q's dtype. Row b's query heads attend to slots
+    [0, lengths_B[b]) of their kv head; a row with no slot outputs zeros.
+
+    Two batched products over (row, kv head), q [G, D] @ keys [D, S] and p [G, S] @ values [S, D], reading
+    the caches in place. The kernel's oracle (HIGHEST precision) and, with ``precision=None``, the 'xla'
+    decode path of ``gptjax.attention.cached_attention``.
+    """
     B, H, D = q_BHD.shape
     K, S = k_cache_BKDS.shape[1], k_cache_BKDS.shape[3]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    q_BKGD = q_BHD.reshape(B, K, H // K, D).astype(jnp.float32)
-    s_BKGS = (
-        jnp.einsum(
-            "bkgd,bkds->bkgs", q_BKGD, k_cache_BKDS.astype(jnp.float32), precision=lax.Precision.HIGHEST
-        )
-        * scale
-    )
+    f32 = jnp.float32
+    q_BKGD = (q_BHD.astype(f32) * scale).reshape(B, K, H // K, D)  # scaling q: B*H*D products, not B*H*S
+    s_BKGS = jnp.einsum("bkgd,bkds->bkgs", q_BKGD, k_cache_BKDS.astype(f32), precision=precision)
     valid_BS = jnp.arange(S)[None, :] < lengths_B[:, None]
     s_BKGS = jnp.where(valid_BS[:, None, None, :], s_BKGS, -jnp.inf)
     m = jnp.max(s_BKGS, axis=-1, keepdims=True)
     p = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
-    o = jnp.einsum("bkgs,bksd->bkgd", p, v_cache_BKSD.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    o = jnp.einsum("bkgs,bksd->bkgd", p, v_cache_BKSD.astype(f32), precision=precision)
     return o.reshape(B, H, D).astype(q_BHD.dtype)
 
 
