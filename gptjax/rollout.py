@@ -46,6 +46,14 @@ def group_advantages(config):
     return getattr(load_loss(config.loss.name), "advantages", None)
 
 
+def reward_kl(config) -> bool:
+    """Whether the objective's reward carries the rollout's KL penalty (rollout.kl_coef, kl_target): PPO's
+    and RLOO's do; a loss module that sets ``REWARD_KL = False`` (GRPO: the KL is a loss term) does not."""
+    from gptjax.train import load_loss
+
+    return getattr(load_loss(config.loss.name), "REWARD_KL", True)
+
+
 def roles_needed(config) -> tuple[str, ...]:
     return ROLES if group_advantages(config) is None else tuple(r for r in ROLES if r != "value")
 
@@ -108,6 +116,11 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
         problems.append(f"rollout.kl_kind={r.kl_kind!r}: use one of {rl.KL_KINDS}")
     if r.kl_target < 0 or (r.kl_target > 0 and r.kl_horizon <= 0):
         problems.append(f"rollout.kl_target={r.kl_target} needs >= 0 and kl_horizon > 0")
+    if r.kl_target > 0 and not reward_kl(config):
+        problems.append(
+            f"rollout.kl_target={r.kl_target} adapts rollout.kl_coef, which loss {config.loss.name!r} does "
+            "not use (its KL to the reference is the loss term loss.kl_coef): set rollout.kl_target=0"
+        )
     ptx_ratio, ptx_coef = config.ptx.ratio, config.loss.get("ptx_coef", 0.0)
     if not group and (ptx_ratio > 0) != (ptx_coef > 0):
         problems.append(
@@ -219,6 +232,7 @@ class RolloutSource:
         # A group objective's advantages replace GAE (static for jit: a module function and the loss options).
         fn = group_advantages(config)
         self.group = {"advantages_fn": fn, "loss_opts": FrozenConfigDict(config.loss)} if fn else {}
+        self.reward_kl = reward_kl(config)
         self.frozen = {"ref": ctx.frozen["ref"], "reward": ctx.frozen["reward"]}
         self.vocab = data.get_vocabulary(config.data)
         per_host = r.batch_size // jax.process_count() // r.samples_per_prompt  # prompts; rows are responses
@@ -416,12 +430,12 @@ class RolloutSource:
             "reward_std": float(np.std(rows["score_B"])),
             "shaped_reward": float(np.mean(rows["shaped_score_B"])),
             "kl": float(np.mean(rows["kl_B"])),
-            "kl_penalty": float(np.mean(rows["kl_penalty_B"])),
-            "kl_coef": self.kl_coef,
             "response_length": float(np.mean(gen.lengths_B)),
             "eos_rate": float(np.mean(gen.ended_B)),
             **scalars,
         }
+        if self.reward_kl:  # the penalty in the reward and its coefficient (inert for GRPO: not logged)
+            out.update(kl_penalty=float(np.mean(rows["kl_penalty_B"])), kl_coef=self.kl_coef)
         if self.gold is not None:
             texts = self.prompts.prompt_text(prompts["prompt_ids_B"])
             golds = [

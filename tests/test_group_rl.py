@@ -174,6 +174,9 @@ def test_rollout_puts_each_prompt_in_adjacent_rows_and_advantages_over_each_grou
     np.testing.assert_allclose((adv.sum(1) / mask.sum(1)).reshape(-1, n).sum(1), 0.0, atol=1e-4)  # per group
     metrics = source.pop_metrics()
     assert metrics["group_score_std"] == pytest.approx(np.mean(score.reshape(-1, n).std(1)), rel=1e-3)
+    assert metrics["kl"] == pytest.approx(np.mean(kl), rel=1e-3, abs=1e-3)
+    # the KL penalty and its coefficient are logged where the reward carries them (RLOO), not for GRPO
+    assert ("kl_coef" in metrics and "kl_penalty" in metrics) == (stage == "rloo")
 
 
 def test_group_configs_refuse_single_samples_broken_groups_and_a_critic():
@@ -191,6 +194,10 @@ def test_group_configs_refuse_single_samples_broken_groups_and_a_critic():
     with pytest.raises(ValueError, match=r"needs the role\(s\) \['value'\]"):  # PPO still needs its critic
         rollout.check_config(rl_config("ppo"), cfgs, 8)
     rollout.check_config(rl_config("ppo", samples_per_prompt=4), {**cfgs, "value": scalar}, 8)
+    # GRPO's KL is a loss term: an adaptive target for the rollout's (unused) coefficient is refused
+    with pytest.raises(ValueError, match="rollout.kl_target=6.0 adapts rollout.kl_coef, which loss 'grpo'"):
+        rollout.check_config(rl_config("grpo", samples_per_prompt=4, kl_target=6.0), cfgs, 8)
+    rollout.check_config(rl_config("rloo", samples_per_prompt=4, kl_target=6.0), cfgs, 8)  # in the reward
 
 
 # --------------------------------------------------------------------------------------------------

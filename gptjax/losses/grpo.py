@@ -30,6 +30,7 @@ from gptjax import rl
 from gptjax.losses import ppo
 
 denominators = ppo.denominators  # response tokens of the full batch (train.py finds it by name)
+REWARD_KL = False  # no rollout KL penalty (rollout.kl_coef, kl_target) in the reward: it is kl_coef here
 
 
 def advantages(score_B: jax.Array, kl_B: jax.Array, kl_coef: jax.Array, group_size: int, opts) -> jax.Array:
