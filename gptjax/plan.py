@@ -11,10 +11,12 @@ Attention: a CPU compile would plan the 'xla' reference, which holds [B, H, L, S
 stand-in with exactly that footprint (``flash_footprint``: those residuals, no scores).
 
 Planned stages: pretrain, sft, rm, dpo and ppo's train step (a minibatch of experience plus PPO-ptx rows,
-policy and critic with their optimizer states and EMA, the frozen reference and reward model). Frozen roles
-are planned with the shapes of the trained role they start from or stand beside (reference = the policy,
-reward model = the critic), which is what the recipes do. ``plan_rollout`` plans PPO's two other
-programs, generation in its rollout layout and the experience pass, each beside the resident train state.
+policy and critic with their optimizer states and EMA, the frozen reference and reward model); grpo and
+rloo the same without the critic. Frozen roles are planned with the shapes of the trained role they start
+from or stand beside (reference = the policy, reward model = the critic), which is what the recipes do;
+without a critic (grpo, rloo) the reward model is planned with the policy's shapes, an upper bound when the
+reward model is the smaller one. ``plan_rollout`` plans an RL stage's two other programs, generation in
+its rollout layout and the experience pass, each beside the resident train state.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from gptjax import attention, model, roles, sharding, stages
 from gptjax import state as state_lib
 from gptjax import step as step_lib
 
-PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
+RL_STAGES = ("ppo", "grpo", "rloo")  # trained from rollouts (``plan_rollout`` plans those)
 GiB = 2**30
 
 
@@ -132,14 +135,15 @@ def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
             "prompt_lengths_BK": ((B, K), i32),
             "valid_BK": ((B, K), jnp.bool_),
         }
-    elif stage_name == "ppo":  # a minibatch of experience (gptjax.rl.experience) + PPO-ptx text
+    elif stage_name in RL_STAGES:  # a minibatch of experience (gptjax.rl.experience) + PPO-ptx text
         shapes = {k: ((B, L), i32) for k in ("tokens_BL",)}
         shapes.update({k: ((B,), i32) for k in ("prompt_lengths_B", "lengths_B")})
         f32 = jnp.float32
-        shapes.update(
-            {k: ((B, L), f32) for k in ("old_logp_BL", "old_values_BL", "advantages_BL", "returns_BL")}
-        )
-        if config.ptx.ratio > 0:
+        group = ("ref_logp_BL",)  # a group objective's: the reference's log-probs instead of a critic's
+        critic = ("old_values_BL", "returns_BL")
+        floats = ("old_logp_BL", "advantages_BL", *(critic if stage_name == "ppo" else group))
+        shapes.update({k: ((B, L), f32) for k in floats})
+        if stage_name == "ppo" and config.ptx.ratio > 0:
             P, Lp = int(config.ptx.ratio * B), config.ptx.seq_len
             for k in ("inputs_BL", "targets_BL", "segment_ids_BL", "positions_BL"):
                 shapes[f"ptx_{k}"] = ((P, Lp), i32)
@@ -245,8 +249,10 @@ def _setup(config: ConfigDict, devices) -> _Setup:
     state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
     # Frozen roles have the shapes of the trained role they start from or stand beside: DPO's and PPO's
     # reference is the policy (the SFT model), PPO's reward model the critic (initialised from it).
-    like = {"ref": "policy" if keyed else roles.SINGLE, "reward": "value"}
-    frozen_cfgs = tuple((name, cfgs[like[name]]) for name in stage.frozen)
+    policy = "policy" if keyed else roles.SINGLE
+    like = {"ref": policy, "reward": "value" if "value" in cfgs else policy}
+    heads = {"ref": "lm", "reward": "scalar"}
+    frozen_cfgs = tuple((name, cfgs[like[name]].replace(head=heads[name])) for name in stage.frozen)
     return _Setup(
         mesh=mesh,
         cfgs=cfgs,
@@ -314,7 +320,8 @@ def plan(
     s = _setup(config, devices)
     mesh, cfgs = s.mesh, s.cfgs
     batch = abstract_batch(config, config.stage, mesh)
-    scalars = {"temperature": jax.ShapeDtypeStruct((), jnp.float32)} if config.stage == "ppo" else {}
+    rl_stage = config.stage in RL_STAGES
+    scalars = {"temperature": jax.ShapeDtypeStruct((), jnp.float32)} if rl_stage else {}
     ctx = step_lib.Ctx(
         model_cfg=next(iter(cfgs.values())),
         loss_cfg=FrozenConfigDict(config.loss),
@@ -363,8 +370,8 @@ def plan_rollout(
     hbm_bytes_per_second: float = 3.35e12,
     devices: list | None = None,
 ) -> dict[str, Plan]:
-    """PPO's rollout, the two programs besides the update (``gptjax.rollout``), each with the train state
-    and the frozen roles resident beside it:
+    """An RL stage's rollout (ppo, grpo, rloo): the two programs besides the update (``gptjax.rollout``),
+    each with the train state and the frozen roles resident beside it:
 
     - ``generate``: ``sample.generate`` of ``rollout.batch_size`` prompts on the rollout mesh
       (``rollout.mesh``, else the update's), with the policy's params moved to that layout (a copy in param
@@ -372,13 +379,14 @@ def plan_rollout(
       max_new_tokens`` slots per row, prefill and the decode loop. Time: the prefill's FLOPs at ``mfu``
       plus one read of the device's weights (compute dtype) and KV cache per new token at
       ``hbm_bytes_per_second`` (decoding is bandwidth-bound; H100 SXM: 3.35e12).
-    - ``score``: the experience pass (``rl.experience``: four forward passes, in row chunks as the rollout
-      runs them) over the rollout batch in the update layout; fused attention as in ``plan``.
+    - ``score``: the experience pass (``rl.experience``: a forward pass of each role, four for PPO and
+      three without a critic, in row chunks as the rollout runs them) over the rollout batch in the update
+      layout; fused attention as in ``plan``.
     """
     from gptjax import rollout, sample
 
-    if config.stage != "ppo":
-        raise ValueError(f"plan_rollout: stage {config.stage!r} has no rollout (only 'ppo' does)")
+    if config.stage not in RL_STAGES:
+        raise ValueError(f"plan_rollout: stage {config.stage!r} has no rollout (those that do: {RL_STAGES})")
     s = _setup(config, devices)
     r = config.rollout
     mesh = s.mesh
@@ -447,7 +455,9 @@ def plan_rollout(
 
     # -- the experience pass, in the update layout
     L = P + T
-    params = {"policy": s.params["policy"], "value": s.params["value"], **s.frozen}
+    params = {name: s.params[name] for name in s.cfgs} | s.frozen  # policy (and critic), ref, reward
+    fn = rollout.group_advantages(config)
+    group = {"advantages_fn": fn, "loss_opts": FrozenConfigDict(config.loss)} if fn else {}
     batch = [at(mesh, (R, L), i32, sharding.batch_spec(2))]
     batch += [at(mesh, (R,), d, sharding.batch_spec(1)) for d in (i32, i32, jnp.bool_)]
     opts = FrozenConfigDict(
@@ -459,7 +469,13 @@ def plan_rollout(
     )
     with jax.set_mesh(mesh), _planned_attention():
         compiled = rollout._experience.lower(
-            params, *batch, scalar(mesh, f32), scalar(mesh, f32), cfgs=tuple(sorted(cfgs.items())), opts=opts
+            params,
+            *batch,
+            scalar(mesh, f32),
+            scalar(mesh, f32),
+            cfgs=tuple(sorted(cfgs.items())),
+            opts=opts,
+            **group,
         ).compile()
     held = resident + _bytes_per_device(batch)
     flops = sum(forward(c, R * L, L) for c in cfgs.values())

@@ -6,9 +6,10 @@
 Runs on CPU with N simulated devices (nothing is allocated: params, optimizer state and batch are abstract
 arrays in their sharded layouts) and prints parameters and memory per device, the compiler's peak memory,
 FLOPs per step and the step time expected at ``--mfu`` of ``--peak_tflops`` (default: H100 dense bf16).
-Fused attention is planned with its real footprint (see ``gptjax.plan``). PPO configs also plan the
-rollout: generation in its rollout layout and the experience pass (``gptjax.plan.plan_rollout``). Exits 1
-naming the biggest consumers when a plan does not fit. Config overrides work as in scripts/train.py.
+Fused attention is planned with its real footprint (see ``gptjax.plan``). RL configs (ppo, grpo, rloo)
+also plan the rollout: generation in its rollout layout and the experience pass
+(``gptjax.plan.plan_rollout``). Exits 1 naming the biggest consumers when a plan does not fit. Config
+overrides work as in scripts/train.py.
 """
 
 import os
@@ -49,7 +50,7 @@ def main(argv):
     config = f.config
     kw = dict(mfu=f.mfu, peak_flops_per_device=f.peak_tflops * 1e12)
     plans = {config.stage: plan_lib.plan(config, f.device_memory_gb, **kw)}
-    if config.stage == "ppo":  # the rollout's generation and experience pass, beside the resident state
+    if config.stage in plan_lib.RL_STAGES:  # the rollout's generation and experience pass, beside the state
         plans.update(
             plan_lib.plan_rollout(config, f.device_memory_gb, hbm_bytes_per_second=f.hbm_tbps * 1e12, **kw)
         )
@@ -58,7 +59,8 @@ def main(argv):
     if len(plans) > 1:
         r = config.rollout
         print(
-            f"\nppo: one update step (a minibatch); generate: the whole rollout ({r.batch_size} prompts, "
+            f"\n{config.stage}: one update step (a minibatch); generate: the whole rollout "
+            f"({r.batch_size} prompts, "
             f"{r.generate_rows or r.batch_size} per call, {r.max_new_tokens} new tokens), timed as the "
             "prefill at --mfu plus one read of the device's weights and KV cache per token at "
             f"{f.hbm_tbps} TB/s; "

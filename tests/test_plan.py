@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from gptjax import defaults, model
+from gptjax import defaults, model, roles, sharding
 from gptjax import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,3 +179,29 @@ def test_ppo_1b_preset_plans_to_fit_one_80gb_device():
     done = run_plan_script("--config", "configs/ppo_1b.py", "--devices", "1")
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert "| device memory | 80 GiB: fits |" in done.stdout
+
+
+def test_group_objectives_plan_without_a_critic():
+    """GRPO and RLOO: the policy alone trains (no critic, its Adam state or EMA), the experience batch carries
+    the reference's log-probs instead of values and returns, and the experience pass runs three roles."""
+    plans = {}
+    for stage in ("ppo", "grpo"):
+        c = defaults.load_config(f"configs/tiny.py:stage={stage}")
+        plans[stage] = (plan_lib.plan(c, device_memory_gb=80), plan_lib.plan_rollout(c, device_memory_gb=80))
+    (ppo, ppo_rollout), (grpo, grpo_rollout) = plans["ppo"], plans["grpo"]
+    section = defaults.load_config("configs/tiny.py:stage=ppo").roles
+    lm, scalar = (roles.model_config(section[name].model) for name in ("policy", "value"))
+    assert grpo.params == model.num_params(lm)
+    assert ppo.params == model.num_params(lm) + model.num_params(scalar)
+    assert grpo.state_bytes_per_device < ppo.state_bytes_per_device
+    assert grpo.fits and all(p.fits for p in grpo_rollout.values())
+    # the reference, and the reward model with the policy's shapes and a scalar head (no critic to copy)
+    frozen = model.num_params(lm) + model.num_params(lm.replace(head="scalar"))
+    assert grpo.frozen_bytes_per_device / grpo.param_bytes_per_device == pytest.approx(
+        frozen / model.num_params(lm), rel=0.02
+    )
+    assert grpo_rollout["score"].flops_per_device < ppo_rollout["score"].flops_per_device
+    rloo = defaults.load_config("configs/tiny.py:stage=rloo")
+    batch = plan_lib.abstract_batch(rloo, "rloo", sharding.make_mesh(rloo.mesh))
+    assert {"ref_logp_BL", "advantages_BL", "old_logp_BL"} <= set(batch)
+    assert "old_values_BL" not in batch and "returns_BL" not in batch
