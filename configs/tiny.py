@@ -193,7 +193,7 @@ def get_sweeps():
     ]
     return {
         "kl_coef": sweep.grid("rollout.kl_coef", [0.0, 0.01, 0.02, 0.1, 1.0], seeds=3),
-        "ptx_coef": sweep.Sweep(tuple(ptx), xlabel="loss.ptx_coef (ptx.ratio 1 when > 0)"),
+        "ptx_coef": sweep.Sweep(tuple(ptx), xlabel="loss.ptx_coef (ptx.ratio 1 when > 0)", text_loss=True),
         "seeds": sweep.Sweep(
             tuple(sweep.Point("ppo", seed=s) for s in range(5)), title="PPO with and without EMA"
         ),

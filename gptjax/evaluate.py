@@ -195,6 +195,44 @@ def compare_policies(
     return out
 
 
+_LM_EVAL_STEP = None
+
+
+def text_loss(
+    cfg: model.ModelConfig,
+    params: Any,
+    data_cfg: Any,
+    *,
+    seq_len: int,
+    batch_size: int = 32,
+    batches: int = 4,
+) -> dict[str, float]:
+    """A model's next-token loss (nats per token) and accuracy on held-out text: the first ``batches``
+    validation batches of a pretraining data section (``data_cfg``), the same batches for every model.
+
+    What PPO-ptx protects: RL moves the policy away from the pretraining distribution (InstructGPT's
+    "alignment tax"), and this measures how far, beside the reward the RL buys.
+    """
+    global _LM_EVAL_STEP
+    from gptjax import data
+    from gptjax import step as step_lib
+    from gptjax.losses import lm
+
+    if _LM_EVAL_STEP is None:
+        _LM_EVAL_STEP = step_lib.make_eval_step(lm.loss_fn)
+    it = data.make_iterator(
+        data_cfg, stage="pretrain", batch_size=batch_size, seq_len=seq_len, seed=0, split="validation"
+    )
+    ctx = step_lib.Ctx(model_cfg=cfg)
+    totals = None
+    for i in range(batches):
+        m = _LM_EVAL_STEP(params, dict(next(it)), jax.random.key(i), ctx)
+        totals = m if totals is None else jax.tree.map(np.add, totals, m)
+    loss, tokens = (float(v) for v in totals["loss"])
+    accuracy = float(totals["accuracy"][0]) / tokens
+    return {"text_loss": loss / tokens, "text_accuracy": accuracy, "text_tokens": tokens}
+
+
 def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     """(mean of a - b, its standard error), paired by prompt (``compare_policies``' per_prompt)."""
     d = np.asarray(a["per_prompt"]) - np.asarray(b["per_prompt"])

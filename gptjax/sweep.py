@@ -53,6 +53,8 @@ class Sweep:
     points: tuple[Point, ...]
     xlabel: str = ""
     title: str = ""
+    # also each policy's loss on held-out pretraining text (``evaluate.text_loss``): what PPO-ptx protects
+    text_loss: bool = False
 
 
 def grid(key: str, values: Sequence, *, seeds: int = 1, arg: str = PPO, label: str = "", **fixed) -> Sweep:
@@ -119,13 +121,15 @@ def point_config(config_file: str, point: Point, base: str):
 class Evaluator:
     """Policies on held-out prompts against the SFT model under ``base`` (same prompts and keys)."""
 
-    def __init__(self, config_file: str, base: str, eval_prompts: int, samples: int):
+    def __init__(self, config_file: str, base: str, eval_prompts: int, samples: int, text_loss: bool = False):
         import jax
 
         from gptjax import checkpoint, defaults, reward
         from gptjax.data import get_vocabulary, tiny
 
         self.base, self.samples = base, samples
+        # held-out text: the validation split of the config file's pretraining data, at its sequence length
+        self.text = defaults.load_config(f"{config_file}:stage=pretrain") if text_loss else None
         rm_config = defaults.load_config(f"{config_file}:stage=rm")
         self.vocab = get_vocabulary(rm_config.data)
         self.reward_fn = reward.scorer(os.path.join(base, "rm"), self.vocab, rm_config.train.seq_len)
@@ -149,13 +153,28 @@ class Evaluator:
             samples_per_prompt=self.samples,
         )
 
+    def add_text_loss(self, results: dict[str, dict], policies: dict) -> bool:
+        """Each policy's held-out text loss into its results, where wanted and missing; whether any was."""
+        from gptjax import evaluate
+
+        missing = [name for name, r in results.items() if self.text is not None and "text_loss" not in r]
+        for name in missing:
+            cfg, params = policies[name]() if callable(policies[name]) else policies[name]
+            d, t = self.text.data, self.text.train
+            results[name].update(evaluate.text_loss(cfg, params, d, seq_len=t.seq_len))
+        return bool(missing)
+
     def sft_result(self, cache: str) -> dict:
         if self._sft_result is None:
             if os.path.exists(cache):
                 with open(cache) as f:
                     self._sft_result = json.load(f)
+                changed = False
             else:
                 self._sft_result = self.compare({"sft": self.sft})["sft"]
+                changed = True
+            changed |= self.add_text_loss({"sft": self._sft_result}, {"sft": self.sft})
+            if changed:
                 with open(cache, "w") as f:
                     json.dump(self._sft_result, f)
         return self._sft_result
@@ -195,9 +214,25 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
 
     workdir = os.path.join(root, point.name)
     saved = os.path.join(workdir, "results.json")
+
+    def policies(config) -> dict:
+        """The run's policy and (where it keeps one) EMA policy, each loaded when called."""
+        role = "policy" if "roles" in config and "policy" in config.roles else None
+        out = {"policy": lambda: checkpoint.load_model(workdir, role=role)}
+        if (config.roles.policy.optim if role else config.optim).ema_decay > 0:
+            out["ema"] = lambda: checkpoint.load_model(workdir, role=role, ema=True)
+        return out
+
     if os.path.exists(saved):
         with open(saved) as f:
-            return json.load(f)
+            out = json.load(f)
+        # a finished point evaluated before a metric was asked for: add it from the run's checkpoints
+        if not point.best_of_n:
+            results = out["results"]
+            if evaluator.add_text_loss(results, policies(point_config(config_file, point, base))):
+                with open(saved, "w") as f:
+                    json.dump(out, f, indent=1)
+        return out
     os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()
     if point.best_of_n:
@@ -205,12 +240,9 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
     else:
         config = point_config(config_file, point, base)
         train.run(config, workdir)
-        role = "policy" if "roles" in config and "policy" in config.roles else None
-        policies = {"policy": checkpoint.load_model(workdir, role=role)}
-        decay = (config.roles.policy.optim if role else config.optim).ema_decay
-        if decay > 0:
-            policies["ema"] = checkpoint.load_model(workdir, role=role, ema=True)
-        results = evaluator.compare(policies)
+        loaded = {name: load() for name, load in policies(config).items()}
+        results = evaluator.compare(loaded)
+        evaluator.add_text_loss(results, loaded)
     sft = evaluator.sft_result(os.path.join(root, "sft_eval.json"))
     for r in results.values():
         r["gold_vs_sft"], r["gold_vs_sft_se"] = evaluate.paired_difference(r, sft)
@@ -267,6 +299,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "gold_vs_sft_se": diff_se,
                 "rm_reward": stat("rm_reward_mean")[0],
                 "kl": stat("kl_to_ref")[0],
+                "text_loss": stat("text_loss")[0],
+                "text_loss_se": stat("text_loss")[1],
                 "wall_s": float(sum(r["wall_s"] for r in rs)),
             }
         )
@@ -281,6 +315,7 @@ def report_lines(
     def pm(v, se):
         return f"{report.fmt(v)} +- {report.fmt(se)}" if se is not None else report.fmt(v)
 
+    text = any(r.get("text_loss") is not None for r in rows)
     table = [
         [
             r["label"],
@@ -290,48 +325,65 @@ def report_lines(
             pm(r["gold_vs_sft"], r["gold_vs_sft_se"]),
             report.fmt(r["rm_reward"]),
             report.fmt(r["kl"]),
+            *([pm(r.get("text_loss"), r.get("text_loss_se"))] if text else []),
         ]
         for r in rows
     ]
+    head = ["setting", "policy", "seeds", "gold reward", "gold - SFT (paired)", "RM reward", "KL to SFT"]
+    sft_text = f", held-out text loss {report.fmt(sft.get('text_loss'))}" if text else ""
     return [
         f"## Sweep `{name}`{': ' + sweep.title if sweep.title else ''}",
         "",
         f"`{command}` ({wall_s / 60:.0f} min on this machine)",
         "",
         f"SFT model: gold reward {pm(sft['gold_reward_mean'], sft['gold_reward_se'])}, RM reward "
-        f"{report.fmt(sft.get('rm_reward_mean'))}.",
+        f"{report.fmt(sft.get('rm_reward_mean'))}{sft_text}.",
         "",
-        *report.table(
-            ["setting", "policy", "seeds", "gold reward", "gold - SFT (paired)", "RM reward", "KL to SFT"],
-            table,
-        ),
+        *report.table(head + (["held-out text loss"] if text else []), table),
         "",
         "Gold reward: mean over held-out prompts of sampled answers (temperature 1); +- is the standard "
         "error across seeds (one seed: over prompts). gold - SFT pairs each prompt with the SFT model's "
-        "answers under the same sampling keys.",
+        "answers under the same sampling keys."
+        + (
+            " Held-out text loss: nats per token on the pretraining data's validation text "
+            "(``evaluate.text_loss``), what PPO-ptx's pretraining gradient protects."
+            if text
+            else ""
+        ),
         "",
     ]
 
 
 def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "") -> None:
-    """Gold reward (+- its standard error) and KL to SFT against the swept value, one line per policy
-    (the run's policy, its EMA); settings without a numeric value are categories, in table order."""
+    """Gold reward (+- its standard error), KL to SFT and (where evaluated) held-out text loss against the
+    swept value, one line per policy (the run's policy, its EMA); settings without a numeric value are
+    categories, in table order."""
     from gptjax import report
 
     numeric = all(r["x"] is not None for r in rows)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     xs = {r["label"]: (r["x"] if numeric else labels.index(r["label"])) for r in rows}
-    gold, kl = {}, {}
+    gold, kl, text = {}, {}, {}
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == policy]
         x = [xs[r["label"]] for r in mine]
         gold[policy] = {"x": x, "y": [r["gold"] for r in mine], "yerr": [r["gold_se"] or 0 for r in mine]}
         kl[policy] = {"x": x, "y": [r["kl"] for r in mine]}
+        if all(r.get("text_loss") is not None for r in mine):
+            text[policy] = {
+                "x": x,
+                "y": [r["text_loss"] for r in mine],
+                "yerr": [r.get("text_loss_se") or 0 for r in mine],
+            }
     gold["SFT"] = {"y": sft["gold_reward_mean"], "hline": True}
     panels = [
         {"title": "gold reward (sampled)", "ylabel": "gold reward", "series": gold},
         {"title": "KL to SFT per answer", "ylabel": "nats", "series": kl},
     ]
+    if text:
+        if sft.get("text_loss") is not None:
+            text["SFT"] = {"y": sft["text_loss"], "hline": True}
+        panels.append({"title": "held-out text loss", "ylabel": "nats per token", "series": text})
     if numeric:
         report.plot_panels(panels, path, xlabel)
     else:

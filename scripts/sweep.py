@@ -11,6 +11,7 @@ value) and ``results.json``; each point's run and evaluation live in ``<workdir>
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -42,7 +43,7 @@ def main(argv):
         raise app.UsageError("--config takes the file alone; each sweep point sets its own arg")
     sw = sweep.load_sweep(FLAGS.config, FLAGS.sweep)
     if FLAGS.seeds:
-        sw = sweep.Sweep(tuple(p for p in sw.points if p.seed < FLAGS.seeds), sw.xlabel, sw.title)
+        sw = dataclasses.replace(sw, points=tuple(p for p in sw.points if p.seed < FLAGS.seeds))
     if FLAGS.list:
         for p in sw.points:
             print(f"{p.name}: {p.arg} {dict(p.overrides)}{f' best-of-{p.best_of_n}' if p.best_of_n else ''}")
@@ -55,7 +56,9 @@ def main(argv):
     root = os.path.join(FLAGS.workdir, FLAGS.sweep)
     os.makedirs(root, exist_ok=True)
     start = time.perf_counter()
-    evaluator = sweep.Evaluator(FLAGS.config, FLAGS.base, FLAGS.eval_prompts, FLAGS.eval_samples)
+    evaluator = sweep.Evaluator(
+        FLAGS.config, FLAGS.base, FLAGS.eval_prompts, FLAGS.eval_samples, text_loss=sw.text_loss
+    )
     runs = []
     for i, point in enumerate(sw.points):
         logging.info("=== sweep %s: point %d/%d %s", FLAGS.sweep, i + 1, len(sw.points), point.name)

@@ -2,11 +2,13 @@
 seeds."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -90,6 +92,40 @@ def test_a_two_point_sweep_writes_its_table_and_resumes(base, tmp_path):
     assert "=== stage" not in again.stderr and "resuming" not in again.stderr
     assert {p: os.path.getmtime(root / p / "results.json") for p in stamps} == stamps
     assert (root / "report.md").read_text().split("\n")[4:] == report.split("\n")[4:]  # same table
+
+    # a metric asked for after the points finished (held-out text loss, the PPO-ptx sweep's) is added from
+    # their checkpoints, without training them again
+    evaluator = sweep.Evaluator(TINY, base, eval_prompts=8, samples=1, text_loss=True)
+    point = sweep.load_sweep(TINY, "smoke").points[1]
+    ckpt = os.path.getmtime(root / point.name / "checkpoints")
+    out = sweep.run_point(TINY, point, base, str(root), evaluator)
+    saved = json.loads((root / point.name / "results.json").read_text())["results"]
+    for policy in ("policy", "ema"):
+        loss = out["results"][policy]["text_loss"]
+        assert saved[policy]["text_loss"] == loss and 0.0 < loss < 2 * math.log(259)
+    assert os.path.getmtime(root / point.name / "checkpoints") == ckpt
+    sft = evaluator.sft_result(str(root / "sft_eval.json"))
+    assert json.loads((root / "sft_eval.json").read_text())["text_loss"] == sft["text_loss"]
+    rows = sweep.summarise([out])
+    lines = "\n".join(sweep.report_lines("smoke", sweep.Sweep(()), rows, sft, "cmd", 1.0))
+    assert "| held-out text loss |" in lines and "held-out text loss " in lines.split("\n")[4]
+
+
+def test_text_loss_of_a_uniform_model_is_log_vocab():
+    """Zero weights give uniform next-token probabilities: the loss is log V per token, whatever the text."""
+    from gptjax import evaluate
+
+    c = defaults.load_config(f"{TINY}:stage=pretrain")
+    cfg = model.config_from_dict(c.model.to_dict())
+    zeros = jax.tree.map(jnp.zeros_like, model.init(cfg, jax.random.key(0)))
+    got = evaluate.text_loss(cfg, zeros, c.data, seq_len=c.train.seq_len, batches=2)
+    assert got["text_loss"] == pytest.approx(math.log(cfg.vocab_size), rel=1e-5)
+    assert got["text_tokens"] > 1000  # real validation text, padding and document ends not counted
+    # every model is measured on the same batches
+    other = evaluate.text_loss(
+        cfg, model.init(cfg, jax.random.key(0)), c.data, seq_len=c.train.seq_len, batches=2
+    )
+    assert other["text_tokens"] == got["text_tokens"] and other["text_loss"] != got["text_loss"]
 
 
 def test_seeds_are_averaged_with_their_standard_error():
