@@ -31,6 +31,8 @@ coefficient 0.5) holds the gold reward (-0.01 +- 0.01; EMA +0.02) at a KL of ~0.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ml_collections import ConfigDict
 
 from gptjax import data, defaults
@@ -173,7 +175,7 @@ def get_sweeps():
             x=coef,
         )
         for s in range(3)  # seed-major: an interrupted sweep has every coefficient
-        for coef in (0.0, 1.0, 27.8)
+        for coef in (0.0, 0.1, 1.0, 27.8)
     ]
     critic = [
         sweep.Point(f"critic from {who.strip('{}')}", overrides=(("roles.value.init_from", who),), seed=s)
@@ -192,15 +194,22 @@ def get_sweeps():
         ]
     ]
     return {
-        "kl_coef": sweep.grid("rollout.kl_coef", [0.0, 0.01, 0.02, 0.1, 1.0], seeds=3),
-        "ptx_coef": sweep.Sweep(tuple(ptx), xlabel="loss.ptx_coef (ptx.ratio 1 when > 0)", text_loss=True),
+        "kl_coef": dataclasses.replace(
+            sweep.grid("rollout.kl_coef", [0.0, 0.01, 0.02, 0.1, 1.0], seeds=3), xlog_above=0.01
+        ),
+        "ptx_coef": sweep.Sweep(
+            tuple(ptx), xlabel="loss.ptx_coef (ptx.ratio 1 when > 0)", text_loss=True, xlog_above=0.1
+        ),
         "seeds": sweep.Sweep(
             tuple(sweep.Point("ppo", seed=s) for s in range(5)), title="PPO with and without EMA"
         ),
         "critic_init": sweep.Sweep(tuple(critic), title="critic initialised from the RM or the SFT model"),
         "methods": sweep.Sweep(tuple(methods), title="PPO, GRPO, RLOO, rejection sampling, best-of-N"),
         # 2 points of 4 steps each: that a sweep runs end to end (tests/test_sweep.py)
-        "smoke": sweep.grid(
-            "rollout.kl_coef", [0.0, 0.1], train__steps=4, rollout__batch_size=32, train__batch_size=16
+        "smoke": dataclasses.replace(  # the tests' 2-point sweep (its plot on the kl_coef sweep's axis)
+            sweep.grid(
+                "rollout.kl_coef", [0.0, 0.1], train__steps=4, rollout__batch_size=32, train__batch_size=16
+            ),
+            xlog_above=0.01,
         ),
     }

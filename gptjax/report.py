@@ -66,12 +66,17 @@ def plot_split(workdir: str, path: str, split: str, metrics: Sequence[str]) -> N
 
 
 def plot_panels(
-    panels: Sequence[dict], path: str, xlabel: str = "", xticks: Sequence[str] | None = None
+    panels: Sequence[dict],
+    path: str,
+    xlabel: str = "",
+    xticks: Sequence[str] | None = None,
+    xlog_above: float = 0.0,
 ) -> None:
     """Side-by-side panels of series: each panel {"title", "ylabel", "series": {name: {"x", "y", "yerr"
     (optional), "line" (True: a fitted curve, no markers), "scatter" (True: markers only), "hline" (True: a
     horizontal reference line at "y", no "x"), "color"}}}. ``xticks``: category names at x = 0, 1, ...
-    (their points are not joined by lines)."""
+    (their points are not joined by lines). ``xlog_above`` > 0: the x axis is logarithmic above that value
+    and linear below it (symlog), for grids like 0, 0.01, 0.1, 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +102,10 @@ def plot_panels(
                     color=s.get("color"),
                     label=name,
                 )
+        if xlog_above > 0:
+            ax.set_xscale("symlog", linthresh=xlog_above)
+            xs = [x for s in panel["series"].values() if not s.get("hline") for x in s["x"]]
+            ax.set_xlim(left=min(xs) - 0.3 * xlog_above)  # not the reference lines' automatic margin
         if xticks:
             ax.set_xticks(range(len(xticks)), xticks, rotation=15 if len(xticks) > 3 else 0, fontsize=8)
             ax.set_xlim(-0.5, len(xticks) - 0.5)

@@ -55,6 +55,7 @@ class Sweep:
     title: str = ""
     # also each policy's loss on held-out pretraining text (``evaluate.text_loss``): what PPO-ptx protects
     text_loss: bool = False
+    xlog_above: float = 0.0  # > 0: the plot's x axis logarithmic above this value (grids like 0, 0.1, 1, 10)
 
 
 def grid(key: str, values: Sequence, *, seeds: int = 1, arg: str = PPO, label: str = "", **fixed) -> Sweep:
@@ -354,7 +355,7 @@ def report_lines(
     ]
 
 
-def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "") -> None:
+def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "", xlog_above: float = 0.0) -> None:
     """Gold reward (+- its standard error), KL to SFT and (where evaluated) held-out text loss against the
     swept value, one line per policy (the run's policy, its EMA); settings without a numeric value are
     categories, in table order."""
@@ -385,6 +386,6 @@ def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "") -> None:
             text["SFT"] = {"y": sft["text_loss"], "hline": True}
         panels.append({"title": "held-out text loss", "ylabel": "nats per token", "series": text})
     if numeric:
-        report.plot_panels(panels, path, xlabel)
+        report.plot_panels(panels, path, xlabel, xlog_above=xlog_above)
     else:
         report.plot_panels(panels, path, "setting", xticks=labels)

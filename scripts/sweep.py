@@ -69,7 +69,7 @@ def main(argv):
     command = "python scripts/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = sweep.report_lines(FLAGS.sweep, sw, rows, sft, command, wall)
     plot = os.path.join(root, f"{FLAGS.sweep}.png")
-    sweep.plot(rows, sft, plot, sw.xlabel)
+    sweep.plot(rows, sft, plot, sw.xlabel, sw.xlog_above)
     lines += [f"![{FLAGS.sweep}]({os.path.basename(plot)})", ""]
     report.write(os.path.join(root, "report.md"), lines, {"rows": rows, "runs": runs})
     print("\n".join(lines))
