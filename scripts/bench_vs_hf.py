@@ -10,7 +10,7 @@ function. Training: B8 x L256, AdamW, tokens/s over all B*L tokens (no padding h
 ``sample.generate(..., temperature=0)`` and ``model.generate(do_sample=False)`` with EOS disabled, so both
 produce exactly B * 128 tokens. Both frameworks are timed turn about in each repeat (the machine is shared
 and noisy) and the table reports the medians and their ratio. The targets are >= 1.0x (train) and >= 2.0x
-(generate); on the 2-core development CPU (five runs, 2026-11-26/27) this measured 0.69-0.85x and
+(generate); on the 2-core development CPU (five runs, 2026-11-27) this measured 0.69-0.85x and
 1.70-1.91x.
 """
 
