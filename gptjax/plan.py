@@ -14,9 +14,10 @@ Planned stages: pretrain, sft, rm, dpo and ppo's train step (a minibatch of expe
 policy and critic with their optimizer states and EMA, the frozen reference and reward model); grpo and
 rloo the same without the critic. Frozen roles are planned with the shapes of the trained role they start
 from or stand beside (reference = the policy, reward model = the critic), which is what the recipes do;
-without a critic (grpo, rloo) the reward model is planned with the policy's shapes, an upper bound when the
-reward model is the smaller one. ``plan_rollout`` plans an RL stage's two other programs, generation in
-its rollout layout and the experience pass, each beside the resident train state.
+without a critic (grpo, rloo) the reward model is planned with the policy's shapes and a scalar head (too
+much memory when the reward model is the smaller one, too little when it is the larger). ``plan_rollout``
+plans an RL stage's two other programs, generation in its rollout layout and the experience pass, each
+beside the resident train state.
 """
 
 from __future__ import annotations
@@ -373,7 +374,8 @@ def plan_rollout(
     """An RL stage's rollout (ppo, grpo, rloo): the two programs besides the update (``gptjax.rollout``),
     each with the train state and the frozen roles resident beside it:
 
-    - ``generate``: ``sample.generate`` of ``rollout.batch_size`` prompts on the rollout mesh
+    - ``generate``: ``sample.generate`` of ``rollout.batch_size`` rows (``samples_per_prompt`` responses to
+      each prompt) on the rollout mesh
       (``rollout.mesh``, else the update's), with the policy's params moved to that layout (a copy in param
       dtype, an argument) and cast to the compute dtype inside, the KV cache of ``prompt_len +
       max_new_tokens`` slots per row, prefill and the decode loop. Time: the prefill's FLOPs at ``mfu``

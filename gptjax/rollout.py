@@ -434,7 +434,7 @@ class RolloutSource:
             "eos_rate": float(np.mean(gen.ended_B)),
             **scalars,
         }
-        if self.reward_kl:  # the penalty in the reward and its coefficient (inert for GRPO: not logged)
+        if self.reward_kl:  # the reward's KL penalty and its coefficient (GRPO's KL is a loss term instead)
             out.update(kl_penalty=float(np.mean(rows["kl_penalty_B"])), kl_coef=self.kl_coef)
         if self.gold is not None:
             texts = self.prompts.prompt_text(prompts["prompt_ids_B"])

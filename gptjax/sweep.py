@@ -228,7 +228,7 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
         with open(saved) as f:
             out = json.load(f)
         # a finished point evaluated before a metric was asked for: add it from the run's checkpoints
-        if not point.best_of_n:
+        if evaluator.text is not None and not point.best_of_n:
             results = out["results"]
             if evaluator.add_text_loss(results, policies(point_config(config_file, point, base))):
                 with open(saved, "w") as f:
@@ -370,11 +370,12 @@ def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "", xlog_above: f
         x = [xs[r["label"]] for r in mine]
         gold[policy] = {"x": x, "y": [r["gold"] for r in mine], "yerr": [r["gold_se"] or 0 for r in mine]}
         kl[policy] = {"x": x, "y": [r["kl"] for r in mine]}
-        if all(r.get("text_loss") is not None for r in mine):
+        measured = [r for r in mine if r.get("text_loss") is not None]  # not best-of-n points
+        if measured:
             text[policy] = {
-                "x": x,
-                "y": [r["text_loss"] for r in mine],
-                "yerr": [r.get("text_loss_se") or 0 for r in mine],
+                "x": [xs[r["label"]] for r in measured],
+                "y": [r["text_loss"] for r in measured],
+                "yerr": [r.get("text_loss_se") or 0 for r in measured],
             }
     gold["SFT"] = {"y": sft["gold_reward_mean"], "hline": True}
     panels = [

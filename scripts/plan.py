@@ -60,8 +60,8 @@ def main(argv):
         r = config.rollout
         print(
             f"\n{config.stage}: one update step (a minibatch); generate: the whole rollout "
-            f"({r.batch_size} prompts, "
-            f"{r.generate_rows or r.batch_size} per call, {r.max_new_tokens} new tokens), timed as the "
+            f"({r.batch_size} responses to {r.batch_size // r.samples_per_prompt} prompts, "
+            f"{r.generate_rows or r.batch_size} rows per call, {r.max_new_tokens} new tokens), timed as the "
             "prefill at --mfu plus one read of the device's weights and KV cache per token at "
             f"{f.hbm_tbps} TB/s; "
             "score: the experience pass over the rollout. bf16 activations and caches are counted as the "

@@ -147,6 +147,8 @@ def test_rollout_puts_each_prompt_in_adjacent_rows_and_advantages_over_each_grou
 
     if stage == "ppo":
         assert "old_values_BL" in exp and "returns_BL" in exp and "ref_logp_BL" not in exp
+        metrics = source.pop_metrics()  # PPO's reward carries the KL penalty: it and its coefficient logged
+        assert metrics["kl_coef"] == pytest.approx(0.3) and "kl_penalty" in metrics
         return
     assert "old_values_BL" not in exp and "returns_BL" not in exp
     # the advantages, from the reward model's score at the last token and the k1 KL to the reference,
