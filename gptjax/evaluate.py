@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -195,7 +196,13 @@ def compare_policies(
     return out
 
 
-_LM_EVAL_STEP = None
+@functools.cache
+def _lm_eval_step():
+    """The jitted LM evaluation step (``step.make_eval_step``), built once per process."""
+    from gptjax import step as step_lib
+    from gptjax.losses import lm
+
+    return step_lib.make_eval_step(lm.loss_fn)
 
 
 def text_loss(
@@ -213,20 +220,16 @@ def text_loss(
     What PPO-ptx protects: RL moves the policy away from the pretraining distribution (InstructGPT's
     "alignment tax"), and this measures how far, beside the reward the RL buys.
     """
-    global _LM_EVAL_STEP
     from gptjax import data
     from gptjax import step as step_lib
-    from gptjax.losses import lm
 
-    if _LM_EVAL_STEP is None:
-        _LM_EVAL_STEP = step_lib.make_eval_step(lm.loss_fn)
     it = data.make_iterator(
         data_cfg, stage="pretrain", batch_size=batch_size, seq_len=seq_len, seed=0, split="validation"
     )
     ctx = step_lib.Ctx(model_cfg=cfg)
     totals = None
     for i in range(batches):
-        m = _LM_EVAL_STEP(params, dict(next(it)), jax.random.key(i), ctx)
+        m = _lm_eval_step()(params, next(it), jax.random.key(i), ctx)
         totals = m if totals is None else jax.tree.map(np.add, totals, m)
     loss, tokens = (float(v) for v in totals["loss"])
     accuracy = float(totals["accuracy"][0]) / tokens

@@ -37,7 +37,7 @@ from gptjax import state as state_lib
 from gptjax import step as step_lib
 
 PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
-RL_STAGES = ("ppo", "grpo", "rloo")  # trained from rollouts (``plan_rollout`` plans those)
+RL_STAGES = tuple(n for n, s in stages.STAGES.items() if s.source == "rollout")  # ``plan_rollout``'s
 GiB = 2**30
 
 
@@ -321,8 +321,7 @@ def plan(
     s = _setup(config, devices)
     mesh, cfgs = s.mesh, s.cfgs
     batch = abstract_batch(config, config.stage, mesh)
-    rl_stage = config.stage in RL_STAGES
-    scalars = {"temperature": jax.ShapeDtypeStruct((), jnp.float32)} if rl_stage else {}
+    scalars = {"temperature": jax.ShapeDtypeStruct((), jnp.float32)} if config.stage in RL_STAGES else {}
     ctx = step_lib.Ctx(
         model_cfg=next(iter(cfgs.values())),
         loss_cfg=FrozenConfigDict(config.loss),

@@ -154,13 +154,14 @@ class Evaluator:
             samples_per_prompt=self.samples,
         )
 
-    def add_text_loss(self, results: dict[str, dict], policies: dict) -> bool:
-        """Each policy's held-out text loss into its results, where wanted and missing; whether any was."""
+    def add_text_loss(self, results: dict[str, dict], load) -> bool:
+        """Each policy's held-out text loss into its results, where wanted and missing (``load(name)`` gives
+        that policy's (cfg, params)); whether any was added."""
         from gptjax import evaluate
 
         missing = [name for name, r in results.items() if self.text is not None and "text_loss" not in r]
         for name in missing:
-            cfg, params = policies[name]() if callable(policies[name]) else policies[name]
+            cfg, params = load(name)
             d, t = self.text.data, self.text.train
             results[name].update(evaluate.text_loss(cfg, params, d, seq_len=t.seq_len))
         return bool(missing)
@@ -174,7 +175,7 @@ class Evaluator:
             else:
                 self._sft_result = self.compare({"sft": self.sft})["sft"]
                 changed = True
-            changed |= self.add_text_loss({"sft": self._sft_result}, {"sft": self.sft})
+            changed |= self.add_text_loss({"sft": self._sft_result}, lambda _: self.sft)
             if changed:
                 with open(cache, "w") as f:
                     json.dump(self._sft_result, f)
@@ -229,8 +230,11 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
             out = json.load(f)
         # a finished point evaluated before a metric was asked for: add it from the run's checkpoints
         if evaluator.text is not None and not point.best_of_n:
-            results = out["results"]
-            if evaluator.add_text_loss(results, policies(point_config(config_file, point, base))):
+
+            def load(name):
+                return policies(point_config(config_file, point, base))[name]()
+
+            if evaluator.add_text_loss(out["results"], load):
                 with open(saved, "w") as f:
                     json.dump(out, f, indent=1)
         return out
@@ -243,7 +247,7 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
         train.run(config, workdir)
         loaded = {name: load() for name, load in policies(config).items()}
         results = evaluator.compare(loaded)
-        evaluator.add_text_loss(results, loaded)
+        evaluator.add_text_loss(results, loaded.__getitem__)
     sft = evaluator.sft_result(os.path.join(root, "sft_eval.json"))
     for r in results.values():
         r["gold_vs_sft"], r["gold_vs_sft_se"] = evaluate.paired_difference(r, sft)
