@@ -15,7 +15,7 @@ batch 0.5M tokens, 1,024 context).
 
 from __future__ import annotations
 
-from gptjax import defaults
+from gptjax.train import defaults
 from gptjax.model import ModelConfig
 
 

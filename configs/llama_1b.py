@@ -13,7 +13,7 @@ Expected: tokens/s and MFU are logged every 10 steps; on 8x H100 aim for MFU >= 
 
 from __future__ import annotations
 
-from gptjax import defaults
+from gptjax.train import defaults
 from gptjax.model import ModelConfig
 
 

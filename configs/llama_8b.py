@@ -14,7 +14,7 @@ Set ``--config.model.attention_impl=pallas`` (GPU, TPU) or ``cudnn`` (GPU) for f
 
 from __future__ import annotations
 
-from gptjax import defaults
+from gptjax.train import defaults
 from gptjax.model import ModelConfig
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from gptjax import defaults
+from gptjax.train import defaults
 from gptjax.model import ModelConfig
 
 

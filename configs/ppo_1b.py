@@ -21,7 +21,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from gptjax import defaults
+from gptjax.train import defaults
 
 
 def get_config(arg: str | None = None):

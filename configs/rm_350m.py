@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from gptjax import defaults
+from gptjax.train import defaults
 from gptjax.model import ModelConfig
 
 

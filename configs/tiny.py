@@ -35,7 +35,9 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
-from gptjax import data, defaults
+from gptjax import data
+
+from gptjax.train import defaults
 from gptjax.model import ModelConfig
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "bon")
@@ -139,7 +141,7 @@ def ppo_config(sft: str, rm: str, stage: str = "ppo"):
 
 def bon_config(sft: str, rm: str):
     """Rejection sampling: SFT from ``sft`` on the reward model's (``rm``) best of 8 samples for each of 1024
-    training prompts, written to the workdir as demonstrations (``gptjax.bon.prepare_demonstrations``)."""
+    training prompts, written to the workdir as demonstrations (``gptjax.rl.bon.prepare_demonstrations``)."""
     c = defaults.base_config("bon")
     c.model = defaults.model_section(tiny_model("lm"))
     c.data = data.tiny_config("sft")  # its vocabulary; the sources become the written demonstrations
@@ -168,7 +170,7 @@ def get_sweeps():
     hundredths of gold reward): ``python scripts/sweep.py --config configs/tiny.py --sweep NAME``.
     InstructGPT's (Appendix E): the PPO-ptx coefficient, the KL beta, EMA (every PPO run is evaluated with
     and without it), the critic's initialisation; and the methods on one table."""
-    from gptjax import sweep
+    from gptjax.research import sweep
 
     ptx = [
         sweep.Point(

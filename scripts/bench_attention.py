@@ -23,7 +23,7 @@ import numpy as np
 from gptjax.kernels import decode_attention as da
 from gptjax.kernels import flash_attention as fa
 
-from gptjax import attention as attn_lib
+from gptjax.model import attention as attn_lib
 
 
 def _time(fn, *args, iters: int, warmup: int = 2) -> float:

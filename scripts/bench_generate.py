@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model, sample
+from gptjax import model
+
+from gptjax.model import sample
 
 
 def tiny_llama(max_len: int) -> model.ModelConfig:

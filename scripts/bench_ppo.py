@@ -25,12 +25,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import FrozenConfigDict, config_flags
 
-from gptjax import data, model, sharding, stages
-from gptjax import roles as roles_lib
-from gptjax import state as state_lib
-from gptjax import step as step_lib
-from gptjax import train
-from gptjax.rollout import RolloutSource
+from gptjax import data, model
+
+from gptjax.model import sharding
+
+from gptjax.train import loop, stages
+from gptjax.train import roles as roles_lib
+from gptjax.train import state as state_lib
+from gptjax.train import step as step_lib
+from gptjax.rl.rollout import RolloutSource
 
 config_flags.DEFINE_config_file("config", None, "Python config file (with :arg) of a PPO stage.")
 flags.DEFINE_integer("rollouts", 4, "rollouts in all, --warmup of them untimed")
@@ -108,9 +111,9 @@ def main(argv):
     mesh = sharding.make_mesh(c.mesh)
     roles = [dataclasses.replace(x, init_from="") for x in roles_lib.trained_roles(c, stage)]
     for role in roles:
-        train.check_config(c, role.cfg, mesh)
+        loop.check_config(c, role.cfg, mesh)
     cfgs = {x.name: x.cfg for x in roles}
-    loss_mod = train.load_loss(c.loss.name)
+    loss_mod = loop.load_loss(c.loss.name)
     with jax.set_mesh(mesh):
         k_trained, k_ref, k_reward, k_train = jax.random.split(jax.random.key(t.seed), 4)
         params, _ = roles_lib.init_trained(roles, mesh, k_trained)
@@ -141,7 +144,7 @@ def main(argv):
             prompts=SyntheticPrompts(vocab, r.batch_size, r.prompt_len, t.seed),
             ptx=SyntheticText(vocab, int(c.ptx.ratio * t.batch_size), c.ptx.seq_len, t.seed),
         )
-        ctx = ctx.replace(scalars=train.source_scalars(source))
+        ctx = ctx.replace(scalars=loop.source_scalars(source))
         starts, rows, step = [], [], None
         for i in range(t.steps):
             if i % per_rollout == 0:  # a new rollout: the policy must be up to date, as in the real loop

@@ -7,7 +7,7 @@ Builds the config's model, optimizer and the one jitted train step exactly as ``
 mesh, shardings, micro-batches and remat), feeds it random batches of the stage's shape and times ``--steps``
 steps after ``--warmup``. tokens/s and MFU count only real (non-padding) tokens: pretraining batches are
 packed full; SFT batches are padded to ``--fill`` of each row on average, like real demonstrations. FLOPs per
-token are ``gptjax.model.flops_per_token`` (6N + causal attention), the peak is ``gptjax.flops.PEAK_FLOPS``.
+token are ``gptjax.model.flops_per_token`` (6N + causal attention), the peak is ``gptjax.model.flops.PEAK_FLOPS``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,17 @@ import numpy as np
 from absl import app, flags
 from ml_collections import FrozenConfigDict, config_flags
 
-from gptjax import flops, model, optim, roles, sharding
-from gptjax import state as state_lib
-from gptjax import step as step_lib
+from gptjax import model
+
+from gptjax.model import flops
+
+from gptjax.train import optim
+
+from gptjax.train import roles
+
+from gptjax.model import sharding
+from gptjax.train import state as state_lib
+from gptjax.train import step as step_lib
 from gptjax import train
 from gptjax.losses import lm
 

@@ -19,7 +19,9 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from gptjax import checkpoint, model, sample
+from gptjax import checkpoint, model
+
+from gptjax.model import sample
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or Hugging Face checkpoint dir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step in a workdir (default: latest).")

@@ -19,14 +19,18 @@ import sys
 
 import jax
 
-from gptjax import checkpoint, hf, lora, model
+from gptjax import checkpoint, model
+
+from gptjax.interop import hf
+
+from gptjax.interop import lora
 
 
 def from_hf(src: str, workdir: str, dtype: str | None, shard: bool) -> None:
     import jax.numpy as jnp
 
-    from gptjax import sharding
-    from gptjax.state import TrainState
+    from gptjax.model import sharding
+    from gptjax.train.state import TrainState
 
     mesh = sharding.make_mesh({"fsdp": -1}) if shard else None
     cfg, params = hf.load(src, mesh=mesh, dtype=dtype)

@@ -23,7 +23,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from gptjax import checkpoint, sample
+from gptjax import checkpoint
+
+from gptjax.model import sample
 from gptjax.data import vocab as vocab_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or Hugging Face checkpoint dir.")

@@ -40,7 +40,8 @@ CONFIG = "configs/tiny.py"
 
 
 def train_proxy(size: int, root: str) -> str:
-    from gptjax import checkpoint, defaults, train
+    from gptjax import checkpoint, train
+    from gptjax.train import defaults
 
     workdir = os.path.join(root, f"rm_{size}")
     c = defaults.load_config(f"{CONFIG}:stage=rm")
@@ -60,7 +61,8 @@ def train_proxy(size: int, root: str) -> str:
 
 
 def train_ppo(rm_dir: str, root: str, size: int) -> str:
-    from gptjax import checkpoint, defaults, train
+    from gptjax import checkpoint, train
+    from gptjax.train import defaults
 
     workdir = os.path.join(root, f"ppo_{size}")
     sft = os.path.join(FLAGS.base, "sft")
@@ -84,7 +86,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
-    from gptjax import bon, checkpoint, defaults, report, reward, train
+    from gptjax import checkpoint, train
+
+    from gptjax.rl import bon
+
+    from gptjax.train import defaults
+
+    from gptjax.research import report
+
+    from gptjax.rl import reward
     from gptjax.data import get_vocabulary, tiny
 
     train.setup_logging()

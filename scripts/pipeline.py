@@ -24,7 +24,17 @@ import jax
 from absl import app, flags, logging
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, defaults, evaluate, report, reward, step, train
+from gptjax import checkpoint, train
+
+from gptjax.train import defaults
+
+from gptjax.evals import evaluate
+
+from gptjax.research import report
+
+from gptjax.rl import reward
+
+from gptjax.train import step
 from gptjax.data import get_vocabulary, tiny
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
@@ -200,7 +210,8 @@ def iterate(results: dict) -> list[dict]:
     prompts ranked by the simulated labelers, an RM from SFT on all comparisons so far (the original ones
     included), PPO from the current policy (reference: SFT; critic: the new RM) against it, and the gold
     reward of the new policy against SFT's on the held-out prompts. Finished rounds are not rerun."""
-    from gptjax import bon, data
+    from gptjax import data
+    from gptjax.rl import bon
 
     vocab = get_vocabulary(stage_config("sft").data)
     sft_dir = os.path.join(FLAGS.workdir, "sft")

@@ -6,9 +6,9 @@
 Runs on CPU with N simulated devices (nothing is allocated: params, optimizer state and batch are abstract
 arrays in their sharded layouts) and prints parameters and memory per device, the compiler's peak memory,
 FLOPs per step and the step time expected at ``--mfu`` of ``--peak_tflops`` (default: H100 dense bf16).
-Fused attention is planned with its real footprint (see ``gptjax.plan``). RL configs (ppo, grpo, rloo)
+Fused attention is planned with its real footprint (see ``gptjax.research.plan``). RL configs (ppo, grpo, rloo)
 also plan the rollout: generation in its rollout layout and the experience pass
-(``gptjax.plan.plan_rollout``). Exits 1 naming the biggest consumers when a plan does not fit. Config
+(``gptjax.research.plan.plan_rollout``). Exits 1 naming the biggest consumers when a plan does not fit. Config
 overrides work as in scripts/train.py.
 """
 
@@ -40,7 +40,7 @@ def main(argv):
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    from gptjax import plan as plan_lib
+    from gptjax.research import plan as plan_lib
 
     if jax.device_count() != f.devices:
         raise app.UsageError(

@@ -6,7 +6,7 @@
 
 Writes ``<workdir>/<sweep>/report.md`` (the table), ``<sweep>.png`` (gold reward and KL against the swept
 value) and ``results.json``; each point's run and evaluation live in ``<workdir>/<sweep>/<point>/``. See
-``gptjax.sweep`` for what a point is and how it is evaluated.
+``gptjax.research.sweep`` for what a point is and how it is evaluated.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from gptjax import report, sweep, train
+    from gptjax import train
+    from gptjax.research import report
+    from gptjax.research import sweep
 
     train.setup_logging()
     if ":" in FLAGS.config:

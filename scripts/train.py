@@ -3,7 +3,9 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax import sharding, train
+from gptjax import train
+
+from gptjax.model import sharding
 
 config_flags.DEFINE_config_file("config", None, "Python config file (with :arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard, metrics.jsonl.")

@@ -3,7 +3,7 @@
     python tests/multihost_steps.py OUT.json NUM_PROCESSES [PROCESS_ID COORDINATOR_PORT]
 
 Each of N processes has 8 / N simulated devices, initialises ``jax.distributed`` through
-``gptjax.sharding.maybe_initialize_distributed`` and reads only its own shard of the data (shard PROCESS_ID of
+``gptjax.model.sharding.maybe_initialize_distributed`` and reads only its own shard of the data (shard PROCESS_ID of
 N); one process (N = 1 here) reads the same N shards itself and puts their rows side by side, so both runs
 train on the same global batches. Process 0 writes the per-step losses and gradient norms to OUT.json.
 """
@@ -22,8 +22,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from gptjax import data, model, sharding, step  # noqa: E402
-from gptjax import state as state_lib  # noqa: E402
+from gptjax import data, model  # noqa: E402
+
+from gptjax.model import sharding
+
+from gptjax.train import step
+from gptjax.train import state as state_lib  # noqa: E402
 from gptjax.losses import lm  # noqa: E402
 
 if nproc > 1:

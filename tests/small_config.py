@@ -4,7 +4,7 @@ does, for the single-model stages (pretrain, sft, rm, dpo)."""
 
 import os
 
-from gptjax import defaults
+from gptjax.train import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {

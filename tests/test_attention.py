@@ -1,4 +1,4 @@
-"""gptjax.attention's XLA path: the written-out backward and the single-query decode form, against plain
+"""gptjax.model.attention's XLA path: the written-out backward and the single-query decode form, against plain
 softmax attention differentiated by JAX."""
 
 import functools
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import attention
+from gptjax.model import attention
 
 
 def naive_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS):

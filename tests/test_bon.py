@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from gptjax import bon
+from gptjax.rl import bon
 
 
 def test_kl_of_best_of_n_known_values():
@@ -71,8 +71,12 @@ def test_rejection_sampling_stage_writes_the_best_samples_as_demonstrations(tmp_
     import jax
     import optax
 
-    from gptjax import checkpoint, defaults, model, reward, train
-    from gptjax import state as state_lib
+    from gptjax import checkpoint, model, train
+
+    from gptjax.train import defaults
+
+    from gptjax.rl import reward
+    from gptjax.train import state as state_lib
     from gptjax.data import get_vocabulary
 
     def save(path, stage):

@@ -9,8 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, defaults, model, sample
-from gptjax.state import TrainState
+from gptjax import checkpoint, model
+
+from gptjax.train import defaults
+
+from gptjax.model import sample
+from gptjax.train.state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

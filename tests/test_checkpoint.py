@@ -4,7 +4,15 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, defaults, model, optim, sharding, state
+from gptjax import checkpoint, model
+
+from gptjax.train import defaults
+
+from gptjax.train import optim
+
+from gptjax.model import sharding
+
+from gptjax.train import state
 
 CFG = model.ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=16)
 

@@ -13,9 +13,15 @@ import optax
 import pytest
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, defaults, model, rollout, sharding, train
-from gptjax import state as state_lib
-from gptjax import step as step_lib
+from gptjax import checkpoint, model, train
+
+from gptjax.train import defaults
+
+from gptjax.rl import rollout
+
+from gptjax.model import sharding
+from gptjax.train import state as state_lib
+from gptjax.train import step as step_lib
 from gptjax.losses import grpo, logprobs, ppo, rloo
 
 LOSSES = {"grpo": grpo, "rloo": rloo}

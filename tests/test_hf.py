@@ -12,7 +12,11 @@ import pytest
 import torch
 import transformers
 
-from gptjax import hf, lora, sharding
+from gptjax.interop import hf
+
+from gptjax.interop import lora
+
+from gptjax.model import sharding
 from gptjax import model as M
 
 V = 96  # divisible by the tensor axis, so the sharded test splits the vocab too
@@ -337,7 +341,7 @@ def _convert_main():
 
 def test_convert_script_round_trip_with_a_lora_run(tmp_path):
     from gptjax import checkpoint
-    from gptjax.state import TrainState
+    from gptjax.train.state import TrainState
 
     main = _convert_main()
     m = hf_model("llama", tied=False)

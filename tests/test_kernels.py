@@ -13,7 +13,7 @@ import pytest
 from gptjax.kernels import decode_attention as da
 from gptjax.kernels import flash_attention as fa
 
-from gptjax import attention as attn_lib
+from gptjax.model import attention as attn_lib
 from gptjax import model as model_lib
 
 SMALL = fa.BlockSizes(16, 16, 16, 16, 16, 16)  # many blocks even on tiny inputs

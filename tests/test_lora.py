@@ -6,7 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import lora, sharding
+from gptjax.interop import lora
+
+from gptjax.model import sharding
 from gptjax import model as M
 
 ALL = ("wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out")

@@ -14,7 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import model, step
+from gptjax import model
+
+from gptjax.train import step
 from gptjax.losses import dpo, logprobs, ranking
 
 CFG = model.ModelConfig.gpt2(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_len=32)

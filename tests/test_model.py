@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import attention, model
+from gptjax import model
+
+from gptjax.model import attention
 
 GPT2 = model.ModelConfig.gpt2(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_len=48)
 LLAMA = model.ModelConfig.llama(

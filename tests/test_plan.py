@@ -8,8 +8,14 @@ import sys
 import jax
 import pytest
 
-from gptjax import defaults, model, roles, sharding
-from gptjax import plan as plan_lib
+from gptjax import model
+
+from gptjax.train import defaults
+
+from gptjax.train import roles
+
+from gptjax.model import sharding
+from gptjax.research import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,9 +13,15 @@ import optax
 import pytest
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, defaults, model, rl, sample, sharding, train
-from gptjax import state as state_lib
-from gptjax import step as step_lib
+from gptjax import checkpoint, model, rl, train
+
+from gptjax.train import defaults
+
+from gptjax.model import sample
+
+from gptjax.model import sharding
+from gptjax.train import state as state_lib
+from gptjax.train import step as step_lib
 from gptjax.losses import logprobs, ppo
 
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +349,7 @@ def test_kv_cache_generation_under_the_rollout_layout_matches_a_full_forward_pas
 def test_rollout_generates_in_calls_of_generate_rows_with_the_policy_moved_in_its_compute_dtype():
     """rollout.generate_rows=4 of 8 prompts: two generate calls (keys fold_in(rollout key, i)) whose rows
     are joined in order; the policy reaches the rollout layout already cast to bf16 (no fp32 copy there)."""
-    from gptjax import rollout
+    from gptjax.rl import rollout
 
     cfg = tiny_cfg(dtype="bfloat16")
     train_mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
@@ -481,8 +487,9 @@ def test_ppo_refuses_truncated_sampling_and_half_set_ptx(ppo_inputs, tmp_path):
 
 def test_ppo_13b_config_loads_and_builds_abstractly():
     """The 13B policy / 350M critic config: roles, both layouts' shardings on 8 devices, the PPO checks."""
-    from gptjax import roles as roles_lib
-    from gptjax import rollout, stages
+    from gptjax.train import roles as roles_lib
+    from gptjax.rl import rollout
+    from gptjax.train import stages
 
     c = defaults.load_config("configs/ppo_13b.py:sft=/ckpt/sft,rm=/ckpt/rm")
     trained = roles_lib.trained_roles(c, stages.get("ppo"))
@@ -507,8 +514,9 @@ def test_ppo_13b_config_loads_and_builds_abstractly():
 
 def test_ppo_1b_config_one_gpu_and_ptx_switch():
     """The one-GPU OPT-1.3B / 350M pair builds and passes the PPO checks; ptx= turns PPO-ptx on."""
-    from gptjax import roles as roles_lib
-    from gptjax import rollout, stages
+    from gptjax.train import roles as roles_lib
+    from gptjax.rl import rollout
+    from gptjax.train import stages
 
     c = defaults.load_config("configs/ppo_1b.py:sft=/ckpt/sft,rm=/ckpt/rm")
     cfgs = {r.name: r.cfg for r in roles_lib.trained_roles(c, stages.get("ppo"))}

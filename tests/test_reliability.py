@@ -17,7 +17,17 @@ import pytest
 from test_checkpoint import CFG
 from test_train import logged, tiny_config
 
-from gptjax import checkpoint, data, defaults, guard, sources, state, step, train
+from gptjax import checkpoint, data, train
+
+from gptjax.train import defaults
+
+from gptjax.train import guard
+
+from gptjax.train import sources
+
+from gptjax.train import state
+
+from gptjax.train import step
 from gptjax.data import sources as data_sources
 
 TINY = {
@@ -314,7 +324,10 @@ def test_a_run_killed_at_a_random_step_resumes_bitwise(stage, tmp_path, monkeypa
 
 def _state_like(c):
     """A fresh train state of the config's shapes (what a resume restores into)."""
-    from gptjax import model, optim, roles, stages
+    from gptjax import model
+    from gptjax.train import optim
+    from gptjax.train import roles
+    from gptjax.train import stages
 
     cfg = roles.trained_roles(c, stages.get(c.stage))[0].cfg
     params = model.init(cfg, jax.random.key(0))

@@ -9,9 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import checkpoint, defaults, model, roles
-from gptjax import state as state_lib
-from gptjax import step as step_lib
+from gptjax import checkpoint, model
+
+from gptjax.train import defaults
+
+from gptjax.train import roles
+from gptjax.train import state as state_lib
+from gptjax.train import step as step_lib
 from gptjax.losses import lm
 
 CFG = model.ModelConfig.gpt2(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_len=16)
@@ -199,16 +203,16 @@ def test_role_aware_checkpoint_loads_each_role_and_the_ema(tmp_path):
 def test_init_from_a_hugging_face_directory(tmp_path, head):
     import transformers
 
-    from gptjax import hf
+    from gptjax.interop import hf
 
     hf_cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)
     transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(tmp_path / "hf")
     cfg, want = hf.load(str(tmp_path / "hf"))
     role = roles.Role("model", cfg.replace(head=head), init_from=str(tmp_path / "hf"))
     got, _ = roles.init_trained([role], None, jax.random.key(0))
-    want_flat = {checkpoint._name(p): x for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+    want_flat = {checkpoint.store._name(p): x for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
     for path, x in jax.tree_util.tree_flatten_with_path(got)[0]:
-        name = checkpoint._name(path)
+        name = checkpoint.store._name(path)
         if name in model.head_params(role.cfg):
             assert name not in want_flat  # a fresh scalar head for the reward model
         else:

@@ -1,4 +1,4 @@
-"""gptjax.sample: cached generation against a full forward pass, filters, EOS, rng, frequencies, errors."""
+"""gptjax.model.sample: cached generation against a full forward pass, filters, EOS, rng, frequencies, errors."""
 
 import functools
 
@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, sample, sharding
+from gptjax import model
+
+from gptjax.model import sample
+
+from gptjax.model import sharding
 
 TINY = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_len": 24, "init_std": 0.2}
 CFGS = {

@@ -12,8 +12,12 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from gptjax import checkpoint, defaults, model, sweep
-from gptjax import state as state_lib
+from gptjax import checkpoint, model
+
+from gptjax.train import defaults
+
+from gptjax.research import sweep
+from gptjax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -113,7 +117,7 @@ def test_a_two_point_sweep_writes_its_table_and_resumes(base, tmp_path):
 
 def test_text_loss_of_a_uniform_model_is_log_vocab():
     """Zero weights give uniform next-token probabilities: the loss is log V per token, whatever the text."""
-    from gptjax import evaluate
+    from gptjax.evals import evaluate
 
     c = defaults.load_config(f"{TINY}:stage=pretrain")
     cfg = model.config_from_dict(c.model.to_dict())

@@ -15,7 +15,17 @@ import numpy as np
 import pytest
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, defaults, model, optim, reward, state, step, train
+from gptjax import checkpoint, model, train
+
+from gptjax.train import defaults
+
+from gptjax.train import optim
+
+from gptjax.rl import reward
+
+from gptjax.train import state
+
+from gptjax.train import step
 from gptjax.data import get_vocabulary, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +194,7 @@ def test_lora_sft_trains_and_stores_only_adapters(tmp_path, pretrained):
     assert rows[-1]["loss"] < rows[0]["loss"]
     _, meta = checkpoint.load_meta(lora)
     assert meta["model"]["lora_rank"] == 4
-    saved = checkpoint._saved_param_shapes(checkpoint.manager(lora, create=False), 10)
+    saved = checkpoint.store._saved_param_shapes(checkpoint.manager(lora, create=False), 10)
     assert saved and all(name.endswith(("_lora_a", "_lora_b")) for name in saved), sorted(saved)
     # load_model puts the adapters back on the frozen base named by the run's init_from
     base_cfg, base = checkpoint.load_model(pretrained)

@@ -125,7 +125,7 @@ def sample(
 ) -> tuple[list[str], list[bool]]:
     """n sampled answers to every prompt, prompt-major (prompt 0's n, then prompt 1's ...), and whether each
     ended with EOS."""
-    from gptjax import evaluate
+    from gptjax.evals import evaluate
 
     texts: list[str] = []
     ended: list[bool] = []
@@ -183,7 +183,7 @@ def sample_and_score(
 
 
 def prepare_demonstrations(config, workdir: str):
-    """The 'bon' stage's preparation (``gptjax.stages``): ``config.bon.n`` samples of the policy
+    """The 'bon' stage's preparation (``gptjax.train.stages``): ``config.bon.n`` samples of the policy
     (``bon.policy``, default ``train.init_from``) for each of ``bon.prompts`` prompts of ``bon.data``, the
     reward model's (``bon.reward``) best finished one written as a demonstration to
     ``<workdir>/bon_demonstrations.jsonl`` (once: a resumed run reuses the file), and the config returned
@@ -217,7 +217,11 @@ def _write_demonstrations(config, path: str) -> dict:
 
     from absl import logging
 
-    from gptjax import checkpoint, data, reward, rollout
+    from gptjax import checkpoint, data
+
+    from gptjax.rl import reward
+
+    from gptjax.rl import rollout
     from gptjax.data import pipeline
 
     b = config.bon

@@ -101,7 +101,7 @@ def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
     spec, used = [], set()
     for name, dim in zip(axes, shape, strict=True):
         if name not in RULES:
-            raise KeyError(f"logical axis {name!r} has no rule in gptjax.sharding.RULES")
+            raise KeyError(f"logical axis {name!r} has no rule in gptjax.model.sharding.RULES")
         target = RULES[name]
         flat = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
         flat = tuple(a for a in flat if a not in used and mesh.shape.get(a, 1) > 1)

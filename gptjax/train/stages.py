@@ -17,7 +17,7 @@ class Stage:
     loss: str  # default config.loss.name (a module of gptjax.losses, or a dotted module path)
     head: str = "lm"  # the trained model's head: 'lm' | 'scalar'
     frozen: tuple[str, ...] = ()  # frozen roles the loss reads from ctx.frozen
-    source: str = "data"  # 'data': a data iterator (gptjax.sources) | 'rollout': gptjax.rollout (RL)
+    source: str = "data"  # 'data': a data iterator (gptjax.train.sources) | 'rollout': gptjax.rl.rollout (RL)
     # 'module:function' run on the train state before the final checkpoint: f(config, state, ctx, mesh) ->
     # (state, metrics), e.g. the reward model's normalisation
     finish: str = ""
@@ -29,10 +29,10 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(data="pretrain", loss="lm"),
     "sft": Stage(data="sft", loss="lm"),
-    "rm": Stage(data="rm", loss="ranking", head="scalar", finish="gptjax.reward:normalize_state"),
+    "rm": Stage(data="rm", loss="ranking", head="scalar", finish="gptjax.rl.reward:normalize_state"),
     "dpo": Stage(data="rm", loss="dpo", frozen=("ref",)),
-    # rejection sampling: SFT on the reward model's best of n samples per prompt (gptjax.bon)
-    "bon": Stage(data="sft", loss="lm", prepare="gptjax.bon:prepare_demonstrations"),
+    # rejection sampling: SFT on the reward model's best of n samples per prompt (gptjax.rl.bon)
+    "bon": Stage(data="sft", loss="lm", prepare="gptjax.rl.bon:prepare_demonstrations"),
     "ppo": Stage(data="prompts", loss="ppo", frozen=("ref", "reward"), source="rollout"),
     # Group objectives on the same rollouts: no critic, advantages from each prompt's group of responses
     "grpo": Stage(data="prompts", loss="grpo", frozen=("ref", "reward"), source="rollout"),

@@ -32,9 +32,17 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from gptjax import attention, model, roles, sharding, stages
-from gptjax import state as state_lib
-from gptjax import step as step_lib
+from gptjax import model
+
+from gptjax.model import attention
+
+from gptjax.train import roles
+
+from gptjax.model import sharding
+
+from gptjax.train import stages
+from gptjax.train import state as state_lib
+from gptjax.train import step as step_lib
 
 PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
 RL_STAGES = tuple(n for n, s in stages.STAGES.items() if s.source == "rollout")  # ``plan_rollout``'s
@@ -226,7 +234,7 @@ def _setup(config: ConfigDict, devices) -> _Setup:
         )
         for r in trained
     ]
-    from gptjax.train import check_config
+    from gptjax.train.loop import check_config
 
     for r in trained:  # what train.py would refuse (e.g. micro-batches that do not split over the devices)
         check_config(config, r.cfg, mesh)
@@ -316,7 +324,7 @@ def plan(
     ``fused_attention=False`` plans the config's own attention as this backend compiles it (on CPU the
     'xla' reference with its [B, H, L, S] scores) instead of the fused kernels' footprint.
     """
-    from gptjax.train import load_loss
+    from gptjax.train.loop import load_loss
 
     s = _setup(config, devices)
     mesh, cfgs = s.mesh, s.cfgs
@@ -370,7 +378,7 @@ def plan_rollout(
     hbm_bytes_per_second: float = 3.35e12,
     devices: list | None = None,
 ) -> dict[str, Plan]:
-    """An RL stage's rollout (ppo, grpo, rloo): the two programs besides the update (``gptjax.rollout``),
+    """An RL stage's rollout (ppo, grpo, rloo): the two programs besides the update (``gptjax.rl.rollout``),
     each with the train state and the frozen roles resident beside it:
 
     - ``generate``: ``sample.generate`` of ``rollout.batch_size`` rows (``samples_per_prompt`` responses to
@@ -384,7 +392,8 @@ def plan_rollout(
       three without a critic, in row chunks as the rollout runs them) over the rollout batch in the update
       layout; fused attention as in ``plan``.
     """
-    from gptjax import rollout, sample
+    from gptjax.rl import rollout
+    from gptjax.model import sample
 
     if config.stage not in RL_STAGES:
         raise ValueError(f"plan_rollout: stage {config.stage!r} has no rollout (those that do: {RL_STAGES})")

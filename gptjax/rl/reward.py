@@ -3,7 +3,7 @@
 Normalisation (InstructGPT): the bias that makes the SFT demonstrations score mean 0 is folded into the scalar
 head's bias, so PPO, best-of-N and chat read normalised rewards with no special code. It runs as the RM
 stage's
-finishing step (``gptjax.stages``) on ``config.normalize.data`` (demonstrations, 'sft' records).
+finishing step (``gptjax.train.stages``) on ``config.normalize.data`` (demonstrations, 'sft' records).
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def scorer(path: str, vocab, seq_len: int, reward_at: str = "") -> Callable[[lis
     was trained to (``trained_reward_at``) unless ``reward_at`` says otherwise."""
     from ml_collections import FrozenConfigDict
 
-    from gptjax import checkpoint, step
+    from gptjax import checkpoint
+
+    from gptjax.train import step
 
     cfg, params = checkpoint.load_model(path)
     loss_cfg = FrozenConfigDict({"reward_at": reward_at or trained_reward_at(path)})
@@ -102,7 +104,7 @@ def normalize_state(config, train_state, ctx, mesh) -> tuple[Any, dict]:
             logging.warning("config.normalize is not set: the reward model's scores will not be normalised")
         return train_state, {}
     from gptjax import data
-    from gptjax.step import full_params
+    from gptjax.train.step import full_params
 
     vocab = data.get_vocabulary(section.data)
     demos = demonstrations(section.data, vocab, section.examples if train_state is not None else 1)

@@ -33,7 +33,11 @@ from absl import logging
 from jax.sharding import NamedSharding
 from ml_collections import FrozenConfigDict
 
-from gptjax import model, rl, sample, sharding
+from gptjax import model, rl
+
+from gptjax.model import sample
+
+from gptjax.model import sharding
 
 ROLES = ("policy", "value", "ref", "reward")  # PPO's; a group objective has no 'value'
 
@@ -41,7 +45,7 @@ ROLES = ("policy", "value", "ref", "reward")  # PPO's; a group objective has no 
 def group_advantages(config):
     """The loss module's ``advantages(score_B, kl_B, kl_coef, group_size, opts) -> adv_B`` (a group
     objective, trained without a critic), or None (PPO: GAE over the 'value' role)."""
-    from gptjax.train import load_loss
+    from gptjax.train.loop import load_loss
 
     return getattr(load_loss(config.loss.name), "advantages", None)
 
@@ -49,7 +53,7 @@ def group_advantages(config):
 def reward_kl(config) -> bool:
     """Whether the objective's reward carries the rollout's KL penalty (rollout.kl_coef, kl_target): PPO's
     and RLOO's do; a loss module that sets ``REWARD_KL = False`` (GRPO: the KL is a loss term) does not."""
-    from gptjax.train import load_loss
+    from gptjax.train.loop import load_loss
 
     return getattr(load_loss(config.loss.name), "REWARD_KL", True)
 
@@ -173,7 +177,7 @@ def _compute_dtype_params(cfg, params):
 def reward_at(config) -> str:
     """How the reward model turns per-token outputs into a score: the rollout's setting, else the one the
     reward model was trained with (its checkpoint's loss.reward_at), else 'last'."""
-    from gptjax import reward
+    from gptjax.rl import reward
 
     return config.rollout.reward_at or reward.trained_reward_at(config.frozen.reward.init_from)
 

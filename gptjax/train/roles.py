@@ -18,8 +18,10 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
-from gptjax import checkpoint, model, optim
-from gptjax.stages import Stage
+from gptjax import checkpoint, model
+
+from gptjax.train import optim
+from gptjax.train.stages import Stage
 
 SINGLE = "model"  # the one trained role of a single-model stage
 
@@ -86,7 +88,7 @@ def _init_one(role: Role, mesh, rng) -> tuple[Any, dict]:
     params = model.init(cfg, rng, mesh)
     frozen: dict = {}
     if cfg.lora_rank > 0:
-        from gptjax import lora
+        from gptjax.interop import lora
 
         # a scalar head is new to every model that has one: it trains along with the adapters
         adapters, base = lora.split(params, also=model.head_params(cfg))

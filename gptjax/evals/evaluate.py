@@ -9,7 +9,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from gptjax import model, sample
+from gptjax import model
+
+from gptjax.model import sample
 from gptjax.losses import logprobs as logprobs_lib
 
 GoldFn = Callable[..., float]  # gold(prompt, response, finished=bool) -> float
@@ -199,7 +201,7 @@ def compare_policies(
 @functools.cache
 def _lm_eval_step():
     """The jitted LM evaluation step (``step.make_eval_step``), built once per process."""
-    from gptjax import step as step_lib
+    from gptjax.train import step as step_lib
     from gptjax.losses import lm
 
     return step_lib.make_eval_step(lm.loss_fn)
@@ -221,7 +223,7 @@ def text_loss(
     "alignment tax"), and this measures how far, beside the reward the RL buys.
     """
     from gptjax import data
-    from gptjax import step as step_lib
+    from gptjax.train import step as step_lib
 
     it = data.make_iterator(
         data_cfg, stage="pretrain", batch_size=batch_size, seq_len=seq_len, seed=0, split="validation"

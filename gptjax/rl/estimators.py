@@ -1,6 +1,6 @@
 """Experience for PPO: per-token KL penalty, GAE, whitening, the KL controller, and one rollout's experience.
 
-Everything here is a pure function (jittable); ``gptjax.rollout`` drives them from the train loop.
+Everything here is a pure function (jittable); ``gptjax.rl.rollout`` drives them from the train loop.
 
 Group objectives (GRPO, RLOO) train no critic: their loss module defines
 ``advantages(score_B, kl_B, kl_coef, group_size, opts) -> adv_B`` over groups of ``group_size`` adjacent rows

@@ -5,18 +5,14 @@ rotary embeddings, attention, MLP and the pre-norm block. gptjax.model assembles
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import attention as attn_lib
+from gptjax.model.config import LORA_TARGETS, ModelConfig  # noqa: F401 (LORA_TARGETS: re-exported)
 
-if TYPE_CHECKING:
-    from gptjax.model import ModelConfig
-
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out")  # projections that can carry adapters
+from gptjax.model import attention as attn_lib
 
 
 def make_param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:

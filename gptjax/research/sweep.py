@@ -97,7 +97,7 @@ def load_sweep(config_file: str, name: str) -> Sweep:
 
 def point_config(config_file: str, point: Point, base: str):
     """The point's config: the file at its arg, overrides applied (unknown keys: a clear error)."""
-    from gptjax import defaults
+    from gptjax.train import defaults
 
     paths = {"sft": os.path.join(base, "sft"), "rm": os.path.join(base, "rm")}
     c = defaults.load_config(f"{config_file}:{point.arg.format(**paths)}")
@@ -125,7 +125,11 @@ class Evaluator:
     def __init__(self, config_file: str, base: str, eval_prompts: int, samples: int, text_loss: bool = False):
         import jax
 
-        from gptjax import checkpoint, defaults, reward
+        from gptjax import checkpoint
+
+        from gptjax.train import defaults
+
+        from gptjax.rl import reward
         from gptjax.data import get_vocabulary, tiny
 
         self.base, self.samples = base, samples
@@ -141,7 +145,7 @@ class Evaluator:
         self._sft_result: dict | None = None
 
     def compare(self, policies: dict) -> dict[str, dict]:
-        from gptjax import evaluate
+        from gptjax.evals import evaluate
 
         return evaluate.compare_policies(
             policies,
@@ -157,7 +161,7 @@ class Evaluator:
     def add_text_loss(self, results: dict[str, dict], load) -> bool:
         """Each policy's held-out text loss into its results, where wanted and missing (``load(name)`` gives
         that policy's (cfg, params)); whether any was added."""
-        from gptjax import evaluate
+        from gptjax.evals import evaluate
 
         missing = [name for name, r in results.items() if self.text is not None and "text_loss" not in r]
         for name in missing:
@@ -186,7 +190,7 @@ class Evaluator:
         pool of n per prompt), KL log n - (n - 1) / n."""
         import jax
 
-        from gptjax import bon
+        from gptjax.rl import bon
 
         pool = bon.sample_and_score(
             *self.sft,
@@ -212,7 +216,8 @@ class Evaluator:
 
 def run_point(config_file: str, point: Point, base: str, root: str, evaluator: Evaluator) -> dict:
     """Train (unless finished) and evaluate one point; its results.json is the resume marker."""
-    from gptjax import checkpoint, evaluate, train
+    from gptjax import checkpoint, train
+    from gptjax.evals import evaluate
 
     workdir = os.path.join(root, point.name)
     saved = os.path.join(workdir, "results.json")
@@ -315,7 +320,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 def report_lines(
     name: str, sweep: Sweep, rows: list[dict], sft: dict, command: str, wall_s: float
 ) -> list[str]:
-    from gptjax import report
+    from gptjax.research import report
 
     def pm(v, se):
         return f"{report.fmt(v)} +- {report.fmt(se)}" if se is not None else report.fmt(v)
@@ -363,7 +368,7 @@ def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "", xlog_above: f
     """Gold reward (+- its standard error), KL to SFT and (where evaluated) held-out text loss against the
     swept value, one line per policy (the run's policy, its EMA); settings without a numeric value are
     categories, in table order."""
-    from gptjax import report
+    from gptjax.research import report
 
     numeric = all(r["x"] is not None for r in rows)
     labels = list(dict.fromkeys(r["label"] for r in rows))

@@ -5,7 +5,7 @@
     state = source.get_state()             # JSON-serialisable; saved with every checkpoint
     source.set_state(state)                # a resumed run continues from the same position
 
-Data stages read a data iterator of the stage's batch format (``gptjax.stages``); PPO's rollout source
+Data stages read a data iterator of the stage's batch format (``gptjax.train.stages``); PPO's rollout source
 (generate with the current policy, score, KL, GAE) implements the same three methods.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptjax.stages import Stage
+from gptjax.train.stages import Stage
 
 
 class DataSource:
@@ -38,7 +38,7 @@ def make_source(config, stage: Stage, *, batch_size: int, split: str = "train", 
     from gptjax import data
 
     if stage.source == "rollout":
-        from gptjax.rollout import RolloutSource
+        from gptjax.rl.rollout import RolloutSource
 
         return RolloutSource(config, batch_size=batch_size, ctx=ctx, mesh=mesh)
     if stage.source != "data":

@@ -86,7 +86,7 @@ LOSS_OPTIONS = {
 
 
 def loss_section(stage: str) -> ConfigDict:
-    from gptjax import stages
+    from gptjax.train import stages
 
     name = stages.get(stage).loss
     return ConfigDict({"name": name, **LOSS_OPTIONS.get(name, {})})

@@ -3,7 +3,7 @@
 Reads top to bottom: mesh -> model config -> data -> params (fresh, resumed or ``init_from``) -> one jitted
 step -> loop (dispatch step t+1 before fetching step t's metrics) -> eval, checkpoints, logs.
 
-No lost work (``gptjax.guard``): a step with a non-finite loss or gradients is skipped or stops the run
+No lost work (``gptjax.train.guard``): a step with a non-finite loss or gradients is skipped or stops the run
 (``train.nonfinite``), so no checkpoint holds a non-finite state; SIGTERM / SIGINT end the run after the
 current step with a checkpoint (exit status 128 + the signal); a resume takes the newest intact checkpoint.
 """
@@ -25,10 +25,20 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from gptjax import checkpoint, flops, guard, model, sharding, sources, stages
-from gptjax import roles as roles_lib
-from gptjax import state as state_lib
-from gptjax import step as step_lib
+from gptjax import checkpoint, model
+
+from gptjax.model import flops
+
+from gptjax.train import guard
+
+from gptjax.model import sharding
+
+from gptjax.train import sources
+
+from gptjax.train import stages
+from gptjax.train import roles as roles_lib
+from gptjax.train import state as state_lib
+from gptjax.train import step as step_lib
 
 
 def setup_logging() -> None:
@@ -36,7 +46,7 @@ def setup_logging() -> None:
     import logging as py_logging
 
     logging.set_verbosity(logging.INFO)
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gptjax/
     repo = os.path.dirname(package)
     ours = (package + os.sep, os.path.join(repo, "scripts") + os.sep, os.path.join(repo, "kernels") + os.sep)
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from gptjax import sharding
+from gptjax.model import sharding
 
 IMPLS = ("xla", "cudnn", "pallas")
 

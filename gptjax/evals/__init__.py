@@ -1,0 +1,1 @@
+"""Evaluation: sampling policies and scoring them (gold reward, reward-model score, KL), held-out text loss."""

@@ -1,0 +1,1 @@
+"""Research: sweeps over a config, the ahead-of-time memory planner and run reports."""
