@@ -1,4 +1,7 @@
-"""Public name ``gptjax.hf``: the module ``gptjax.interop.hf`` (docs/architecture.md lists the public names)."""
+"""Public name ``gptjax.hf``: the module ``gptjax.interop.hf``.
+
+docs/architecture.md lists the public names.
+"""
 
 import importlib
 import sys

@@ -1,4 +1,7 @@
-"""Public name ``gptjax.sample``: the module ``gptjax.model.sample`` (docs/architecture.md lists the public names)."""
+"""Public name ``gptjax.sample``: the module ``gptjax.model.sample``.
+
+docs/architecture.md lists the public names.
+"""
 
 import importlib
 import sys

@@ -1,4 +1,7 @@
-"""Public name ``gptjax.state``: the module ``gptjax.train.state`` (docs/architecture.md lists the public names)."""
+"""Public name ``gptjax.state``: the module ``gptjax.train.state``.
+
+docs/architecture.md lists the public names.
+"""
 
 import importlib
 import sys

@@ -1,4 +1,7 @@
-"""Public name ``gptjax.step``: the module ``gptjax.train.step`` (docs/architecture.md lists the public names)."""
+"""Public name ``gptjax.step``: the module ``gptjax.train.step``.
+
+docs/architecture.md lists the public names.
+"""
 
 import importlib
 import sys

@@ -17,23 +17,16 @@ count (padded prompt + answer length); generated tokens/s counts the sampled tok
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import FrozenConfigDict, config_flags
+from ml_collections import config_flags
 
 from gptjax import data, model
-
 from gptjax.model import sharding
-
-from gptjax.train import loop, stages
-from gptjax.train import roles as roles_lib
-from gptjax.train import state as state_lib
-from gptjax.train import step as step_lib
-from gptjax.rl.rollout import RolloutSource
+from gptjax.train import build
 
 config_flags.DEFINE_config_file("config", None, "Python config file (with :arg) of a PPO stage.")
 flags.DEFINE_integer("rollouts", 4, "rollouts in all, --warmup of them untimed")
@@ -107,44 +100,21 @@ def main(argv):
     t, r = c.train, c.rollout
     per_rollout = r.epochs * r.batch_size // t.batch_size
     t.steps = FLAGS.rollouts * per_rollout
-    stage = stages.get("ppo")
     mesh = sharding.make_mesh(c.mesh)
-    roles = [dataclasses.replace(x, init_from="") for x in roles_lib.trained_roles(c, stage)]
-    for role in roles:
-        loop.check_config(c, role.cfg, mesh)
-    cfgs = {x.name: x.cfg for x in roles}
-    loss_mod = loop.load_loss(c.loss.name)
+    vocab = data.get_vocabulary(c.data)
     with jax.set_mesh(mesh):
-        k_trained, k_ref, k_reward, k_train = jax.random.split(jax.random.key(t.seed), 4)
-        params, _ = roles_lib.init_trained(roles, mesh, k_trained)
-        frozen = {
-            "ref": model.init(cfgs["policy"], k_ref, mesh),
-            "reward": model.init(cfgs["value"], k_reward, mesh),
-        }
-        optimizer, schedules = roles_lib.make_optimizer(roles, t.steps)
-        decays = roles_lib.ema_decays(roles)
-        param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        state = state_lib.create(
-            params, optimizer, ema=tuple(decays), param_shardings=param_shardings, mesh=mesh
-        )
-        del params
-        ctx = step_lib.Ctx(
-            model_cfg=roles[0].cfg,
-            loss_cfg=FrozenConfigDict(c.loss),
-            frozen=frozen,
-            frozen_cfgs=(("ref", cfgs["policy"]), ("reward", cfgs["value"])),
-            role_cfgs=tuple(cfgs.items()),
-        )
-        vocab = data.get_vocabulary(c.data)
-        source = RolloutSource(
+        k_build, k_train = jax.random.split(jax.random.key(t.seed))
+        # The run PPO would build, with every role (reference and reward model too) freshly initialised.
+        run = build.build(
             c,
-            batch_size=t.batch_size,
-            ctx=ctx,
-            mesh=mesh,
+            mesh,
+            fresh=True,
+            rng=k_build,
             prompts=SyntheticPrompts(vocab, r.batch_size, r.prompt_len, t.seed),
             ptx=SyntheticText(vocab, int(c.ptx.ratio * t.batch_size), c.ptx.seq_len, t.seed),
         )
-        ctx = ctx.replace(scalars=loop.source_scalars(source))
+        state, ctx, source = run.state, run.ctx, run.source
+        cfgs = run.cfgs
         starts, rows, step = [], [], None
         for i in range(t.steps):
             if i % per_rollout == 0:  # a new rollout: the policy must be up to date, as in the real loop
@@ -154,18 +124,7 @@ def main(argv):
             if i % per_rollout == 0:
                 rows.append(source.pop_metrics())
             if step is None:
-                step = step_lib.make_train_step(
-                    loss_mod.loss_fn,
-                    optimizer,
-                    micro_batches=t.micro_batches,
-                    ema_decay=decays,
-                    lr_schedule=schedules,
-                    denominators_fn=loss_mod.denominators,
-                    mesh=mesh,
-                    state_shardings=state_lib.state_shardings(state, param_shardings, mesh),
-                    batch_shardings=sharding.batch_shardings(batch, mesh),
-                    ctx_shardings=jax.tree.map(lambda x: x.sharding, ctx),
-                )
+                step = run.make_step(batch)
             state, metrics = step(state, sharding.shard_batch(batch, mesh), k_train, ctx)
         jax.block_until_ready((state, metrics))
         starts.append(time.perf_counter())

@@ -7,7 +7,8 @@ Builds the config's model, optimizer and the one jitted train step exactly as ``
 mesh, shardings, micro-batches and remat), feeds it random batches of the stage's shape and times ``--steps``
 steps after ``--warmup``. tokens/s and MFU count only real (non-padding) tokens: pretraining batches are
 packed full; SFT batches are padded to ``--fill`` of each row on average, like real demonstrations. FLOPs per
-token are ``gptjax.model.flops_per_token`` (6N + causal attention), the peak is ``gptjax.model.flops.PEAK_FLOPS``.
+token are ``gptjax.model.flops_per_token`` (6N + causal attention), the peak is
+``gptjax.model.flops.PEAK_FLOPS``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
     python scripts/bench_vs_hf.py --repeats 5 --torch-threads 4
 
 A random ``LlamaForCausalLM`` (vocab 512, d_model 256, 4 layers, 8 heads, 4 KV heads, d_ff 688) is saved by
-transformers to a temporary directory and loaded into gptjax with ``gptjax.interop.hf.load``, so both run the same
-function. Training: B8 x L256, AdamW, tokens/s over all B*L tokens (no padding here), through
+transformers to a temporary directory and loaded into gptjax with ``gptjax.interop.hf.load``, so both run the
+same function. Training: B8 x L256, AdamW, tokens/s over all B*L tokens (no padding here), through
 ``step.make_train_step(losses.lm.loss_fn, ...)``. Generation: greedy, B16, prompt 32, 128 new tokens, through
 ``sample.generate(..., temperature=0)`` and ``model.generate(do_sample=False)`` with EOS disabled, so both
 produce exactly B * 128 tokens. Both frameworks are timed turn about in each repeat (the machine is shared

@@ -6,8 +6,8 @@
 Runs on CPU with N simulated devices (nothing is allocated: params, optimizer state and batch are abstract
 arrays in their sharded layouts) and prints parameters and memory per device, the compiler's peak memory,
 FLOPs per step and the step time expected at ``--mfu`` of ``--peak_tflops`` (default: H100 dense bf16).
-Fused attention is planned with its real footprint (see ``gptjax.research.plan``). RL configs (ppo, grpo, rloo)
-also plan the rollout: generation in its rollout layout and the experience pass
+Fused attention is planned with its real footprint (see ``gptjax.research.plan``). RL configs (ppo, grpo,
+rloo) also plan the rollout: generation in its rollout layout and the experience pass
 (``gptjax.research.plan.plan_rollout``). Exits 1 naming the biggest consumers when a plan does not fit. Config
 overrides work as in scripts/train.py.
 """

@@ -1,31 +1,31 @@
-"""Checkpoints: ``store.py`` saves, restores and resumes a run's state (orbax: params, EMA, optimizer, the batch
-source's position, meta); ``load.py`` loads models out of workdirs or Hugging Face directories for
+"""Checkpoints: ``store.py`` saves, restores and resumes a run's state (orbax: params, EMA, optimizer, the
+batch source's position, meta); ``load.py`` loads models out of workdirs or Hugging Face directories for
 ``init_from``, frozen roles, chat and the evaluators: ``gptjax.checkpoint.load_model(path, role=, ema=)``.
 """
 
+from gptjax.checkpoint.load import (  # noqa: F401
+    arch_differences,
+    check_params_like,
+    is_hf_dir,
+    load_lm,
+    load_model,
+    load_params,
+    load_vocabulary,
+    lora_base_path,
+    model_config_from_meta,
+    roles_of,
+)
 from gptjax.checkpoint.store import (  # noqa: F401
-    manager,
-    save,
     DamagedCheckpoint,
-    step_path,
+    Params,
     check_intact,
+    check_params,
+    load_meta,
+    manager,
+    meta_for,
     restore,
     restore_latest,
-    check_params,
+    save,
     shape_problems,
-    load_meta,
-    meta_for,
-    Params,
-)
-from gptjax.checkpoint.load import (  # noqa: F401
-    roles_of,
-    model_config_from_meta,
-    is_hf_dir,
-    load_params,
-    arch_differences,
-    lora_base_path,
-    load_model,
-    check_params_like,
-    load_vocabulary,
-    load_lm,
+    step_path,
 )

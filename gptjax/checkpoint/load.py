@@ -1,6 +1,6 @@
-"""Loading models out of checkpoints: a stage's ``init_from`` (a workdir, one role of it, its EMA, or a Hugging
-Face directory), frozen roles and the models chat / generate / evaluators sample from, each checked against
-the config that will use it (every differing parameter named). Saving and resuming are ``store.py``'s.
+"""Loading models out of checkpoints: a stage's ``init_from`` (a workdir, one role of it, its EMA, or a
+Hugging Face directory), frozen roles and the models chat / generate / evaluators sample from, each checked
+against the config that will use it (every differing parameter named). Saving and resuming are ``store.py``'s.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from gptjax.checkpoint.store import (
     manager,
     shape_problems,
 )
+from gptjax.data import vocab as vocab_lib
+from gptjax.interop import hf, lora
 
 Params = dict[str, Any]
 
@@ -148,8 +150,6 @@ def arch_differences(a: model.ModelConfig, b: model.ModelConfig) -> list[str]:
 
 def _load_hf_params(path, target, role, ema, allow_missing, allow_extra, cfg=None) -> Params:
     """A Hugging Face directory's weights into ``target`` (same name rules as ``load_params``)."""
-    from gptjax.interop import hf
-
     if role or ema:
         raise ValueError(f"{path} is a Hugging Face directory: it has no roles or EMA to choose from")
     shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(target)]
@@ -232,8 +232,6 @@ def load_model(
     ``train.init_from`` (itself a workdir or HF directory).
     """
     if is_hf_dir(path):
-        from gptjax.interop import hf
-
         if role or ema:
             raise ValueError(f"{path} is a Hugging Face directory: it has no roles or EMA to choose from")
         return hf.load(path, mesh=mesh)
@@ -242,8 +240,6 @@ def load_model(
     target = _target(cfg, mesh)
     if cfg.lora_rank == 0:
         return cfg, load_params(path, target, step=step, role=role, ema=ema)
-
-    from gptjax.interop import lora
 
     base_path = base or lora_base_path(path, meta)
     base_cfg, base_params = load_model(base_path, mesh=mesh)
@@ -276,8 +272,6 @@ def check_params_like(params: Params, target: Params, *, where: str) -> None:
 def load_vocabulary(path: str, step: int | None = None):
     """The vocabulary a model was trained with: an HF directory's tokenizer, or a workdir's ``data.vocab``
     (its run config in the checkpoint meta; bytes when the meta has none)."""
-    from gptjax.data import vocab as vocab_lib
-
     if is_hf_dir(path):
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"{path} has no tokenizer.json: name the vocabulary explicitly")

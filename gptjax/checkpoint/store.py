@@ -24,9 +24,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from gptjax import model
-from gptjax.train.state import TrainState
 
 Params = dict[str, Any]
 
@@ -48,7 +48,7 @@ def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.Checkpoi
     return ocp.CheckpointManager(_ckpt_dir(workdir), options=options, item_handlers=handlers)
 
 
-def save(mngr: ocp.CheckpointManager, state: TrainState, *, data_state: dict | None, meta: dict) -> None:
+def save(mngr: ocp.CheckpointManager, state: Any, *, data_state: dict | None, meta: dict) -> None:
     """Write one step (async; call ``mngr.wait_until_finished()`` before exiting)."""
     step = int(jax.device_get(state.step))
     items = dict(
@@ -82,7 +82,6 @@ def _params_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestor
 
 class DamagedCheckpoint(RuntimeError):
     """A checkpoint step that cannot be read: one of its files is missing, cut short or unreadable."""
-
     def __init__(self, step: int, path: str, detail: str):
         super().__init__(f"checkpoint step {step} is damaged: {path}: {detail}")
         self.step, self.path = step, path
@@ -114,9 +113,7 @@ def _damaged(e: Exception, step: int, step_dir: str) -> DamagedCheckpoint | None
     return None
 
 
-def restore(
-    mngr: ocp.CheckpointManager, state: TrainState, step: int | None = None
-) -> tuple[TrainState, dict]:
+def restore(mngr: ocp.CheckpointManager, state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restore (state, data_state) into the layout of ``state`` (an initialised or abstract state).
 
     Raises ``DamagedCheckpoint`` for a step whose files are missing or unreadable, ``ValueError`` for an
@@ -144,7 +141,7 @@ def restore(
         if damaged is None:
             raise
         raise damaged from e
-    restored = TrainState(
+    restored = state.replace(  # a gptjax.train.state.TrainState
         step=out.opt["step"],
         params=out.params,
         opt_state=out.opt["opt_state"],
@@ -153,7 +150,7 @@ def restore(
     return restored, dict(out.data or {})
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, dict, int] | None:
+def restore_latest(mngr: ocp.CheckpointManager, state: Any) -> tuple[Any, dict, int] | None:
     """(state, data_state, step) of the newest intact checkpoint, None when there is none.
 
     Each damaged newer step is reported and moved to ``<workdir>/checkpoints-damaged/<step>`` (nothing is
@@ -199,8 +196,6 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
             dest = os.path.join(root, f"{step}-{n}")
         os.rename(step_path(mngr, step), dest)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     mngr.reload()
     return dest
@@ -295,5 +290,3 @@ def meta_for(model_cfg: model.ModelConfig, stage: str, *, roles: dict | None = N
         meta["roles"] = {name: _fields(cfg) for name, cfg in roles.items()}
         meta["keyed_by_role"] = True
     return meta
-
-

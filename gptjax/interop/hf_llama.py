@@ -7,7 +7,18 @@ only change from torch Linear [out, in] to our [in, heads, head_dim]. Qwen2 is L
 from __future__ import annotations
 
 from gptjax import model
-from gptjax.interop.hf import Entry, copied, field, linear_in, linear_out, refuse, require, reshaped, same, transposed
+from gptjax.interop.hf import (
+    Entry,
+    copied,
+    field,
+    linear_in,
+    linear_out,
+    refuse,
+    require,
+    reshaped,
+    same,
+    transposed,
+)
 
 PREFIX = "model."
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

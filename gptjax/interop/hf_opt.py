@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from gptjax import model
-from gptjax.interop.hf import Entry, copied, field, linear_in, linear_out, refuse, require, reshaped, same, transposed
+from gptjax.interop.hf import (
+    Entry,
+    copied,
+    field,
+    linear_in,
+    linear_out,
+    refuse,
+    require,
+    reshaped,
+    same,
+    transposed,
+)
 
 PREFIX = "model."
 POS_OFFSET = 2  # HF OPT reserves the first two rows of embed_positions (padding positions)

@@ -59,7 +59,8 @@ class ModelConfig:
     # LM-head losses (gptjax.losses.vocab) build fp32 logits in sequence chunks of at most this many MiB
     # for the whole batch, recomputed in the backward pass; a batch whose logits fit is one chunk.
     logits_chunk_mb: float = 256.0
-    # LoRA adapters (gptjax.interop.lora): y = x @ W + (dropout(x) @ A) @ B * (lora_alpha / lora_rank); 0 = off
+    # LoRA adapters (gptjax.interop.lora): y = x @ W + (dropout(x) @ A) @ B * (lora_alpha / lora_rank);
+    # 0 = off
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

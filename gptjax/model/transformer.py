@@ -7,7 +7,8 @@ Outside this module a model is a config plus a params pytree (a nested dict of a
 
 Layers are stacked on a leading 'layers' axis and run with ``jax.lax.scan`` (one compiled layer body) or,
 with ``scan_layers=False`` (the CPU default), as an unrolled loop over the same stacked params.
-Every parameter carries logical axis names (``logical_axes(cfg)``); ``gptjax.model.sharding`` maps them to the mesh.
+Every parameter carries logical axis names (``logical_axes(cfg)``); ``gptjax.model.sharding`` maps them to
+the mesh.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gptjax.model.config import ModelConfig
 from gptjax.model.layers import Block, Norm, make_param
 
 Params = dict[str, Any]
+
 
 def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     shapes = jax.tree.leaves(param_shapes(cfg))
@@ -210,7 +212,8 @@ def _init_fn(cfg: ModelConfig, mesh: jax.sharding.Mesh | None):
 
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
-    """Params-shaped pytree of NamedSharding: the logical axes mapped by ``gptjax.model.sharding``'s one table."""
+    """Params-shaped pytree of NamedSharding: the logical axes mapped by ``gptjax.model.sharding``'s one
+    table."""
     return sharding.shardings_for(logical_axes(cfg), param_shapes(cfg), mesh)
 
 

@@ -33,16 +33,9 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from gptjax import model
-
-from gptjax.model import attention
-
-from gptjax.train import roles
-
-from gptjax.model import sharding
-
-from gptjax.train import stages
-from gptjax.train import state as state_lib
-from gptjax.train import step as step_lib
+from gptjax.data import formats as data_formats
+from gptjax.model import attention, sharding
+from gptjax.train import build, stages
 
 PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
 RL_STAGES = tuple(n for n, s in stages.STAGES.items() if s.source == "rollout")  # ``plan_rollout``'s
@@ -125,40 +118,34 @@ def _planned_attention():
 
 
 def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
-    """The batch the stage's data source serves, as sharded ShapeDtypeStructs (global batch)."""
-    t = config.train
-    B, L = t.batch_size, t.seq_len
-    i32 = jnp.int32
-    if stage_name in ("pretrain", "sft"):
-        shapes = {k: ((B, L), i32) for k in ("inputs_BL", "targets_BL", "segment_ids_BL", "positions_BL")}
-        shapes["weights_BL"] = ((B, L), jnp.float32)
-    elif stage_name in ("rm", "dpo"):
-        K = int(config.data.get("num_responses", 0) or 0)
-        if K < 2:
-            raise ValueError(
-                "plan: config.data.num_responses must name K (the responses per prompt) to plan an rm stage"
-            )
-        shapes = {
-            "tokens_BKL": ((B, K, L), i32),
-            "lengths_BK": ((B, K), i32),
-            "prompt_lengths_BK": ((B, K), i32),
-            "valid_BK": ((B, K), jnp.bool_),
-        }
-    elif stage_name in RL_STAGES:  # a minibatch of experience (gptjax.rl.experience) + PPO-ptx text
-        shapes = {k: ((B, L), i32) for k in ("tokens_BL",)}
+    """The batch the stage's source serves, as sharded ShapeDtypeStructs (global batch).
+
+    A data stage's batch has its data format's shapes (``gptjax.data.formats``); an RL stage's train step
+    reads a minibatch of experience (``gptjax.rl.experience``: the rollout's, not a data format's, so it is
+    described here) plus PPO-ptx rows, which are the 'pretrain' format's batch.
+    """
+    if stage_name not in PLANNED_STAGES:
+        raise ValueError(f"plan: stage {stage_name!r} is not planned yet; planned stages: {PLANNED_STAGES}")
+    stage = stages.of_config(config) if stage_name == config.stage else stages.get(stage_name)
+    B, L = config.train.batch_size, config.train.seq_len
+    i32, f32 = jnp.int32, jnp.float32
+    if stage.source != "rollout":
+        try:
+            shapes = data_formats.get(stage.data).shapes(B, L, config.data)
+        except ValueError as e:
+            raise ValueError(f"plan: {e}") from None
+    else:
+        shapes = {"tokens_BL": ((B, L), i32)}
         shapes.update({k: ((B,), i32) for k in ("prompt_lengths_B", "lengths_B")})
-        f32 = jnp.float32
+        obj = stage.objective
         group = ("ref_logp_BL",)  # a group objective's: the reference's log-probs instead of a critic's
         critic = ("old_values_BL", "returns_BL")
-        floats = ("old_logp_BL", "advantages_BL", *(critic if stage_name == "ppo" else group))
+        floats = ("old_logp_BL", "advantages_BL", *(critic if obj.critic else group))
         shapes.update({k: ((B, L), f32) for k in floats})
-        if stage_name == "ppo" and config.ptx.ratio > 0:
+        if "ptx_coef" in obj.options and config.ptx.ratio > 0:  # as the rollout adds them
             P, Lp = int(config.ptx.ratio * B), config.ptx.seq_len
-            for k in ("inputs_BL", "targets_BL", "segment_ids_BL", "positions_BL"):
-                shapes[f"ptx_{k}"] = ((P, Lp), i32)
-            shapes["ptx_weights_BL"] = ((P, Lp), f32)
-    else:
-        raise ValueError(f"plan: stage {stage_name!r} is not planned yet; planned stages: {PLANNED_STAGES}")
+            ptx = data_formats.get("pretrain").shapes(P, Lp, config.ptx.data)
+            shapes.update({f"ptx_{k}": v for k, v in ptx.items()})
     return {
         k: jax.ShapeDtypeStruct(s, d, sharding=jax.sharding.NamedSharding(mesh, sharding.batch_spec(len(s))))
         for k, (s, d) in shapes.items()
@@ -205,76 +192,48 @@ def _biggest_temporaries(hlo_text: str, top: int = 5) -> list[tuple[str, float]]
 
 @dataclasses.dataclass
 class _Setup:
-    """What every planned program of a stage shares: the mesh, the trained roles' abstract sharded state and
-    the frozen roles' abstract params."""
+    """What every planned program of a stage shares: the abstract run (``build(abstract=True)``: the trained
+    roles' sharded state, the frozen roles' params) and views of it."""
 
-    mesh: Any
-    cfgs: dict[str, model.ModelConfig]  # trained roles
-    keyed: bool
-    optimizer: Any
-    schedules: Any
-    decay: Any
-    params: Any
-    state: Any  # abstract train state (params, optimizer state, EMA), sharded
-    state_shardings: Any
-    frozen: dict[str, Any]
-    frozen_cfgs: tuple
+    run: build.Run
+
+    @property
+    def mesh(self):
+        return self.run.mesh
+
+    @property
+    def cfgs(self) -> dict[str, model.ModelConfig]:  # trained roles
+        return {r.name: r.cfg for r in self.run.roles}
+
+    @property
+    def params(self):
+        return self.run.state.params
+
+    @property
+    def state(self):
+        return self.run.state
+
+    @property
+    def frozen(self) -> dict:
+        return self.run.ctx.frozen
+
+    @property
+    def frozen_cfgs(self) -> tuple:
+        return self.run.ctx.frozen_cfgs
+
+
+def _scanned(cfg: model.ModelConfig) -> model.ModelConfig:
+    # Plans are for accelerators: scanned layers unless the config says otherwise.
+    return cfg.replace(scan_layers=True if cfg.scan_layers is None else cfg.scan_layers)
 
 
 def _setup(config: ConfigDict, devices) -> _Setup:
-    stage = stages.get(config.stage)
     if config.stage not in PLANNED_STAGES:
         raise ValueError(f"plan: stage {config.stage!r} is not planned yet; planned stages: {PLANNED_STAGES}")
     mesh = sharding.make_mesh(config.mesh, devices)
-    trained = roles.trained_roles(config, stage)
-    # Plans are for accelerators: scanned layers unless the config says otherwise.
-    trained = [
-        dataclasses.replace(
-            r, cfg=r.cfg.replace(scan_layers=True if r.cfg.scan_layers is None else r.cfg.scan_layers)
-        )
-        for r in trained
-    ]
-    from gptjax.train.loop import check_config
-
-    for r in trained:  # what train.py would refuse (e.g. micro-batches that do not split over the devices)
-        check_config(config, r.cfg, mesh)
-    if any(r.cfg.lora_rank > 0 for r in trained):
-        raise ValueError("plan: LoRA stages are not planned yet")
-    keyed = roles.keyed(trained)
-    cfgs = {r.name: r.cfg for r in trained}
-    optimizer, schedules = roles.make_optimizer(trained, config.train.steps)
-    decay = roles.ema_decays(trained)
-
-    def abstract_params(cfg):
-        return _placed(model.param_shapes(cfg), model.param_shardings(cfg, mesh))
-
-    if keyed:
-        params = {name: abstract_params(c) for name, c in cfgs.items()}
-    else:
-        params = abstract_params(trained[0].cfg)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    ema = tuple(decay) if keyed else decay > 0
-    state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=ema), params)
-    state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
-    # Frozen roles have the shapes of the trained role they start from or stand beside: DPO's and PPO's
-    # reference is the policy (the SFT model), PPO's reward model the critic (initialised from it).
-    policy = "policy" if keyed else roles.SINGLE
-    like = {"ref": policy, "reward": "value" if "value" in cfgs else policy}
-    heads = {"ref": "lm", "reward": "scalar"}
-    frozen_cfgs = tuple((name, cfgs[like[name]].replace(head=heads[name])) for name in stage.frozen)
-    return _Setup(
-        mesh=mesh,
-        cfgs=cfgs,
-        keyed=keyed,
-        optimizer=optimizer,
-        schedules=schedules,
-        decay=decay,
-        params=params,
-        state=_placed(state_shape, state_shardings),
-        state_shardings=state_shardings,
-        frozen={name: abstract_params(c) for name, c in frozen_cfgs},
-        frozen_cfgs=frozen_cfgs,
-    )
+    # The same builder (and config checks) as a run: frozen roles shaped like the trained ones they start
+    # from or stand beside (build.standin_frozen_cfgs), nothing allocated.
+    return _Setup(build.build(config, mesh, abstract=True, adjust=_scanned))
 
 
 def _peak(compiled, held: float) -> tuple[float, Any]:
@@ -324,36 +283,11 @@ def plan(
     ``fused_attention=False`` plans the config's own attention as this backend compiles it (on CPU the
     'xla' reference with its [B, H, L, S] scores) instead of the fused kernels' footprint.
     """
-    from gptjax.train.loop import load_loss
-
     s = _setup(config, devices)
     mesh, cfgs = s.mesh, s.cfgs
     batch = abstract_batch(config, config.stage, mesh)
-    scalars = {"temperature": jax.ShapeDtypeStruct((), jnp.float32)} if config.stage in RL_STAGES else {}
-    ctx = step_lib.Ctx(
-        model_cfg=next(iter(cfgs.values())),
-        loss_cfg=FrozenConfigDict(config.loss),
-        frozen=s.frozen,
-        frozen_cfgs=s.frozen_cfgs,
-        role_cfgs=tuple(cfgs.items()),
-        scalars=scalars,
-    )
-    loss_mod = load_loss(config.loss.name)
-    train_step = step_lib.make_train_step(
-        loss_mod.loss_fn,
-        s.optimizer,
-        micro_batches=config.train.micro_batches,
-        ema_decay=s.decay,
-        lr_schedule=s.schedules if s.keyed else s.schedules[roles.SINGLE],
-        denominators_fn=getattr(loss_mod, "denominators", None),
-        mesh=mesh,
-        state_shardings=s.state_shardings,
-        batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
-        ctx_shardings=ctx.replace(
-            frozen=jax.tree.map(lambda x: x.sharding, s.frozen),
-            scalars={k: sharding.replicated(mesh) for k in scalars},
-        ),
-    )
+    train_step = s.run.make_step(batch)
+    ctx = s.run.ctx
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     stand_in = _planned_attention() if fused_attention else contextlib.nullcontext()
     with jax.set_mesh(mesh), stand_in:
@@ -401,8 +335,7 @@ def plan_rollout(
     r = config.rollout
     mesh = s.mesh
     resident = _bytes_per_device(s.state) + _bytes_per_device(s.frozen)
-    cfgs = {**s.cfgs, **dict(s.frozen_cfgs)}
-    rollout.check_config(config, cfgs, config.train.batch_size)  # what a PPO run would refuse
+    cfgs = {**s.cfgs, **dict(s.frozen_cfgs)}  # the build checked them as a run does (rollout.check_config)
     R, P, T = r.batch_size, r.prompt_len, r.max_new_tokens
     n = mesh.size
     i32, f32 = jnp.int32, jnp.float32
@@ -473,7 +406,7 @@ def plan_rollout(
     opts = FrozenConfigDict(
         {
             **r.to_dict(),
-            "reward_at": r.reward_at or "last",
+            "reward_at": rollout.reward_at(config),  # as the rollout reads it: the RM's trained setting
             "score_rows": rollout.score_rows(config, cfgs, mesh),
         }
     )

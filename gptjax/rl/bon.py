@@ -17,12 +17,21 @@ optimisation, reward change 0), linear in (alpha, beta) for both forms.
 
 from __future__ import annotations
 
+import collections
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from gptjax import checkpoint, data
+from gptjax.data import pipeline
+from gptjax.rl import reward, rollout
 
 
 def kl_bon(n: int | np.ndarray) -> np.ndarray:
@@ -189,11 +198,6 @@ def prepare_demonstrations(config, workdir: str):
     ``<workdir>/bon_demonstrations.jsonl`` (once: a resumed run reuses the file), and the config returned
     with that file as its SFT data. With ``bon.require_eos`` only finished samples (EOS) compete, and prompts
     whose n samples all lack EOS are skipped and counted (``bon_stats.json``, the log)."""
-    import json
-    import os
-
-    from jax.experimental import multihost_utils
-
     path = os.path.join(workdir, "bon_demonstrations.jsonl")
     if not os.path.exists(path) and jax.process_index() == 0:
         stats = _write_demonstrations(config, path)
@@ -201,7 +205,6 @@ def prepare_demonstrations(config, workdir: str):
             json.dump(stats, f, indent=1)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bon demonstrations written")
-    from gptjax import data
 
     c = config.copy_and_resolve_references()
     with c.unlocked():
@@ -211,18 +214,6 @@ def prepare_demonstrations(config, workdir: str):
 
 
 def _write_demonstrations(config, path: str) -> dict:
-    import collections
-    import json
-    import os
-
-    from absl import logging
-
-    from gptjax import checkpoint, data
-
-    from gptjax.rl import reward
-
-    from gptjax.rl import rollout
-    from gptjax.data import pipeline
 
     b = config.bon
     vocab = data.get_vocabulary(config.data)

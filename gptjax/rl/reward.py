@@ -9,6 +9,7 @@ finishing step (``gptjax.train.stages``) on ``config.normalize.data`` (demonstra
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,15 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from ml_collections import FrozenConfigDict
 
+from gptjax import checkpoint, data
+from gptjax.data import convert, pipeline
 from gptjax.losses import ranking
+from gptjax.losses.ctx import Ctx, full_params
 
 
 def ranked_batch(vocab, rankings: Sequence[tuple[str, Sequence[str]]], seq_len: int, counts=None) -> dict:
     """An 'rm' batch (tokens_BKL, lengths_BK, prompt_lengths_BK, valid_BK) of (prompt, responses) pairs,
     tokenized like the data layer (BOS prompt response EOS); K = the most responses any prompt has."""
-    from gptjax.data import convert
-
     counts = collections.Counter() if counts is None else counts
     items = []
     for prompt, responses in rankings:
@@ -46,10 +49,6 @@ _rewards = jax.jit(ranking.rewards)  # ctx is a pytree whose static fields are h
 def trained_reward_at(path: str) -> str:
     """How the reward model in ``path`` was trained to score ('last' | 'mean': its run's loss.reward_at);
     'last' for a checkpoint without a run config (e.g. a Hugging Face directory)."""
-    import json
-
-    from gptjax import checkpoint
-
     try:
         run_config = checkpoint.load_meta(path)[1].get("config") or "{}"
     except (FileNotFoundError, ValueError):
@@ -61,15 +60,9 @@ def trained_reward_at(path: str) -> str:
 def scorer(path: str, vocab, seq_len: int, reward_at: str = "") -> Callable[[list], list[np.ndarray]]:
     """``f(rankings) -> scores`` of the reward model in ``path`` (a workdir or HF directory), scoring as it
     was trained to (``trained_reward_at``) unless ``reward_at`` says otherwise."""
-    from ml_collections import FrozenConfigDict
-
-    from gptjax import checkpoint
-
-    from gptjax.train import step
-
     cfg, params = checkpoint.load_model(path)
     loss_cfg = FrozenConfigDict({"reward_at": reward_at or trained_reward_at(path)})
-    ctx = step.Ctx(model_cfg=cfg, loss_cfg=loss_cfg)
+    ctx = Ctx(model_cfg=cfg, loss_cfg=loss_cfg)
     return lambda rankings: score(ctx, params, vocab, rankings, seq_len)
 
 
@@ -86,8 +79,6 @@ def score(ctx, params, vocab, rankings, seq_len: int, batch_size: int = 64) -> l
 
 def demonstrations(data_cfg, vocab, n: int) -> list[tuple[str, list[str]]]:
     """Up to ``n`` (prompt, [response]) demonstrations of a data section's 'sft' sources (train split)."""
-    from gptjax.data import pipeline
-
     counts: dict = collections.defaultdict(collections.Counter)
     per_source = pipeline.load_records(data_cfg, "sft", "train", vocab, counts)
     recs = [r for name in sorted(per_source) for r in per_source[name]]
@@ -103,8 +94,6 @@ def normalize_state(config, train_state, ctx, mesh) -> tuple[Any, dict]:
         if train_state is None:
             logging.warning("config.normalize is not set: the reward model's scores will not be normalised")
         return train_state, {}
-    from gptjax import data
-    from gptjax.train.step import full_params
 
     vocab = data.get_vocabulary(section.data)
     demos = demonstrations(section.data, vocab, section.examples if train_state is not None else 1)

@@ -1,9 +1,9 @@
 """What keeps a long run's work safe: the non-finite policy, SIGTERM/SIGINT, and a failed run's empty workdir.
 
 The train step itself skips an update whose loss or gradients are not finite and reports ``skipped`` (see
-``gptjax.train.step``); ``NonFinite`` applies ``train.nonfinite`` to the metrics the loop fetches anyway, so the
-check costs no extra host sync. ``Signals`` turns SIGTERM / SIGINT into a request the loop serves after its
-current step: checkpoint, then ``Interrupted`` (exit status 128 + the signal number).
+``gptjax.train.step``); ``NonFinite`` applies ``train.nonfinite`` to the metrics the loop fetches anyway, so
+the check costs no extra host sync. ``Signals`` turns SIGTERM / SIGINT into a request the loop serves after
+its current step: checkpoint, then ``Interrupted`` (exit status 128 + the signal number).
 """
 
 from __future__ import annotations

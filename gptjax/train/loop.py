@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
+import logging as py_logging
 import os
 import sys
 import time
@@ -23,28 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from ml_collections import ConfigDict, FrozenConfigDict
+from ml_collections import ConfigDict
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
-from gptjax import checkpoint, model
-
-from gptjax.model import flops
-
-from gptjax.train import guard
-
-from gptjax.model import sharding
-
-from gptjax.train import sources
-
-from gptjax.train import stages
-from gptjax.train import roles as roles_lib
-from gptjax.train import state as state_lib
+from gptjax import checkpoint, evals, model
+from gptjax.model import flops, sharding
+from gptjax.train import build, guard, sources, stages
 from gptjax.train import step as step_lib
 
 
 def setup_logging() -> None:
     """INFO from gptjax itself; only warnings and errors from libraries (orbax, seqio, TF are chatty)."""
-    import logging as py_logging
-
     logging.set_verbosity(logging.INFO)
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gptjax/
     repo = os.path.dirname(package)
@@ -55,32 +45,6 @@ def setup_logging() -> None:
 
     logging.get_absl_handler().addFilter(keep)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None:
-    t = config.train
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    problems = []
-    if t.steps <= 0:
-        problems.append(f"train.steps={t.steps} must be > 0")
-    if t.batch_size % (t.micro_batches * dp):
-        problems.append(
-            f"train.batch_size={t.batch_size} must be divisible by train.micro_batches ({t.micro_batches}) "
-            f"x data-parallel devices ({dp})"
-        )
-    if t.eval_every and stages.get(config.stage).source != "data":
-        problems.append(
-            f"train.eval_every={t.eval_every}: stage {config.stage!r} has no validation batches (its source "
-            "samples them); set it to 0 and evaluate the checkpoints (scripts/pipeline.py does)"
-        )
-    if t.nonfinite not in guard.POLICIES:
-        problems.append(f"train.nonfinite={t.nonfinite!r}: use one of {guard.POLICIES}")
-    if t.max_nonfinite_in_a_row < 1:
-        problems.append(f"train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row} must be >= 1")
-    if t.seq_len > model_cfg.max_len and model_cfg.pos == "learned":
-        problems.append(f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}")
-    if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def drop_rows_after(path: str, step: int) -> None:
@@ -109,13 +73,11 @@ def drop_rows_after(path: str, step: int) -> None:
 
 class MetricLog:
     """Console (progress bar), TensorBoard and metrics.jsonl in the workdir; process 0 only."""
-
     def __init__(self, workdir: str, total: int, initial: int):
         self.enabled = jax.process_index() == 0
         self.writer, self.bar, self.file = None, None, None
         if not self.enabled:
             return
-        from tqdm import tqdm
 
         # A resumed run replays the steps after its checkpoint: purge_step hides the killed run's events for
         # them from TensorBoard, so no step is shown twice.
@@ -140,7 +102,6 @@ class MetricLog:
             self.bar.write(f"[{prefix}] step {step} {text}")
 
     def _tb_writer(self, purge_step: int | None = None):
-        from tensorboardX import SummaryWriter
 
         # Event files named by the time in ns: they sort in the order they were written, and no two share a
         # name (tensorboardX names a file by the second and would truncate an existing one).
@@ -181,15 +142,13 @@ def validation_metrics(
 
 def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train one stage; resumes from ``workdir`` if it holds a checkpoint. Returns the last train metrics."""
-
     sharding.maybe_initialize_distributed()
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir!r} is a file, not a directory: choose another path")
     stage = stages.get(config.stage)
     mesh = sharding.make_mesh(config.mesh)
-    roles = roles_lib.trained_roles(config, stage)
-    for role in roles:
-        check_config(config, role.cfg, mesh)
+    build.trained_roles(config, mesh)  # the config's checks, before the workdir is made
+    evals.configured(config)  # an unknown evaluator or option: named before anything is made
     created = not os.path.exists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -201,60 +160,19 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
             config = prepare(config, workdir)
         # The mesh in context lets kernels that need shard_map (Pallas attention) split work per device.
         with jax.set_mesh(mesh):
-            return _train(config, workdir, mesh, stage, roles)
+            return _train(config, workdir, mesh, stage)
     except BaseException:
         if created and jax.process_index() == 0:  # failed before its first step: leave no empty workdir
             guard.remove_unused_workdir(workdir)
         raise
 
 
-def load_loss(name: str):
-    """The loss module: ``gptjax.losses.<name>``, or any importable module path containing a dot."""
-    module = name if "." in name else f"gptjax.losses.{name}"
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        raise ValueError(f"config.loss.name={name!r}: no module {module}") from None
-
-
-def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[str, float]:
-    from gptjax import data
-
+def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
     t = config.train
-    vocab = data.get_vocabulary(config.data)
-    for role in roles:
-        if vocab.vocab_size > role.cfg.vocab_size:
-            raise ValueError(
-                f"role {role.name!r}: model.vocab_size={role.cfg.vocab_size} is smaller than the vocabulary "
-                f"({vocab.vocab_size} ids): raise model.vocab_size"
-            )
-    loss_mod = load_loss(config.loss.name)
-    denominators_fn = getattr(loss_mod, "denominators", None)
-    optimizer, schedules = roles_lib.make_optimizer(roles, t.steps)
-    keyed = roles_lib.keyed(roles)
-    decays = roles_lib.ema_decays(roles)
-
     rng = jax.random.key(t.seed)
     init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
-    params, frozen = roles_lib.init_trained(roles, mesh, init_rng)
-    frozen_params, frozen_cfgs = roles_lib.load_frozen(config, stage, roles, mesh)
-    frozen.update(frozen_params)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    ema = tuple(decays) if keyed else decays > 0
-    train_state = state_lib.create(params, optimizer, ema=ema, param_shardings=param_shardings, mesh=mesh)
-    del params
-
-    ctx = step_lib.Ctx(
-        model_cfg=roles[0].cfg,
-        loss_cfg=FrozenConfigDict(config.loss),
-        frozen=frozen,
-        frozen_cfgs=frozen_cfgs,
-        role_cfgs=tuple((r.name, r.cfg) for r in roles),
-    )
-    per_host = t.batch_size // jax.process_count()
-    source = sources.make_source(config, stage, batch_size=per_host, ctx=ctx, mesh=mesh)
+    run_ = build.build(config, mesh, rng=init_rng)
+    roles, train_state, ctx, source = run_.roles, run_.state, run_.ctx, run_.source
     mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
     meta = checkpoint.meta_for(
         roles[0].cfg,
@@ -268,31 +186,20 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
         source.set_state(source_state)
         logging.info("resuming %s from its checkpoint at step %d", workdir, resumed_step)
 
-    ctx = ctx.replace(scalars=source_scalars(source))
-    state_shardings = state_lib.state_shardings(train_state, param_shardings, mesh)
+    ctx = ctx.replace(scalars=build.scalars(stage, source))
     where = guard.position(source)  # the batch's identity, named if its step is not finite
     first = source.next(train_state)  # its shapes fix the batch shardings; it is still the first step's batch
-    batch_shardings = sharding.batch_shardings(first, mesh)
-    train_step = step_lib.make_train_step(
-        loss_mod.loss_fn,
-        optimizer,
-        micro_batches=t.micro_batches,
-        ema_decay=decays,
-        lr_schedule=schedules if keyed else schedules[roles_lib.SINGLE],
-        denominators_fn=denominators_fn,
-        mesh=mesh,
-        state_shardings=state_shardings,
-        batch_shardings=batch_shardings,
-        ctx_shardings=jax.tree.map(lambda x: x.sharding, ctx),
-    )
-    eval_step = step_lib.make_eval_step(loss_mod.loss_fn, denominators_fn)
+    train_step = run_.make_step(first)
+    eval_step = run_.make_eval_step()
     eval_source = eval_start = None
     if t.eval_every:
+        per_host = t.batch_size // jax.process_count()
         eval_source = sources.make_source(config, stage, batch_size=per_host, split="validation")
         eval_start = eval_source.get_state()
 
     start = int(jax.device_get(train_state.step))
     log = MetricLog(workdir, t.steps, start)
+    evaluators = evals.Runner(config, workdir, run_, eval_rng)  # config.evals, on their own cadence
     speed = Speed(
         sum(model.flops_per_token(r.cfg, t.seq_len) for r in roles),
         flops.peak_flops(jax.devices()[0]),
@@ -317,7 +224,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
             if extra:
                 log.write(step + 1, extra, "rollout")
             if ctx.scalars:  # e.g. an adaptive KL coefficient the source updates: traced, so no recompile
-                ctx = ctx.replace(scalars=source_scalars(source))
+                ctx = ctx.replace(scalars=build.scalars(stage, source))
             train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
             if pending is not None:  # fetch step t-1's metrics only after step t is dispatched
                 last = _flush(log, speed, nonfinite, pending, t)
@@ -330,6 +237,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage, roles: list) -> dict[s
             if step + 1 == t.steps and finish is not None:
                 train_state, extra = finish(config, train_state, ctx, mesh)
                 log.write(step + 1, extra, "finish")
+            evaluators.after_step(step + 1, train_state, ctx, log)  # logged before the step's checkpoint
             stop = signals.stop_after(step + 1)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps or stop:
                 if pending is not None:  # the step's row is logged (and checked) before its checkpoint exists
@@ -354,12 +262,6 @@ def pop_metrics(source) -> dict[str, float]:
     return pop() if pop else {}
 
 
-def source_scalars(source) -> dict:
-    """The source's dynamic loss scalars (``source.scalars()``, optional) as fp32 arrays."""
-    scalars = getattr(source, "scalars", None)
-    return {k: jnp.asarray(v, jnp.float32) for k, v in (scalars() if scalars else {}).items()}
-
-
 def batch_tokens(batch: dict) -> int:
     for key in ("inputs_BL", "tokens_BKL", "tokens_BL"):
         if key in batch:
@@ -370,7 +272,6 @@ def batch_tokens(batch: dict) -> int:
 @dataclasses.dataclass
 class Speed:
     """tokens/s and MFU over the steps between two logged steps."""
-
     flops_per_token: float
     peak: float | None
     tokens_per_step: int

@@ -19,7 +19,7 @@ import optax
 from ml_collections import ConfigDict
 
 from gptjax import checkpoint, model
-
+from gptjax.interop import lora
 from gptjax.train import optim
 from gptjax.train.stages import Stage
 
@@ -88,8 +88,6 @@ def _init_one(role: Role, mesh, rng) -> tuple[Any, dict]:
     params = model.init(cfg, rng, mesh)
     frozen: dict = {}
     if cfg.lora_rank > 0:
-        from gptjax.interop import lora
-
         # a scalar head is new to every model that has one: it trains along with the adapters
         adapters, base = lora.split(params, also=model.head_params(cfg))
         params, frozen = adapters, {"base": base}

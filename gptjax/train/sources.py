@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from gptjax import data
+from gptjax.rl.rollout import RolloutSource
 from gptjax.train.stages import Stage
 
 
 class DataSource:
     """Batches of a ``gptjax.data`` iterator; the train state is not needed."""
-
     def __init__(self, iterator):
         self.iterator = iterator
 
@@ -33,14 +34,21 @@ class DataSource:
         self.iterator.set_state(state)
 
 
-def make_source(config, stage: Stage, *, batch_size: int, split: str = "train", ctx=None, mesh=None):
-    """The stage's source over ``config.data`` (per-host ``batch_size``); rollouts need ctx and mesh."""
-    from gptjax import data
-
+def make_source(
+    config,
+    stage: Stage,
+    *,
+    batch_size: int,
+    split: str = "train",
+    ctx=None,
+    mesh=None,
+    prompts=None,
+    ptx=None,
+):
+    """The stage's source over ``config.data`` (per-host ``batch_size``); rollouts need ctx and mesh
+    (``prompts`` / ``ptx``: iterators replacing the rollout's own, e.g. a benchmark's synthetic prompts)."""
     if stage.source == "rollout":
-        from gptjax.rl.rollout import RolloutSource
-
-        return RolloutSource(config, batch_size=batch_size, ctx=ctx, mesh=mesh)
+        return RolloutSource(config, batch_size=batch_size, ctx=ctx, mesh=mesh, prompts=prompts, ptx=ptx)
     if stage.source != "data":
         raise ValueError(f"batch source {stage.source!r} is not available in this version")
     return DataSource(
