@@ -1,4 +1,4 @@
-"""Best-of-N sampling and the reward-model overoptimization fits (Gao et al. 2022, DESIGN.md §5).
+"""Best-of-N sampling and the reward-model overoptimization fits (Gao et al. 2022; docs/references.md).
 
     proxy_BN, gold_BN = sample_and_score(cfg, params, vocab, prompts, n=64, rng=..., reward_fn=..., gold=...)
     curve = best_of_n_curve(proxy_BN, gold_BN, ns=(1, 2, 4, 8, 16, 32, 64))   # gold / proxy against n and KL
