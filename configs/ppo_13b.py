@@ -6,10 +6,10 @@ prompts=/data/prompts/*.jsonl,ptx=/data/pretrain/*.jsonl,tokenizer=/ckpt/opt/tok
 
 Roles: ``policy`` (trained, from the SFT workdir or an HF OPT-13B directory), ``value`` (trained, from the
 reward model's workdir: the RM-initialised critic), ``ref`` (frozen SFT) and ``reward`` (frozen, normalised
-RM, ``configs/rm_350m.py``). InstructGPT's settings (docs/references.md): rollouts of 512 prompts, minibatches of
-64, 1 PPO epoch, clip 0.2, KL beta 0.02 per token, gamma 1, lambda 0.95, EMA 0.992 of the policy, and PPO-
-ptx with coefficient 27.8 on 8 pretraining sequences per RL sequence. Learning rates are DeepSpeed-Chat's
-for this pair (policy 9.65e-6, critic 5e-6), constant after a short warmup.
+RM, ``configs/rm_350m.py``). InstructGPT's settings (docs/references.md): rollouts of 512 prompts, minibatches
+of 64, 1 PPO epoch, clip 0.2, KL beta 0.02 per token, gamma 1, lambda 0.95, EMA 0.992 of the policy, and PPO-
+ptx with coefficient 27.8 on 8 pretraining sequences per RL sequence. Learning rates are DeepSpeed-Chat's for
+this pair (policy 9.65e-6, critic 5e-6), constant after a short warmup.
 
 Hardware (``mesh`` below): 8 x 80 GB GPUs: FSDP over all 8 for the update; rollouts decode with the weights
 tensor-parallel over the 4 GPUs of an NVLink pair group and the batch split in two (``rollout.mesh``), the

@@ -4,7 +4,8 @@
 prompts=/data/prompts/*.jsonl,tokenizer=/ckpt/opt/tokenizer.json --workdir runs/ppo_1b
 
 DeepSpeed-Chat's single-GPU step 3 pair (actor OPT-1.3B, critic / reward OPT-350M shape), with InstructGPT's
-PPO settings (docs/references.md) where one GPU allows them: 1 PPO epoch, clip 0.2, KL beta 0.02 per token, gamma 1,
+PPO settings (docs/references.md) where one GPU allows them: 1 PPO epoch, clip 0.2, KL beta 0.02 per token,
+gamma 1,
 lambda 0.95, EMA 0.992 of the policy; rollouts of 128 prompts (256 prompt + 256 generated tokens: the KV cache
 of 128 sequences is ~13 GB on top of ~40 GB of weights, Adam state and EMA), minibatches of 32. With
 ``ptx=/data/pretrain/*.jsonl`` it is PPO-ptx (coefficient 27.8, 8 pretraining sequences per RL sequence).

@@ -37,10 +37,11 @@ from ml_collections import ConfigDict
 
 from gptjax import data
 
-from gptjax.train import defaults
+from gptjax.train import defaults, stages
 from gptjax.model import ModelConfig
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "bon")
+STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "gspo", "reinforce_pp", "bon")
+RL_STAGES = ("ppo", "grpo", "rloo", "gspo", "reinforce_pp")
 
 
 def tiny_model(head: str = "lm") -> ModelConfig:
@@ -54,11 +55,11 @@ def get_config(arg: str | None = None):
         raise ValueError(f"configs/tiny.py: stage={stage!r}; choose one of {STAGES}")
     if stage == "bon":
         return bon_config(args["sft"], args["rm"])
-    if stage in ("ppo", "grpo", "rloo"):
+    if stage in RL_STAGES:
         return ppo_config(args["sft"], args["rm"], stage)
     c = defaults.base_config(stage)
     c.model = defaults.model_section(tiny_model("scalar" if stage == "rm" else "lm"))
-    c.data = data.tiny_config("rm" if stage == "dpo" else stage)
+    c.data = data.tiny_config(stages.get(stage).data)
     c.train.batch_size = 16
     c.train.seq_len = 128
     c.train.eval_steps = 2
@@ -66,11 +67,11 @@ def get_config(arg: str | None = None):
         c.train.steps = 300
         c.optim.lr = 2e-3
         c.optim.warmup_steps = 20
-    elif stage in ("rm", "dpo"):
+    elif stage in ("rm", "dpo", "kto"):
         # Tiny prompts and answers fit in 64 tokens; batch counted in prompts (K = 4 responses each).
         c.train.seq_len = 64
         c.train.steps = 90 if stage == "rm" else 60
-        c.optim.lr = 1e-4 if stage == "rm" else 2e-5
+        c.optim.lr = {"rm": 1e-4, "dpo": 2e-5, "kto": 2e-5}[stage]
         c.optim.warmup_steps = 10
         c.train.eval_every = c.train.steps
         c.train.eval_steps = 8
@@ -107,7 +108,7 @@ def ppo_config(sft: str, rm: str, stage: str = "ppo"):
     value_optim = c.optim.copy_and_resolve_references()
     value_optim.update(lr=1e-4, warmup_steps=5, schedule="constant")
     roles = {"policy": defaults.trained_role(tiny_model("lm"), policy_optim, init_from=sft)}
-    if stage == "ppo":
+    if stages.get(stage).objective.critic:
         roles["value"] = defaults.trained_role(tiny_model("scalar"), value_optim, init_from=rm)
     c.roles = ConfigDict(roles)
     c.frozen = ConfigDict({"ref": defaults.frozen_role(sft), "reward": defaults.frozen_role(rm)})
@@ -122,7 +123,7 @@ def ppo_config(sft: str, rm: str, stage: str = "ppo"):
         kl_coef=0.1,
         gold="gptjax.data.tiny:gold_reward",
     )
-    if stage != "ppo":
+    if stage in ("grpo", "rloo", "gspo"):
         c.rollout.samples_per_prompt = 4
     if stage == "grpo":
         # 0.5, not the paper's 0.04: group-standardised advantages are ~1 whatever the RM's spread, and at
