@@ -10,7 +10,8 @@ Contract with the train loop::
 
 ``batch_size`` is per host; ``shard_index`` / ``num_shards`` default to ``jax.process_index()`` /
 ``jax.process_count()`` and give each host a disjoint shard of every source. ``split="validation"`` iterates
-the held-out data in a fixed order and loops. Batch keys by stage:
+the held-out data in a fixed order and loops. Batch keys by stage (each stage's batch format is a unit in
+``gptjax.data.formats``: its records, tokenizing, batching and shapes; ``formats.get(name)``):
 
   pretrain, sft   ``inputs_BL``, ``targets_BL`` (targets[t] = the token after inputs[t] in the same document),
                   ``weights_BL`` (float32; 0 on padding, on each document's last token, and for sft on prompt
@@ -32,7 +33,8 @@ Vocabulary: ``get_vocabulary(config.data)`` -> ``vocab_size``, ``encode``, ``dec
 ``eos_id``, ``render_chat(messages)``. The byte vocabulary (default) has 259 ids: bytes, PAD=256, BOS=257,
 EOS=258. ``vocab.HuggingFaceVocabulary(path)`` wraps a checkpoint's ``tokenizer.json``.
 
-The iterator also has ``num_examples`` (examples of the stage and split over all hosts) and ``vocab``.
+The iterator also has ``num_examples`` (examples of the stage and split over all hosts), ``vocab`` and
+``format`` (the stage's unit).
 ``gptjax.data.vocab.train_sentencepiece`` (and ``scripts/train_tokenizer.py``) trains a local SentencePiece
 model for ``data.vocab.kind='sentencepiece'``.
 

@@ -15,17 +15,17 @@ from typing import Any
 
 import ml_collections
 
-STAGES = ("pretrain", "sft", "rm", "prompts")
-FORMATS = ("text", "sft", "rank", "prompt")
+from gptjax.data import formats
+
+# The batch formats (gptjax.data.formats), also called stages here: a source's ``stages`` names them.
+STAGES = formats.NAMES
+# The record formats a source can hold: each batch format's own, in the same order.
+FORMATS = tuple(formats.get(name).record for name in STAGES)
 # Which record formats can feed each stage (DeepSpeed-Chat style reuse of one dataset across stages):
 # rankings give SFT their best response and RL their prompts; demonstrations give RL their prompts.
-STAGE_FORMATS = {
-    "pretrain": ("text",),
-    "sft": ("sft", "rank"),
-    "rm": ("rank",),
-    "prompts": ("prompt", "sft", "rank"),
-}
-OVERFLOW = ("auto", "truncate", "drop", "split")
+STAGE_FORMATS = {name: formats.get(name).records for name in STAGES}
+# data.overflow: 'auto' (each format's default) or a policy some format applies
+OVERFLOW = ("auto", *dict.fromkeys(p for name in STAGES for p in formats.get(name).overflows))
 
 
 def _locked(**kw) -> ml_collections.ConfigDict:
@@ -152,7 +152,6 @@ def tiny_config(stage: str) -> ml_collections.ConfigDict:
     """``config.data`` for the built-in tiny task at ``stage`` ('pretrain' | 'sft' | 'rm' | 'prompts')."""
     if stage not in STAGES:
         raise ValueError(f"tiny_config: stage={stage!r}; use one of {STAGES}")
-    fmt = {"pretrain": "text", "sft": "sft", "rm": "rank", "prompts": "prompt"}[stage]
     c = default_config()
-    c.sources.tiny = source(format=fmt, builtin="tiny")
+    c.sources.tiny = source(format=formats.get(stage).record, builtin="tiny")
     return c

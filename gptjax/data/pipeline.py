@@ -3,9 +3,10 @@
 Records are read and cleaned in Python (so every drop is counted and dedup can compare sources), tokenized
 once into a table, and each source becomes a seqio Task over a ``FunctionDataSource`` of row ids into that
 table; a seqio Mixture blends the tasks at their rates, shuffles from the seed and shards across hosts, and
-``convert`` turns the id stream into fixed-shape batches. The iterator's position is the number of ids it has
-finished (plus the offset into a document split across batches): restoring rebuilds the same seeded
-dataset and skips that many ids, so a resumed run sees exactly the batches it would have seen.
+the stage's batch format (``gptjax.data.formats``: tokenizing, batching) turns the id stream into fixed-shape
+batches; the pipeline itself names no format. The iterator's position is the number of ids it has finished
+(plus the offset into a document split across batches): restoring rebuilds the same seeded dataset and skips
+that many ids, so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from gptjax.data import clean, convert, sources, tiny
+from gptjax.data import clean, formats, sources, tiny
 from gptjax.data import config as config_lib
 from gptjax.data.vocab import get_vocabulary
 
@@ -125,17 +126,9 @@ def _stage_share(records: list[dict], shares: dict[str, float], stage: str) -> l
     return [r for r in records if lo <= _hash(_prompt_of(r), "stage_split") < hi]
 
 
-def to_stage(rec: dict, fmt: str, stage: str) -> dict:
-    """A canonical record of ``fmt`` as the record a ``stage`` needs (rank -> best response, etc.)."""
-    if stage == "sft" and fmt == "rank":
-        return {"prompt": rec["prompt"], "response": rec["responses"][0]}
-    if stage == "prompts":
-        return {"prompt": rec["prompt"]}
-    return rec
-
-
 def load_records(data_cfg, stage: str, split: str, vocab, counts: dict[str, collections.Counter]):
     """Per source: the cleaned, deduplicated, split records for ``stage`` and ``split``."""
+    fmt = formats.get(stage)
     names = _stage_sources(data_cfg, stage)
     per_source: dict[str, list[dict]] = {}
     for name in names:
@@ -171,7 +164,7 @@ def load_records(data_cfg, stage: str, split: str, vocab, counts: dict[str, coll
             kept = _stage_share(records, shares, stage)
             counts[name]["stage_split_other_stages_excluded"] += len(records) - len(kept)
             records = kept
-        out[name] = [to_stage(r, src.format, stage) for r in records]
+        out[name] = [fmt.convert(r, src.format) for r in records]
     return out
 
 
@@ -208,11 +201,8 @@ class DataIterator:
         self.shard_index, self.num_shards = shard_index, num_shards
         self.vocab = get_vocabulary(data_cfg)
         self.pad_side = data_cfg.pad_side
-        overflow = data_cfg.overflow
-        if overflow == "auto":
-            overflow = "split" if stage == "pretrain" else "truncate"
-        if overflow == "split" and stage != "pretrain":
-            raise ValueError(f"data.overflow='split' is for pretraining only, not stage {stage!r}")
+        self.format = fmt = formats.get(stage)
+        overflow = fmt.overflow_policy(data_cfg.overflow)
         counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         per_source = load_records(data_cfg, stage, split, self.vocab, counts)
 
@@ -221,7 +211,7 @@ class DataIterator:
         self.texts: list[str] = []  # prompt (or text) of each row, for gold-reward evaluation
         uids: dict[str, np.ndarray] = {}
         for name, records in per_source.items():
-            items = convert.tokenize(stage, records, self.vocab, seq_len, overflow, counts[name])
+            items = fmt.tokenize(records, self.vocab, seq_len, overflow, counts[name])
             keep = [i for i, it in enumerate(items) if it is not None]
             uids[name] = np.arange(len(self.items), len(self.items) + len(keep), dtype=np.int64)
             self.items.extend(items[i] for i in keep)
@@ -233,30 +223,23 @@ class DataIterator:
                     f"data source {name!r} has no {split} examples for stage {stage!r} on shard "
                     f"{shard_index} of {num_shards} ({len(keep)} in all); add data or drop the source"
                 )
-        self.num_responses = 0
-        if stage == "rm":
-            most = max(len(it) for it in self.items)
-            self.num_responses = data_cfg.num_responses or most
-            over = sum(len(it) > self.num_responses for it in self.items)
-            if over:
-                counts["all"]["rankings_cut_to_num_responses"] += over
+        # The format's batcher lays items out in rows (and may count what its layout cuts, e.g. rankings
+        # beyond K); its position (consumed, offset) is the iterator's.
+        self._batcher = fmt.batcher(
+            self.items,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            pad_id=self.vocab.pad_id,
+            data_cfg=data_cfg,
+            overflow=overflow,
+            counts=counts,
+        )
         self._stats = {f"{name}/{k}": int(v) for name, c in counts.items() for k, v in sorted(c.items())}
         for key, value in self._stats.items():
             logging.info("data %s/%s: %s = %d", stage, split, key, value)
         rates = _stage_sources(data_cfg, stage)
         self._mixture = _register(stage, split, uids, {n: rates[n] for n in uids}, data_cfg.shuffle_buffer)
         self.num_examples = sum(len(u) for u in uids.values())
-        self._packer = None
-        if stage in ("pretrain", "sft"):
-            self._packer = convert.Packer(
-                self.items,
-                stage,
-                batch_size,
-                seq_len,
-                self.vocab.pad_id,
-                pack=data_cfg.pack,
-                split_docs=overflow == "split",
-            )
         self.set_state({"consumed": 0, "offset": 0})
 
     def _dataset(self, skip: int):
@@ -294,18 +277,8 @@ class DataIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._packer is not None:
-            batch = self._packer.batch(self._pull)
-            self._consumed, self._offset = self._packer.consumed, self._packer.offset
-        else:
-            uids = [self._pull() for _ in range(self.batch_size)]
-            self._consumed += len(uids)
-            if self.stage == "rm":
-                batch = convert.rm_batch(
-                    self.items, uids, self.num_responses, self.seq_len, self.vocab.pad_id
-                )
-            else:
-                batch = convert.prompt_batch(self.items, uids, self.seq_len, self.vocab.pad_id, self.pad_side)
+        batch = self._batcher.batch(self._pull)
+        self._consumed, self._offset = self._batcher.consumed, self._batcher.offset
         self._batches += 1
         return batch
 
@@ -330,8 +303,7 @@ class DataIterator:
                 )
         self._consumed, self._offset = int(state["consumed"]), int(state["offset"])
         self._batches = int(state.get("batches", 0))
-        if self._packer is not None:
-            self._packer.reset(self._consumed, self._offset)
+        self._batcher.reset(self._consumed, self._offset)
         self._ids = self._dataset(self._consumed)
 
     def stats(self) -> dict[str, int]:

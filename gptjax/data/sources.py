@@ -1,7 +1,7 @@
 """Reading records: local JSONL, text files, any TFDS dataset, or the built-in tiny task.
 
 Every source yields records in one of four canonical shapes (field names in the input are remapped by the
-source's ``fields`` section):
+source's ``fields`` section); each is parsed by the batch format it belongs to (``gptjax.data.formats``):
 
     text    {"text": str}                                    pretraining documents
     sft     {"prompt": str, "response": str}                 demonstrations (or chat ``messages``)
@@ -19,14 +19,13 @@ import collections
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from gptjax.data import tiny
-
-RenderChat = Callable[..., str]
+from gptjax.data import formats, tiny
+from gptjax.data.formats.fields import RenderChat
 
 
 def import_tf():
@@ -40,101 +39,13 @@ def import_tf():
     return tf
 
 
-def _str(rec: dict, key: str, where: str, fmt: str) -> str:
-    if key not in rec:
-        raise ValueError(
-            f"{where}: missing field {key!r} (format {fmt!r}; fields present: {sorted(rec)}; "
-            f"map another name with the source's fields.* option)"
-        )
-    value = rec[key]
-    if not isinstance(value, str):
-        raise TypeError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def _messages(rec: dict, key: str, where: str) -> list[dict]:
-    msgs = rec[key]
-    if isinstance(msgs, dict) and set(msgs) >= {"role", "content"}:  # TFDS Sequence of dicts: dict of lists
-        msgs = [{"role": r, "content": c} for r, c in zip(msgs["role"], msgs["content"], strict=True)]
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError(f"{where}: field {key!r} must be a non-empty list of messages, got {msgs!r:.80}")
-    for i, m in enumerate(msgs):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise TypeError(
-                f"{where}: field {key!r}[{i}] must have string 'role' and 'content', got {m!r:.80}"
-            )
-    return msgs
-
-
-def _prompt(rec: dict, f, where: str, fmt: str, render_chat: RenderChat) -> str:
-    if f.prompt not in rec and f.messages in rec:
-        return render_chat(_messages(rec, f.messages, where), add_generation_prompt=True)
-    return _str(rec, f.prompt, where, fmt)
-
-
 def parse_record(rec: Any, fmt: str, f, where: str, render_chat: RenderChat, counts: collections.Counter):
     """One raw record -> the canonical record of ``fmt``, or None when it is dropped (and counted)."""
     if not isinstance(rec, dict):
         raise TypeError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-    if fmt == "text":
-        return {"text": _str(rec, f.text, where, fmt)}
-    if fmt == "prompt":
-        return {"prompt": _prompt(rec, f, where, fmt, render_chat)}
-    if fmt == "sft":
-        if f.prompt not in rec and f.messages in rec:
-            msgs = _messages(rec, f.messages, where)
-            if msgs[-1]["role"] != "assistant":
-                raise ValueError(
-                    f"{where}: field {f.messages!r}: the last message must be the assistant's reply"
-                )
-            return {
-                "prompt": render_chat(msgs[:-1], add_generation_prompt=True),
-                "response": msgs[-1]["content"],
-            }
-        return {"prompt": _str(rec, f.prompt, where, fmt), "response": _str(rec, f.response, where, fmt)}
-    if fmt == "rank":
-        prompt = _prompt(rec, f, where, fmt, render_chat)
-        if f.responses in rec:
-            responses = rec[f.responses]
-            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-                raise ValueError(f"{where}: field {f.responses!r} must be a list of strings (best -> worst)")
-            if f.scores in rec:
-                scores = rec[f.scores]
-                if (
-                    not isinstance(scores, list)
-                    or len(scores) != len(responses)
-                    or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
-                ):
-                    raise ValueError(
-                        f"{where}: field {f.scores!r} must be a list of {len(responses)} numbers"
-                    )
-                order = sorted(range(len(responses)), key=lambda i: -scores[i])
-                responses, scores = [responses[i] for i in order], [scores[i] for i in order]
-            else:
-                scores = list(range(len(responses), 0, -1))
-        elif f.chosen in rec or f.rejected in rec:
-            responses = [_str(rec, f.chosen, where, fmt), _str(rec, f.rejected, where, fmt)]
-            scores = [1, 0]
-        else:
-            raise ValueError(
-                f"{where}: missing field {f.responses!r} (or {f.chosen!r}/{f.rejected!r}) for format "
-                f"'rank'; fields present: {sorted(rec)}"
-            )
-        kept, kept_scores = [], []
-        for r, s in zip(responses, scores, strict=True):
-            if r in kept or (kept_scores and s == kept_scores[-1]):  # a tie with a better-ranked response
-                counts["rank_tied_responses_dropped"] += 1
-                continue
-            kept.append(r)
-            kept_scores.append(s)
-        if len(kept) < 2:
-            counts["rank_records_dropped_ties"] += 1
-            return None
-        return {"prompt": prompt, "responses": kept}
+    unit = formats.of_record(fmt)  # the batch format whose own records these are parses them
+    if unit is not None:
+        return unit.parse(rec, f, where, render_chat, counts)
     raise ValueError(f"{where}: unknown format {fmt!r}")
 
 

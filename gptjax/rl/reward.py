@@ -20,7 +20,8 @@ from absl import logging
 from ml_collections import FrozenConfigDict
 
 from gptjax import checkpoint, data
-from gptjax.data import convert, pipeline
+from gptjax.data import formats, pipeline
+from gptjax.data.formats import rm as rm_format
 from gptjax.losses import ranking
 from gptjax.losses.ctx import Ctx, full_params
 
@@ -32,7 +33,7 @@ def ranked_batch(vocab, rankings: Sequence[tuple[str, Sequence[str]]], seq_len: 
     items = []
     for prompt, responses in rankings:
         recs = [{"prompt": prompt, "response": r} for r in responses]
-        seqs = convert.tokenize("sft", recs, vocab, seq_len, "truncate", counts)
+        seqs = formats.get("sft").tokenize(recs, vocab, seq_len, "truncate", counts)
         if any(x is None for x in seqs):  # a score must belong to its response: refuse rather than shift
             raise ValueError(
                 f"prompt {prompt[:60]!r} leaves no room for a response in {seq_len} tokens: raise "
@@ -40,7 +41,7 @@ def ranked_batch(vocab, rankings: Sequence[tuple[str, Sequence[str]]], seq_len: 
             )
         items.append(seqs)
     K = max(len(it) for it in items)
-    return convert.rm_batch(items, list(range(len(items))), K, seq_len, vocab.pad_id)
+    return rm_format.rm_batch(items, list(range(len(items))), K, seq_len, vocab.pad_id)
 
 
 _rewards = jax.jit(ranking.rewards)  # ctx is a pytree whose static fields are hashable (FrozenConfigDict)

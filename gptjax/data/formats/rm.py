@@ -1,0 +1,132 @@
+"""'rm': a prompt with K ranked responses per batch element, best -> worst (reward models, DPO, KTO).
+
+Record ``{"prompt": str, "responses": [str, ...]}`` best -> worst, K >= 2 (from ``responses`` with optional
+``scores``, or ``chosen`` / ``rejected``); ties are dropped and counted. Item: [(int32[m], p), ...], one
+BOS prompt response EOS per response that fits; a ranking left with fewer than 2 is dropped. K is
+``data.num_responses`` (0: the most any record has); rankings with more are cut to their best K (counted).
+Batch: ``tokens_BKL`` (right-padded), ``lengths_BK``, ``prompt_lengths_BK``, ``valid_BK`` (False where a
+prompt has fewer than K responses).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gptjax.data.formats import Format, batching, fields
+
+
+def parse(rec: dict, f, where: str, render_chat, counts) -> dict | None:
+    prompt = fields.prompt(rec, f, where, "rank", render_chat)
+    if f.responses in rec:
+        responses = rec[f.responses]
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise ValueError(f"{where}: field {f.responses!r} must be a list of strings (best -> worst)")
+        if f.scores in rec:
+            scores = rec[f.scores]
+            if (
+                not isinstance(scores, list)
+                or len(scores) != len(responses)
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+            ):
+                raise ValueError(f"{where}: field {f.scores!r} must be a list of {len(responses)} numbers")
+            order = sorted(range(len(responses)), key=lambda i: -scores[i])
+            responses, scores = [responses[i] for i in order], [scores[i] for i in order]
+        else:
+            scores = list(range(len(responses), 0, -1))
+    elif f.chosen in rec or f.rejected in rec:
+        responses = [
+            fields.string(rec, f.chosen, where, "rank"),
+            fields.string(rec, f.rejected, where, "rank"),
+        ]
+        scores = [1, 0]
+    else:
+        raise ValueError(
+            f"{where}: missing field {f.responses!r} (or {f.chosen!r}/{f.rejected!r}) for format "
+            f"'rank'; fields present: {sorted(rec)}"
+        )
+    kept, kept_scores = [], []
+    for r, s in zip(responses, scores, strict=True):
+        if r in kept or (kept_scores and s == kept_scores[-1]):  # a tie with a better-ranked response
+            counts["rank_tied_responses_dropped"] += 1
+            continue
+        kept.append(r)
+        kept_scores.append(s)
+    if len(kept) < 2:
+        counts["rank_records_dropped_ties"] += 1
+        return None
+    return {"prompt": prompt, "responses": kept}
+
+
+def tokenize(records: list[dict], vocab, seq_len: int, overflow: str, counts) -> list:
+    items: list = []
+    for rec in records:
+        prompt = [vocab.bos_id] + vocab.encode(rec["prompt"])
+        seqs = []
+        for r in rec["responses"]:
+            toks = batching.cut(
+                prompt + vocab.encode(r) + [vocab.eos_id], seq_len, overflow, counts, "ranked_responses"
+            )
+            if toks is not None and len(toks) > len(prompt):
+                seqs.append((np.asarray(toks, np.int32), len(prompt)))
+            elif toks is not None:
+                counts["ranked_responses_dropped_prompt_fills_context"] += 1
+        if len(seqs) < 2:
+            counts["rankings_dropped_fewer_than_2_responses_fit"] += 1
+            seqs = None
+        items.append(seqs)
+    return items
+
+
+def rm_batch(items: list, uids: list[int], num_responses: int, seq_len: int, pad_id: int):
+    """[B, K, L] prompt+response tokens (right-padded), best -> worst along K, with a validity mask."""
+    B, K, L = len(uids), num_responses, seq_len
+    tokens = np.full((B, K, L), pad_id, np.int32)
+    lengths = np.zeros((B, K), np.int32)
+    prompt_lengths = np.zeros((B, K), np.int32)
+    valid = np.zeros((B, K), bool)
+    for b, uid in enumerate(uids):
+        for k, (toks, p) in enumerate(items[uid][:K]):
+            tokens[b, k, : len(toks)] = toks
+            lengths[b, k], prompt_lengths[b, k], valid[b, k] = len(toks), p, True
+    return {
+        "tokens_BKL": tokens,
+        "lengths_BK": lengths,
+        "prompt_lengths_BK": prompt_lengths,
+        "valid_BK": valid,
+    }
+
+
+def batcher(items, *, batch_size, seq_len, pad_id, data_cfg, overflow, counts) -> batching.Rows:
+    del overflow
+    K = data_cfg.num_responses or max(len(it) for it in items)
+    over = sum(len(it) > K for it in items)
+    if over:
+        counts["all"]["rankings_cut_to_num_responses"] += over
+    return batching.Rows(lambda uids: rm_batch(items, uids, K, seq_len, pad_id), batch_size)
+
+
+def shapes(batch_size: int, seq_len: int, data_cfg) -> dict:
+    K = int(data_cfg.get("num_responses", 0) or 0)
+    if K < 2:
+        # A real iterator reads K off its records; shapes without records need it named.
+        raise ValueError(
+            "config.data.num_responses must name K (the responses per prompt) to plan an rm stage"
+        )
+    B, L = batch_size, seq_len
+    return {
+        "tokens_BKL": ((B, K, L), np.int32),
+        "lengths_BK": ((B, K), np.int32),
+        "prompt_lengths_BK": ((B, K), np.int32),
+        "valid_BK": ((B, K), np.bool_),
+    }
+
+
+FORMAT = Format(
+    name="rm",
+    what="rankings",
+    record="rank",
+    parse=parse,
+    tokenize=tokenize,
+    batcher=batcher,
+    shapes=shapes,
+)
