@@ -86,16 +86,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
-    from gptjax import checkpoint, train
-
-    from gptjax.rl import bon
-
-    from gptjax.train import defaults
-
+    from gptjax import evals, train
+    from gptjax.data import get_vocabulary
+    from gptjax.evals import gold as gold_eval
     from gptjax.research import report
-
-    from gptjax.rl import reward
-    from gptjax.data import get_vocabulary, tiny
+    from gptjax.rl import bon
+    from gptjax.train import defaults
 
     train.setup_logging()
     if not os.path.isdir(os.path.join(FLAGS.base, "sft")):
@@ -109,8 +105,15 @@ def main(argv):
     proxies = {size: train_proxy(size, root) for size in sizes}
 
     # best-of-n: one pool of SFT samples, scored by every proxy
-    prompts = tiny.eval_prompts(n=FLAGS.eval_prompts)
-    sft = checkpoint.load_model(os.path.join(FLAGS.base, "sft"))
+    # the evaluators' held-out prompts, gold reward and reward-model scorer (``gptjax.evals``)
+    gold_opts = evals.evaluator("gold").options_of({"prompts": FLAGS.eval_prompts})
+    prompts, gold = gold_eval.prompts_of(gold_opts), gold_eval.gold_of(gold_opts)
+    no_models = evals.Inputs.of_models({}, vocab)
+
+    def scorer(rm_dir):
+        return gold_eval.reward_fn(no_models, rm_dir, rm_config.train.seq_len)
+
+    sft = evals.load_model(os.path.join(FLAGS.base, "sft"))
     pool_path = os.path.join(root, "bon_pool.json")
     if os.path.exists(pool_path):
         with open(pool_path) as f:
@@ -123,8 +126,8 @@ def main(argv):
             prompts,
             n=FLAGS.n_max,
             rng=jax.random.key(5),
-            reward_fn=reward.scorer(first, vocab, rm_config.train.seq_len),
-            gold=tiny.gold_reward,
+            reward_fn=scorer(first),
+            gold=gold,
         )
         pool = {"texts": scored["texts"], "gold_BN": scored["gold_BN"].tolist()}
         with open(pool_path, "w") as f:
@@ -136,7 +139,7 @@ def main(argv):
     scores = json.load(open(scores_path)) if os.path.exists(scores_path) else {}
     for size, rm_dir in proxies.items():
         if str(size) not in scores:
-            score = reward.scorer(rm_dir, vocab, rm_config.train.seq_len)
+            score = scorer(rm_dir)
             scores[str(size)] = [
                 np.concatenate(score([(p, list(t))])).tolist()
                 for p, t in zip(prompts, pool["texts"], strict=True)

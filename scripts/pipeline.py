@@ -16,30 +16,19 @@ greedy answers are scored too.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-import jax
 from absl import app, flags, logging
-from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, train
-
-from gptjax.train import defaults
-
-from gptjax.evals import evaluate
-
-from gptjax.research import report
-
-from gptjax.rl import reward
-
-from gptjax.train import step
+from gptjax import checkpoint, evals, train
 from gptjax.data import get_vocabulary, tiny
+from gptjax.research import iterate, report
+from gptjax.train import defaults
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
 INIT_FROM = {"pretrain": "", "sft": "pretrain", "rm": "sft", "dpo": "sft", "ppo": ""}
-POLICY_ROLE = {"ppo": "policy"}  # the LM role of a multi-role stage
+finished = iterate.finished
 
 flags.DEFINE_string("workdir", "runs/demo", "Where each stage's run and the report go.")
 flags.DEFINE_string("config", "configs/tiny.py", "Config file; its arg selects the stage.")
@@ -85,89 +74,40 @@ def demo_reward(n: int = 500) -> float:
     return sum(tiny.gold_reward(r["prompt"], r["response"]) for r in recs) / len(recs)
 
 
-def finished(workdir: str, steps: int) -> bool:
-    try:
-        return checkpoint.load_meta(workdir)[0] >= steps
-    except FileNotFoundError:
-        return False
-
-
-def reward_scorer(vocab):
-    """The RM's scores of (prompt, [responses]) lists, or None before the RM stage has run."""
-    rm_dir = os.path.join(FLAGS.workdir, "rm")
-    if not finished(rm_dir, 1):
-        return None
-    rm_config = stage_config("rm")
-    cfg, params = checkpoint.load_model(rm_dir)
-    ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(rm_config.loss))
-    return lambda rankings: reward.score(ctx, params, vocab, rankings, rm_config.train.seq_len)
+def eval_prompts() -> int:
+    return 40 if FLAGS.quick else FLAGS.eval_prompts
 
 
 def compare(stage: str, workdir: str, vocab) -> dict:
-    """Sampled gold reward (mean, SE), RM reward and KL to SFT of the stage's policy (and PPO's EMA), with
-    the SFT model's numbers on the same prompts and keys for the paired difference."""
-    policies = {stage: checkpoint.load_model(workdir, role=POLICY_ROLE.get(stage))}
-    if stage == "ppo":
-        policies["ppo_ema"] = checkpoint.load_model(workdir, role="policy", ema=True)
-    sft = checkpoint.load_model(os.path.join(FLAGS.workdir, "sft"))
-    if stage != "sft":
-        policies["sft"] = sft
-    n = 40 if FLAGS.quick else FLAGS.eval_prompts
-    out = evaluate.compare_policies(
-        policies,
-        vocab,
-        tiny.eval_prompts(n=n),
-        tiny.gold_reward,
-        rng=jax.random.key(1),
-        ref=sft,
-        reward_fn=reward_scorer(vocab),
-        samples_per_prompt=FLAGS.eval_samples,
+    return iterate.compare(
+        FLAGS.workdir, stage, workdir, vocab, prompts=eval_prompts(), samples=FLAGS.eval_samples
     )
-    for name in policies:
-        if name != "sft" and "sft" in out:
-            diff, se = evaluate.paired_difference(out[name], out["sft"])
-            out[name].update(gold_vs_sft=diff, gold_vs_sft_se=se, gold_vs_sft_z=diff / max(se, 1e-12))
-    return out
 
 
 def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
-    """The stage's numbers for the report: gold reward of greedy and sampled answers (LM stages), or the
-    reward model's held-out accuracy, gold agreement and the demonstrations' mean reward (RM)."""
+    """The stage's numbers for the report, from the evaluators: gold reward of greedy and sampled answers
+    (LM stages), or the reward model's held-out accuracy, gold agreement and the demonstrations' mean reward
+    (RM)."""
     out = {"final_train_loss": report.last_row(workdir).get("loss")}
     if stage == "rm":
-        cfg, params = checkpoint.load_model(workdir)
-        ctx = step.Ctx(model_cfg=cfg, loss_cfg=FrozenConfigDict(config.loss))
-        n = 40 if FLAGS.quick else 200
-        held_out = [
-            (r["prompt"], r["responses"]) for r in tiny.records("rank", "validation", config.data.tiny)
-        ]
-        out.update(
-            reward.evaluate_rm(ctx, params, vocab, held_out[:n], config.train.seq_len, tiny.gold_reward)
-        )
-        demos = reward.demonstrations(config.normalize.data, vocab, 256)
-        scores = reward.score(ctx, params, vocab, demos, config.train.seq_len)
-        out["demo_reward_mean"] = float(sum(float(s[0]) for s in scores) / len(scores))
+        out.update(iterate.rm_numbers(config, workdir, vocab, 40 if FLAGS.quick else 200))
         return out
     if stage == "pretrain":  # a pretrained model only continues text (it never answers): loss alone
         return out
     if stage == "ppo":
         out["final_train_loss"] = report.last_row(workdir).get("policy_loss")
         out["rollouts"] = report.last_row(workdir, "rollout")
-    cfg, params = checkpoint.load_model(workdir, role=POLICY_ROLE.get(stage))
-    prompts = tiny.eval_prompts(n=FLAGS.eval_prompts if not FLAGS.quick else 40)
-    greedy = evaluate.gold_reward_eval(cfg, params, vocab, prompts, tiny.gold_reward, rng=jax.random.key(0))
-    out.update({f"greedy_{k}" if k != "samples" else k: v for k, v in greedy.items()})
+    policy = checkpoint.load_model(workdir, role=iterate.POLICY_ROLE.get(stage))
+    out.update(iterate.greedy(policy, vocab, FLAGS.eval_prompts if not FLAGS.quick else 40))
     if stage == "sft":  # sampled answers: compared with each later policy on the same prompts and keys
         return out
     sampled = compare(stage, workdir, vocab)
     out.update({k: v for k, v in sampled.pop(stage).items() if k != "per_prompt"})
     out["compared"] = {name: {k: v for k, v in r.items() if k != "per_prompt"} for name, r in sampled.items()}
     if stage == "ppo":
-        ema_cfg, ema = checkpoint.load_model(workdir, role="policy", ema=True)
-        greedy = evaluate.gold_reward_eval(
-            ema_cfg, ema, vocab, prompts, tiny.gold_reward, rng=jax.random.key(0)
-        )
-        out["compared"]["ppo_ema"]["greedy_gold_reward"] = greedy["gold_reward"]
+        ema = checkpoint.load_model(workdir, role="policy", ema=True)
+        greedy = iterate.greedy(ema, vocab, FLAGS.eval_prompts if not FLAGS.quick else 40)
+        out["compared"]["ppo_ema"]["greedy_gold_reward"] = greedy["greedy_gold_reward"]
     if stage == "dpo":
         out["eval_margin"] = report.last_row(workdir, "eval").get("margin")
     return out
@@ -184,11 +124,10 @@ def main(argv):
     for stage in FLAGS.stages:
         workdir = os.path.join(FLAGS.workdir, stage)
         config = stage_config(stage)
-        saved = os.path.join(workdir, "results.json")
-        if finished(workdir, config.train.steps) and os.path.exists(saved):
+        saved = evals.read_results(workdir)  # the loop's evaluators write there too: ours is a key of it
+        if finished(workdir, config.train.steps) and "final_train_loss" in saved:
             logging.info("=== stage %s: finished in %s, not trained again", stage, workdir)
-            with open(saved) as f:
-                results[stage] = json.load(f)
+            results[stage] = saved
             continue
         logging.info("=== stage %s -> %s", stage, workdir)
         start = time.perf_counter()
@@ -196,98 +135,28 @@ def main(argv):
         trained = time.perf_counter()
         results[stage] = evaluate_stage(stage, config, workdir, get_vocabulary(config.data))
         results[stage].update(train_s=trained - start, eval_s=time.perf_counter() - trained)
-        with open(saved, "w") as f:
-            json.dump(results[stage], f, indent=1)
+        results[stage] = evals.merge_results(workdir, results[stage])
     if FLAGS.rounds:
         if "ppo" not in results:
             raise app.UsageError("--rounds needs the ppo stage (the first round's policy)")
-        results["rounds"] = iterate(results)
+        results["rounds"] = rounds(results)
     write_report(results)
 
 
-def iterate(results: dict) -> list[dict]:
-    """Iterated RLHF (``--rounds``): per round, K = 4 samples of the current policy on fresh RM-bucket
-    prompts ranked by the simulated labelers, an RM from SFT on all comparisons so far (the original ones
-    included), PPO from the current policy (reference: SFT; critic: the new RM) against it, and the gold
-    reward of the new policy against SFT's on the held-out prompts. Finished rounds are not rerun."""
-    from gptjax import data
-    from gptjax.rl import bon
-
-    vocab = get_vocabulary(stage_config("sft").data)
-    sft_dir = os.path.join(FLAGS.workdir, "sft")
-    policy_dir, rank_files, rows = os.path.join(FLAGS.workdir, "ppo"), [], []
-    ppo = results["ppo"]
-    rows.append(
-        {
-            "round": 0,
-            "gold": ppo["gold_reward_mean"],
-            "gold_se": ppo["gold_reward_se"],
-            "gold_vs_sft": ppo.get("gold_vs_sft"),
-            "kl": ppo.get("kl_to_ref"),
-            "rm_accuracy": results.get("rm", {}).get("pairwise_accuracy"),
-        }
+def rounds(results: dict) -> list[dict]:
+    """Iterated RLHF (``--rounds``, ``gptjax.research.iterate``): finished rounds are not rerun."""
+    return iterate.rounds(
+        FLAGS.workdir,
+        FLAGS.config,
+        FLAGS.rounds,
+        first=results["ppo"],
+        rm_first=results.get("rm"),
+        rm_config=stage_config("rm"),
+        prompts_per_round=FLAGS.round_prompts,
+        eval_prompts=eval_prompts(),
+        eval_samples=FLAGS.eval_samples,
+        rm_examples=40 if FLAGS.quick else 200,
     )
-    for r in range(1, FLAGS.rounds + 1):
-        root = os.path.join(FLAGS.workdir, f"round_{r}")
-        saved = os.path.join(root, "results.json")
-        comparisons = os.path.join(root, "comparisons.jsonl")
-        rank_files.append(comparisons)
-        if os.path.exists(saved):
-            with open(saved) as f:
-                rows.append(json.load(f))
-            policy_dir = os.path.join(root, "ppo")
-            continue
-        os.makedirs(root, exist_ok=True)
-        start = time.perf_counter()
-        if not os.path.exists(comparisons):
-            cfg, params = checkpoint.load_model(policy_dir, role="policy")
-            prompts = tiny.rm_prompts(100 + r, FLAGS.round_prompts)
-            texts, _ = bon.sample(
-                cfg, params, vocab, prompts, n=4, rng=jax.random.key(100 + r), max_new_tokens=16
-            )
-            samples = [texts[i * 4 : (i + 1) * 4] for i in range(len(prompts))]
-            records, skipped = tiny.label_samples(100 + r, prompts, samples)
-            logging.info(
-                "round %d: %d prompts ranked, %d with < 2 distinct samples skipped", r, len(records), skipped
-            )
-            with open(comparisons + ".tmp", "w") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec in records)
-            os.replace(comparisons + ".tmp", comparisons)
-        rm_config = stage_config("rm")
-        rm_config.unlock()
-        for i, path in enumerate(rank_files):
-            rm_config.data.sources[f"round_{i + 1}"] = data.source(format="rank", path=path)
-        rm_config.lock()
-        rm_dir = os.path.join(root, "rm")
-        if not finished(rm_dir, rm_config.train.steps):
-            train.run(rm_config, rm_dir)
-        rm_eval = evaluate_stage("rm", rm_config, rm_dir, vocab)
-        ppo_config = defaults.load_config(f"{FLAGS.config}:stage=ppo,sft={sft_dir},rm={rm_dir}")
-        ppo_config.unlock()
-        ppo_config.roles.policy.init_from = policy_dir
-        ppo_config.roles.policy.init_role = "policy"
-        ppo_config.lock()
-        ppo_dir = os.path.join(root, "ppo")
-        if not finished(ppo_dir, ppo_config.train.steps):
-            train.run(ppo_config, ppo_dir)
-        policy_dir = ppo_dir
-        cmp = compare("ppo", ppo_dir, vocab)["ppo"]
-        row = {
-            "round": r,
-            "gold": cmp["gold_reward_mean"],
-            "gold_se": cmp["gold_reward_se"],
-            "gold_vs_sft": cmp["gold_vs_sft"],
-            "gold_vs_sft_se": cmp["gold_vs_sft_se"],
-            "kl": cmp.get("kl_to_ref"),
-            "rm_accuracy": rm_eval["pairwise_accuracy"],
-            "rm_gold_agreement": rm_eval.get("gold_agreement"),
-            "comparisons_files": len(rank_files),
-            "wall_s": time.perf_counter() - start,
-        }
-        with open(saved, "w") as f:
-            json.dump(row, f, indent=1)
-        rows.append(row)
-    return rows
 
 
 def policy_rows(results: dict) -> dict[str, dict]:

@@ -1,4 +1,5 @@
-"""Gold-reward evaluation: sample responses to held-out prompts and score them with a programmatic reward."""
+"""Sampling policies on held-out prompts and scoring the samples (gold reward, reward-model score, KL), and
+held-out text loss: the computations the evaluators (``gptjax.evals.gold``, ``kl``, ...) are made of."""
 
 from __future__ import annotations
 
@@ -150,52 +151,85 @@ def compare_policies(
     max_new_tokens: int = 24,
     batch_size: int = 128,
 ) -> dict[str, dict[str, float]]:
-    """Each policy's gold reward on ``samples_per_prompt`` samples of every prompt (mean, and its standard
-    error over prompts), the reward model's mean score (``reward_fn``), KL(policy || ref) per response
-    (mean of log pi - log ref over the samples, at the sampling temperature), EOS rate and length.
+    """``policy_result`` of each policy: every policy answers the same prompts with the same keys, so
+    differences can be paired by prompt (``paired_difference``)."""
+    kw = dict(
+        ref=ref,
+        reward_fn=reward_fn,
+        samples_per_prompt=samples_per_prompt,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    return {
+        name: policy_result(cfg, params, vocab, prompts, gold, rng=rng, **kw)
+        for name, (cfg, params) in policies.items()
+    }
 
-    Every policy answers the same prompts with the same keys, so differences can be paired by prompt:
-    ``per_prompt`` (kept in the result) holds each prompt's mean gold reward.
+
+def policy_result(
+    cfg: model.ModelConfig,
+    params: Any,
+    vocab: Any,
+    prompts: Sequence[str],
+    gold: GoldFn | None,
+    *,
+    rng: jax.Array,
+    ref: tuple[model.ModelConfig, Any] | None = None,
+    reward_fn: Callable[[list[tuple[str, list[str]]]], list[np.ndarray]] | None = None,
+    samples_per_prompt: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 24,
+    batch_size: int = 128,
+) -> dict[str, Any]:
+    """A policy's gold reward on ``samples_per_prompt`` samples of every prompt (mean, and its standard
+    error over prompts), the reward model's mean score (``reward_fn``), KL(policy || ref) per response
+    (mean of log pi - log ref over the samples, at the sampling temperature, and its standard error over
+    prompts), EOS rate and length. ``per_prompt`` holds each prompt's mean gold reward (for pairing).
     """
     rep = [p for p in prompts for _ in range(samples_per_prompt)]
-    out: dict[str, dict[str, Any]] = {}
-    for name, (cfg, params) in policies.items():
-        texts, ended, lengths, kls = [], [], [], []
-        batches = sample_batches(
-            cfg, params, vocab, prompts, samples_per_prompt, rng, max_new_tokens, temperature, batch_size
-        )
-        for chunk, t, e, n, tokens_BL, plen_B, len_B in batches:
-            texts += t
-            ended += list(e)
-            lengths += list(n)
-            if ref is not None:
-                lp = _seq_logprobs(cfg, params, tokens_BL, plen_B, len_B, temperature)
-                lr = _seq_logprobs(ref[0], ref[1], tokens_BL, plen_B, len_B, temperature)
-                kls += list(np.asarray(lp - lr)[: len(chunk)])
+    texts, ended, lengths, kls = [], [], [], []
+    batches = sample_batches(
+        cfg, params, vocab, prompts, samples_per_prompt, rng, max_new_tokens, temperature, batch_size
+    )
+    for chunk, t, e, n, tokens_BL, plen_B, len_B in batches:
+        texts += t
+        ended += list(e)
+        lengths += list(n)
+        if ref is not None:
+            lp = _seq_logprobs(cfg, params, tokens_BL, plen_B, len_B, temperature)
+            lr = _seq_logprobs(ref[0], ref[1], tokens_BL, plen_B, len_B, temperature)
+            kls += list(np.asarray(lp - lr)[: len(chunk)])
+    res: dict[str, Any] = {}
+    if gold is not None:
         g = np.array([gold(p, x, finished=bool(e)) for p, x, e in zip(rep, texts, ended, strict=True)])
         per_prompt = g.reshape(len(prompts), samples_per_prompt).mean(axis=1)
-        res = {
-            "gold_reward_mean": float(g.mean()),
-            "gold_reward_se": float(per_prompt.std(ddof=1) / np.sqrt(len(prompts))),
-            "eos_rate": float(np.mean(ended)),
-            "mean_length": float(np.mean(lengths)),
-            "n_samples": len(g),
-            "per_prompt": per_prompt.tolist(),
-            "examples": [
+        res.update(
+            gold_reward_mean=float(g.mean()),
+            gold_reward_se=_se(per_prompt),
+            per_prompt=per_prompt.tolist(),
+            examples=[
                 {"prompt": p, "response": x, "gold_reward": float(r)}
                 for p, x, r in list(zip(rep, texts, g, strict=True))[
                     : 8 * samples_per_prompt : samples_per_prompt
                 ]
             ],
-        }
-        if kls:
-            res["kl_to_ref"] = float(np.mean(kls))
-        if reward_fn is not None:
-            res["rm_reward_mean"] = float(
-                np.mean(np.concatenate(reward_fn([(p, [x]) for p, x in zip(rep, texts, strict=True)])))
-            )
-        out[name] = res
-    return out
+        )
+    res.update(eos_rate=float(np.mean(ended)), mean_length=float(np.mean(lengths)), n_samples=len(texts))
+    if kls:
+        res["kl_to_ref"] = float(np.mean(kls))
+        res["kl_to_ref_se"] = _se(np.reshape(kls, (len(prompts), samples_per_prompt)).mean(axis=1))
+    if reward_fn is not None:
+        res["rm_reward_mean"] = float(
+            np.mean(np.concatenate(reward_fn([(p, [x]) for p, x in zip(rep, texts, strict=True)])))
+        )
+    return res
+
+
+def _se(per_prompt: np.ndarray) -> float:
+    """Standard error of the mean over prompts (0 for one prompt)."""
+    n = len(per_prompt)
+    return float(np.std(per_prompt, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
 @functools.cache

@@ -12,9 +12,9 @@ Every point trains one run (``train.run``; a finished point is not trained again
 from its checkpoint) from the SFT / RM checkpoints under ``--base`` (values ``{sft}`` / ``{rm}`` in args and
 overrides name them), then evaluates its policy (and EMA policy, where the run keeps one) on held-out prompts
 against the SFT model with the same prompts and sampling keys: sampled gold reward, paired difference to SFT,
-reward-model score and KL to SFT (``evaluate.compare_policies``). A point may instead be best-of-n sampling
-of the SFT model (no training). Points sharing a label are seeds: the table reports their mean and the
-standard error over seeds.
+reward-model score and KL to SFT (the ``gold`` evaluator, ``gptjax.evals``). A point may instead be
+best-of-n sampling of the SFT model (the ``best_of_n`` evaluator, no training). Points sharing a label are
+seeds: the table reports their mean and the standard error over seeds.
 """
 
 from __future__ import annotations
@@ -120,54 +120,47 @@ def point_config(config_file: str, point: Point, base: str):
 
 
 class Evaluator:
-    """Policies on held-out prompts against the SFT model under ``base`` (same prompts and keys)."""
+    """Policies on held-out prompts against the SFT model under ``base`` (same prompts and keys): the gold,
+    text_loss and best_of_n evaluators (``gptjax.evals``) with the base's SFT model as reference and its RM
+    as reward model."""
 
     def __init__(self, config_file: str, base: str, eval_prompts: int, samples: int, text_loss: bool = False):
-        import jax
-
-        from gptjax import checkpoint
-
+        from gptjax import evals
+        from gptjax.data import get_vocabulary
         from gptjax.train import defaults
 
-        from gptjax.rl import reward
-        from gptjax.data import get_vocabulary, tiny
-
-        self.base, self.samples = base, samples
+        self.base, self.samples, self.eval_prompts = base, samples, eval_prompts
         # held-out text: the validation split of the config file's pretraining data, at its sequence length
         self.text = defaults.load_config(f"{config_file}:stage=pretrain") if text_loss else None
         rm_config = defaults.load_config(f"{config_file}:stage=rm")
         self.vocab = get_vocabulary(rm_config.data)
-        self.reward_fn = reward.scorer(os.path.join(base, "rm"), self.vocab, rm_config.train.seq_len)
-        self.sft = checkpoint.load_model(os.path.join(base, "sft"))
-        self.prompts = tiny.eval_prompts(n=eval_prompts)
-        self.gold = tiny.gold_reward
-        self.rng = jax.random.key(1)
+        self.sft_dir, self.rm_dir = os.path.join(base, "sft"), os.path.join(base, "rm")
+        self.sft = evals.load_model(self.sft_dir)
+        # the RM scores at the sequence length of the config file's RM stage
+        self.scoring = {
+            "reward": self.rm_dir,
+            "reward_seq_len": rm_config.train.seq_len,
+            "prompts": eval_prompts,
+        }
         self._sft_result: dict | None = None
 
-    def compare(self, policies: dict) -> dict[str, dict]:
-        from gptjax.evals import evaluate
+    def measure(self, name: str, cfg_params: tuple, **opts) -> dict:
+        from gptjax import evals
 
-        return evaluate.compare_policies(
-            policies,
-            self.vocab,
-            self.prompts,
-            self.gold,
-            rng=self.rng,
-            ref=self.sft,
-            reward_fn=self.reward_fn,
-            samples_per_prompt=self.samples,
-        )
+        return evals.measure(name, evals.Inputs.of_models({"policy": cfg_params}, self.vocab), **opts)
+
+    def compare(self, policies: dict) -> dict[str, dict]:
+        """The gold evaluator (sampled, with KL to SFT and the RM's score) of each policy."""
+        opts = dict(samples=self.samples, greedy=False, ref=self.sft_dir, **self.scoring)
+        return {name: self.measure("gold", model, **opts) for name, model in policies.items()}
 
     def add_text_loss(self, results: dict[str, dict], load) -> bool:
         """Each policy's held-out text loss into its results, where wanted and missing (``load(name)`` gives
         that policy's (cfg, params)); whether any was added."""
-        from gptjax.evals import evaluate
-
         missing = [name for name, r in results.items() if self.text is not None and "text_loss" not in r]
         for name in missing:
-            cfg, params = load(name)
             d, t = self.text.data, self.text.train
-            results[name].update(evaluate.text_loss(cfg, params, d, seq_len=t.seq_len))
+            results[name].update(self.measure("text_loss", load(name), data=d, seq_len=t.seq_len))
         return bool(missing)
 
     def sft_result(self, cache: str) -> dict:
@@ -186,41 +179,18 @@ class Evaluator:
         return self._sft_result
 
     def best_of_n(self, n: int, seed: int) -> dict:
-        """Best-of-n of the SFT model: gold and RM score of the RM-best of n samples per prompt (one sample
-        pool of n per prompt), KL log n - (n - 1) / n."""
-        import jax
-
-        from gptjax.rl import bon
-
-        pool = bon.sample_and_score(
-            *self.sft,
-            self.vocab,
-            self.prompts,
-            n=n,
-            rng=jax.random.fold_in(self.rng, 1000 + seed),
-            reward_fn=self.reward_fn,
-            gold=self.gold,
-        )
-        best = bon.pick_best(pool["proxy_BN"])
-        rows = np.arange(len(best))
-        gold_B = pool["gold_BN"][rows, best]
-        return {
-            "gold_reward_mean": float(gold_B.mean()),
-            "gold_reward_se": float(gold_B.std(ddof=1) / math.sqrt(len(gold_B))),
-            "per_prompt": gold_B.tolist(),
-            "rm_reward_mean": float(pool["proxy_BN"][rows, best].mean()),
-            "kl_to_ref": float(bon.kl_bon(n)),
-            "eos_rate": float(pool["ended_BN"][rows, best].mean()),
-        }
+        """The best_of_n evaluator on the SFT model: gold and RM score of the RM-best of n samples per prompt
+        (one sample pool of n per prompt, the ``seed``-th draw), KL log n - (n - 1) / n."""
+        return self.measure("best_of_n", self.sft, n=n, draw=seed, **self.scoring)
 
 
 def run_point(config_file: str, point: Point, base: str, root: str, evaluator: Evaluator) -> dict:
-    """Train (unless finished) and evaluate one point; its results.json is the resume marker."""
-    from gptjax import checkpoint, train
+    """Train (unless finished) and evaluate one point; the 'results' key of its results.json (where the
+    loop's own evaluators write too) is the resume marker."""
+    from gptjax import checkpoint, evals, train
     from gptjax.evals import evaluate
 
     workdir = os.path.join(root, point.name)
-    saved = os.path.join(workdir, "results.json")
 
     def policies(config) -> dict:
         """The run's policy and (where it keeps one) EMA policy, each loaded when called."""
@@ -230,9 +200,8 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
             out["ema"] = lambda: checkpoint.load_model(workdir, role=role, ema=True)
         return out
 
-    if os.path.exists(saved):
-        with open(saved) as f:
-            out = json.load(f)
+    out = evals.read_results(workdir)
+    if "results" in out:
         # a finished point evaluated before a metric was asked for: add it from the run's checkpoints
         if evaluator.text is not None and not point.best_of_n:
 
@@ -240,8 +209,7 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
                 return policies(point_config(config_file, point, base))[name]()
 
             if evaluator.add_text_loss(out["results"], load):
-                with open(saved, "w") as f:
-                    json.dump(out, f, indent=1)
+                evals.merge_results(workdir, out)
         return out
     os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()
@@ -266,9 +234,7 @@ def run_point(config_file: str, point: Point, base: str, root: str, evaluator: E
         "results": results,
         "wall_s": time.perf_counter() - start,
     }
-    with open(saved, "w") as f:
-        json.dump(out, f, indent=1)
-    return out
+    return evals.merge_results(workdir, out)
 
 
 def summarise(runs: list[dict]) -> list[dict]:
