@@ -15,10 +15,10 @@ import numpy as np
 
 from gptjax.evals.gold import gold_of, prompts_of, reward_fn
 from gptjax.evals.unit import Evaluator, Inputs
+from gptjax.rl import bon
 
 
 def best_of_n(inputs: Inputs, opts) -> dict[str, Any]:
-    from gptjax.rl import bon
 
     cfg, params = inputs.model("lm")
     pool = bon.sample_and_score(

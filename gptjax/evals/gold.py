@@ -9,12 +9,18 @@ and differences pair by prompt (``evaluate.paired_difference`` on ``per_prompt``
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
+from ml_collections import FrozenConfigDict
 
+from gptjax import checkpoint
+from gptjax.data import tiny
 from gptjax.evals import evaluate
 from gptjax.evals.unit import Evaluator, Inputs, import_spec
+from gptjax.losses.ctx import Ctx
+from gptjax.rl import reward
 
 GREEDY_SEED, GREEDY_BATCH = 0, 100  # the greedy pass's key (unused at temperature 0) and batch rows
 
@@ -23,7 +29,6 @@ def prompts_of(opts, where: str = "prompts_fn") -> list[str]:
     """``opts.prompts`` held-out prompts: the tiny task's, or ``opts.prompts_fn(n)``'s."""
     if opts.prompts_fn:
         return list(import_spec(opts.prompts_fn, where)(opts.prompts))
-    from gptjax.data import tiny
 
     return tiny.eval_prompts(n=opts.prompts)
 
@@ -32,7 +37,6 @@ def gold_of(opts):
     """The gold reward ``f(prompt, response, finished=bool)``: the tiny task's, or ``opts.gold``."""
     if opts.gold:
         return import_spec(opts.gold, "gold")
-    from gptjax.data import tiny
 
     return tiny.gold_reward
 
@@ -40,11 +44,6 @@ def gold_of(opts):
 def reward_fn(inputs: Inputs, ref: str, seq_len: int = 0):
     """``f(rankings) -> scores`` of the reward model ``ref`` ('@reward' or a path), scoring as it was
     trained to (its run's loss.reward_at) at its run's sequence length unless ``seq_len`` is given."""
-    from ml_collections import FrozenConfigDict
-
-    from gptjax.losses.ctx import Ctx
-    from gptjax.rl import reward
-
     cfg, params = inputs.load(ref)
     run = inputs.config
     reward_at = ""
@@ -62,10 +61,6 @@ def reward_fn(inputs: Inputs, ref: str, seq_len: int = 0):
 
 def _run_seq_len(path: str) -> int:
     """The train.seq_len of the run in ``path`` (0 when it has no run config)."""
-    import json
-
-    from gptjax import checkpoint
-
     try:
         run = checkpoint.load_meta(path)[1].get("config") or "{}"
     except (FileNotFoundError, ValueError):

@@ -14,21 +14,19 @@ from typing import Any
 
 from ml_collections import FrozenConfigDict
 
+from gptjax.data import pipeline, tiny
 from gptjax.evals.gold import gold_of
 from gptjax.evals.unit import Evaluator, Inputs
 from gptjax.losses.ctx import Ctx
+from gptjax.rl import reward
 
 
 def held_out(inputs: Inputs) -> list[tuple[str, list[str]]]:
     """(prompt, responses) of the run's validation rankings."""
     data_cfg = inputs.config.data
     if "tiny" in data_cfg:
-        from gptjax.data import tiny
-
         records = tiny.records("rank", "validation", data_cfg.tiny)
     else:
-        from gptjax.data import pipeline
-
         counts: dict = collections.defaultdict(collections.Counter)
         per_source = pipeline.load_records(data_cfg, "rm", "validation", inputs.vocab, counts)
         records = [r for name in sorted(per_source) for r in per_source[name]]
@@ -36,7 +34,6 @@ def held_out(inputs: Inputs) -> list[tuple[str, list[str]]]:
 
 
 def rm_accuracy(inputs: Inputs, opts) -> dict[str, Any]:
-    from gptjax.rl import reward
 
     if inputs.config is None:
         raise ValueError(

@@ -12,6 +12,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from gptjax import data
 from gptjax.evals import evaluate
 from gptjax.evals.unit import Evaluator, Inputs
 
@@ -24,7 +25,6 @@ def data_section(inputs: Inputs, opts):
         return run.ptx.data
     if run is not None and run.get("stage") == "pretrain":
         return run.data
-    from gptjax import data
 
     return data.tiny_config("pretrain")
 

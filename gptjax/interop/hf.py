@@ -13,6 +13,7 @@ device still loads. Configs we cannot represent exactly are refused, naming the 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -22,8 +23,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from gptjax import model
+from gptjax.data.vocab import HuggingFaceVocabulary
+from gptjax.interop import lora
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -53,7 +59,6 @@ class Entry:
     ``to_ours(hf_array) -> tuple of arrays`` (one per path, one layer's slice for stacked params);
     ``to_hf(*arrays) -> hf_array``.
     """
-
     hf: str
     ours: tuple[Path, ...]
     to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
@@ -100,7 +105,6 @@ def copied() -> tuple[Callable, Callable]:
 
 
 def _family_module(name: str):
-    import importlib
 
     return importlib.import_module(f"gptjax.interop.hf_{name}")
 
@@ -156,9 +160,7 @@ def read_config(path: str) -> dict:
 
 class TensorReader:
     """Tensors of a checkpoint directory by name, one at a time (model.safetensors or a sharded index)."""
-
     def __init__(self, path: str):
-        from safetensors import safe_open
 
         index_file = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
@@ -347,8 +349,6 @@ def load(
 
 def _host(x: jax.Array) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
 
@@ -361,10 +361,6 @@ def save(
     LoRA adapters are merged first. ``tokenizer``: a checkpoint directory or tokenizer.json path (or an object
     with such a ``path``) whose tokenizer files are copied alongside. Only process 0 writes.
     """
-    from safetensors.numpy import save_file
-
-    from gptjax.interop import lora
-
     path = os.fspath(path)
     if cfg.lora_rank:
         cfg, params = lora.merge(cfg, params)
@@ -448,8 +444,6 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
 
 def load_tokenizer(path: str) -> Any:
     """The checkpoint's tokenizer as a ``HuggingFaceVocabulary`` (path: a directory or tokenizer.json)."""
-    from gptjax.data.vocab import HuggingFaceVocabulary
-
     return HuggingFaceVocabulary(os.fspath(path))
 
 

@@ -22,8 +22,11 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from gptjax import checkpoint, evals
+from gptjax import checkpoint, data, evals, train
+from gptjax.data import tiny
 from gptjax.evals import evaluate
+from gptjax.rl import bon
+from gptjax.train import defaults
 
 POLICY_ROLE = {"ppo": "policy"}  # the LM role of a multi-role stage
 SAMPLES_PER_PROMPT = 4  # a round's samples of each prompt, ranked by the labelers (K)
@@ -91,11 +94,6 @@ def rounds(
     """Rows of round 0 (``first``: the PPO stage's numbers, ``rm_first``: its RM's) and rounds 1..n (module
     doc); ``rm_config`` is the RM stage's config each round retrains from, with the rounds' comparisons
     added to its data."""
-    from gptjax import data, train
-    from gptjax.data import tiny
-    from gptjax.rl import bon
-    from gptjax.train import defaults
-
     vocab = data.get_vocabulary(rm_config.data)
     sft_dir = os.path.join(root, "sft")
     policy_dir, rank_files = os.path.join(root, "ppo"), []

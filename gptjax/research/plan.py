@@ -34,7 +34,8 @@ from ml_collections import ConfigDict, FrozenConfigDict
 
 from gptjax import model
 from gptjax.data import formats as data_formats
-from gptjax.model import attention, sharding
+from gptjax.model import attention, sample, sharding
+from gptjax.rl import rollout
 from gptjax.train import build, stages
 
 PLANNED_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
@@ -194,7 +195,6 @@ def _biggest_temporaries(hlo_text: str, top: int = 5) -> list[tuple[str, float]]
 class _Setup:
     """What every planned program of a stage shares: the abstract run (``build(abstract=True)``: the trained
     roles' sharded state, the frozen roles' params) and views of it."""
-
     run: build.Run
 
     @property
@@ -326,9 +326,6 @@ def plan_rollout(
       three without a critic, in row chunks as the rollout runs them) over the rollout batch in the update
       layout; fused attention as in ``plan``.
     """
-    from gptjax.rl import rollout
-    from gptjax.model import sample
-
     if config.stage not in RL_STAGES:
         raise ValueError(f"plan_rollout: stage {config.stage!r} has no rollout (those that do: {RL_STAGES})")
     s = _setup(config, devices)

@@ -20,6 +20,7 @@ seeds: the table reports their mean and the standard error over seeds.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -29,6 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import checkpoint, evals, train
+from gptjax.data import get_vocabulary
+from gptjax.evals import evaluate
+from gptjax.train import defaults
 
 PPO = "stage=ppo,sft={sft},rm={rm}"  # a point's default config arg: PPO from the base's checkpoints
 
@@ -82,8 +87,6 @@ def seeds_of(point: Point, seeds: int) -> list[Point]:
 
 def load_sweep(config_file: str, name: str) -> Sweep:
     """``get_sweeps()[name]`` of a config file (clear errors for a missing function or sweep)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("sweep_config", config_file)
     if spec is None or spec.loader is None:
         raise ValueError(f"--config {config_file!r}: not a Python config file")
@@ -97,8 +100,6 @@ def load_sweep(config_file: str, name: str) -> Sweep:
 
 def point_config(config_file: str, point: Point, base: str):
     """The point's config: the file at its arg, overrides applied (unknown keys: a clear error)."""
-    from gptjax.train import defaults
-
     paths = {"sft": os.path.join(base, "sft"), "rm": os.path.join(base, "rm")}
     c = defaults.load_config(f"{config_file}:{point.arg.format(**paths)}")
     c.unlock()
@@ -123,11 +124,7 @@ class Evaluator:
     """Policies on held-out prompts against the SFT model under ``base`` (same prompts and keys): the gold,
     text_loss and best_of_n evaluators (``gptjax.evals``) with the base's SFT model as reference and its RM
     as reward model."""
-
     def __init__(self, config_file: str, base: str, eval_prompts: int, samples: int, text_loss: bool = False):
-        from gptjax import evals
-        from gptjax.data import get_vocabulary
-        from gptjax.train import defaults
 
         self.base, self.samples, self.eval_prompts = base, samples, eval_prompts
         # held-out text: the validation split of the config file's pretraining data, at its sequence length
@@ -145,7 +142,6 @@ class Evaluator:
         self._sft_result: dict | None = None
 
     def measure(self, name: str, cfg_params: tuple, **opts) -> dict:
-        from gptjax import evals
 
         return evals.measure(name, evals.Inputs.of_models({"policy": cfg_params}, self.vocab), **opts)
 
@@ -187,9 +183,6 @@ class Evaluator:
 def run_point(config_file: str, point: Point, base: str, root: str, evaluator: Evaluator) -> dict:
     """Train (unless finished) and evaluate one point; the 'results' key of its results.json (where the
     loop's own evaluators write too) is the resume marker."""
-    from gptjax import checkpoint, evals, train
-    from gptjax.evals import evaluate
-
     workdir = os.path.join(root, point.name)
 
     def policies(config) -> dict:

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from gptjax import checkpoint, data
 from gptjax.data import pipeline
+from gptjax.model import sample_text
 from gptjax.rl import reward, rollout
 
 
@@ -134,11 +135,9 @@ def sample(
 ) -> tuple[list[str], list[bool]]:
     """n sampled answers to every prompt, prompt-major (prompt 0's n, then prompt 1's ...), and whether each
     ended with EOS."""
-    from gptjax.evals import evaluate
-
     texts: list[str] = []
     ended: list[bool] = []
-    for _, t, e, *_ in evaluate.sample_batches(
+    for _, t, e, *_ in sample_text.sample_batches(
         cfg, params, vocab, prompts, n, rng, max_new_tokens, temperature, batch_size
     ):
         texts += t
