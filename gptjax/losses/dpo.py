@@ -6,8 +6,8 @@ pairs, exactly like the reward model's K-wise loss, so ``loss_sum / count`` is a
 prompt with many responses does not outweigh one with two. Each response's log-prob is computed once (one
 policy and one reference forward over the B*K responses), whatever the number of pairs.
 
-Config (``ctx.loss_cfg``, each optional): ``beta`` (0.1), ``label_smoothing`` (0.0: conservative DPO,
-the assumed probability that a preference label is flipped). Roles: the trained policy (``ctx.model_cfg``)
+Options (``OBJECTIVE``): ``beta``, ``label_smoothing`` (> 0: conservative DPO, the assumed probability
+that a preference label is flipped). Roles: the trained policy (``ctx.model_cfg``)
 and the frozen reference ``ctx.frozen['ref']`` with config ``ctx.cfg_of('ref')``.
 """
 
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.losses.logprobs import sequence_logprobs
+from gptjax.losses.objective import Objective
 from gptjax.losses.ranking import pair_mask, per_prompt_mean
 
 
@@ -46,8 +47,8 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     Implicit reward = beta * (log pi - log ref) of a response. accuracy counts pairs whose chosen reward is
     strictly above the rejected one (a tie, e.g. policy == ref at the start, is not correct).
     """
-    beta = getattr(ctx.loss_cfg, "beta", 0.1)
-    label_smoothing = getattr(ctx.loss_cfg, "label_smoothing", 0.0)
+    opts = OBJECTIVE.options_of(ctx.loss_cfg)
+    beta, label_smoothing = opts.beta, opts.label_smoothing
     seq = (batch["tokens_BKL"], batch["prompt_lengths_BK"], batch["lengths_BK"])
     valid_BK = batch["valid_BK"]
 
@@ -81,3 +82,8 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
         "rejected_reward": over_pairs(rejected_BKK),
     }
     return loss_sum, metrics
+
+
+OBJECTIVE = Objective(
+    loss_fn=loss_fn, data=("rm",), frozen=("ref",), options={"beta": 0.1, "label_smoothing": 0.0}
+)

@@ -16,7 +16,7 @@ Normalisation: the sums run over every response token of the batch and N counts 
 FULL batch (``denominators``, as in ``ppo.py``), so micro-batches add up exactly. The paper instead averages
 over each response's tokens and then over responses, which gives a long response's tokens less weight.
 
-Options (``ctx.loss_cfg``): clip (0.2), kl_coef (0.04), std_eps (1e-4); the batch is an experience minibatch
+Options (``OBJECTIVE``): clip, kl_coef (the paper's 0.04), std_eps; the batch is an experience minibatch
 (tokens_BL, prompt_lengths_B, lengths_B, old_logp_BL, ref_logp_BL, advantages_BL) and
 ``ctx.scalars['temperature']`` the sampling temperature.
 """
@@ -26,11 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptjax import rl
 from gptjax.losses import ppo
-
-denominators = ppo.denominators  # response tokens of the full batch (train.py finds it by name)
-REWARD_KL = False  # no rollout KL penalty (rollout.kl_coef, kl_target) in the reward: it is kl_coef here
+from gptjax.losses.kl import kl_penalty
+from gptjax.losses.objective import Objective, ScoredRollout
 
 
 def advantages(score_B: jax.Array, kl_B: jax.Array, kl_coef: jax.Array, group_size: int, opts) -> jax.Array:
@@ -43,11 +41,18 @@ def advantages(score_B: jax.Array, kl_B: jax.Array, kl_coef: jax.Array, group_si
     return ((r_GN - mean_G1) / (std_G1 + opts.std_eps)).reshape(-1)
 
 
-def clipped_objective(params, batch: dict, ctx, kl_coef: float) -> tuple[jax.Array, dict]:
+def token_advantages(scored: ScoredRollout, opts) -> jax.Array:
+    """adv_BT: each response's group advantage (``advantages``) on every one of its tokens."""
+    kl_B = jnp.sum(scored.kl_BT, axis=1)
+    adv_B = advantages(scored.score_B, kl_B, scored.kl_coef, scored.group_size, opts)
+    return jnp.where(scored.mask_BT, adv_B.astype(jnp.float32)[:, None], 0.0)
+
+
+def clipped_objective(params, batch: dict, ctx, clip: float, kl_coef: float) -> tuple[jax.Array, dict]:
     """The clipped surrogate on the batch's advantages plus ``kl_coef`` x k3 KL to the reference (whose
     log-probs, ``ref_logp_BL``, the experience holds), both over the full batch's response tokens."""
-    sur = ppo.clipped_surrogate(params, batch, ctx, ctx.loss_cfg.clip)
-    kl_sum = sur.masked_sum(rl.kl_penalty(sur.logp_BL, batch["ref_logp_BL"], "k3"))
+    sur = ppo.clipped_surrogate(params, batch, ctx, clip)
+    kl_sum = sur.masked_sum(kl_penalty(sur.logp_BL, batch["ref_logp_BL"], "k3"))
     loss = (sur.pg_sum + kl_coef * kl_sum) / sur.n
     metrics = {
         **sur.metrics,
@@ -60,4 +65,19 @@ def clipped_objective(params, batch: dict, ctx, kl_coef: float) -> tuple[jax.Arr
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     del rng
-    return clipped_objective(params, batch, ctx, ctx.loss_cfg.kl_coef)
+    opts = OBJECTIVE.options_of(ctx.loss_cfg)
+    return clipped_objective(params, batch, ctx, opts.clip, opts.kl_coef)
+
+
+denominators = ppo.denominators  # the module's name for it (the objective declares it)
+
+OBJECTIVE = Objective(
+    loss_fn=loss_fn,
+    data=("prompts",),
+    frozen=("ref", "reward"),
+    min_group=2,  # a standardised score needs a group
+    kl="loss",  # loss.kl_coef x k3; the rollout's reward has no KL penalty
+    denominators=ppo.denominators,  # response tokens of the full batch
+    advantages=token_advantages,
+    options={"clip": 0.2, "kl_coef": 0.04, "std_eps": 1e-4},
+)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.losses import vocab
+from gptjax.losses.objective import Objective
 
 
 def token_logprobs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
@@ -34,3 +35,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     count = jnp.sum(weights_BL)
     loss_sum = -jnp.sum(terms["logp"] * weights_BL)
     return loss_sum, {"loss": (loss_sum, count), "accuracy": (jnp.sum(terms["hit"] * weights_BL), count)}
+
+
+# Pretraining reads packed text, SFT demonstrations (weight on the response tokens only): the same batch keys.
+OBJECTIVE = Objective(loss_fn=loss_fn, data=("pretrain", "sft"))

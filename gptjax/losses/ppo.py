@@ -11,7 +11,7 @@ N = response tokens and N_ptx = weighted pretraining tokens of the FULL batch (`
 micro-batches add up to exactly the big-batch loss. With separate roles and optimizers ``vf_coef`` scales the
 value gradient before its own clipping only.
 
-Options (``ctx.loss_cfg``): clip (0.2), value_clip (0.2; 0 = off), vf_coef, entropy_coef, ptx_coef;
+Options (``OBJECTIVE``): clip, value_clip (0 = off), vf_coef, entropy_coef, ptx_coef;
 ``ctx.scalars['temperature']`` is the sampling temperature (log-probs are taken from logits / temperature).
 """
 
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from gptjax import model
 from gptjax.losses import lm
 from gptjax.losses.logprobs import next_token_terms, response_mask
-from gptjax.rl import shift_right
+from gptjax.losses.masked import shift_right
+from gptjax.losses.objective import Objective
 
 
 def policy_loss(
@@ -110,7 +111,7 @@ def clipped_surrogate(params, batch: dict, ctx, clip: float) -> Surrogate:
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     del rng
-    opts = ctx.loss_cfg
+    opts = OBJECTIVE.options_of(ctx.loss_cfg)
     sur = clipped_surrogate(params, batch, ctx, opts.clip)
     masked_sum, n, count = sur.masked_sum, sur.n, sur.count
     out = model.apply(ctx.cfg_of("value"), params["value"], batch["tokens_BL"]).astype(jnp.float32)
@@ -137,3 +138,16 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     # The loss is already normalised by the full batch: each micro-batch counts its share of the tokens.
     metrics["loss"] = (loss, count / n)
     return loss, metrics
+
+
+# InstructGPT's PPO: the critic's GAE advantages (gptjax.rl.experience), the KL penalty in the reward.
+OBJECTIVE = Objective(
+    loss_fn=loss_fn,
+    data=("prompts",),
+    frozen=("ref", "reward"),
+    critic=True,
+    kl="reward",
+    denominators=denominators,
+    # ptx_coef: PPO-ptx's gamma (InstructGPT 27.8), with config.ptx.ratio > 0
+    options={"clip": 0.2, "value_clip": 0.2, "vf_coef": 0.5, "entropy_coef": 0.0, "ptx_coef": 0.0},
+)

@@ -5,9 +5,9 @@ responses valid) of -log sigmoid(r_i - r_j - margin), so a prompt weighs the sam
 loss is the mean over prompts with at least one pair, reported as (sum, count) so micro-batches add up
 exactly.
 
-Config (``ctx.loss_cfg``, each optional): ``margin`` (0.0), ``center_coef`` (0.0: weight of the mean r^2 of a
-prompt's responses, pulling rewards toward zero mean), ``reward_at`` ('last': the value at the EOS,
-index length - 1 | 'mean': the mean over the response positions).
+Options (``OBJECTIVE``): ``margin``, ``center_coef`` (the weight of the mean r^2 of a prompt's responses,
+pulling rewards toward zero mean), ``reward_at`` ('last': the value at the EOS, index length - 1 | 'mean':
+the mean over the response positions).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.losses.logprobs import forward, response_mask
+from gptjax.losses.objective import Objective
 
 
 def pair_mask(valid_BK: jax.Array) -> jax.Array:
@@ -52,7 +53,7 @@ def rewards(params, batch: dict, ctx, rng: jax.Array | None = None) -> jax.Array
     L = tokens_BKL.shape[-1]
     values_BKL = forward(ctx.model_cfg, params, tokens_BKL, rng).astype(jnp.float32)
     lengths_BK, valid_BK = batch["lengths_BK"], batch["valid_BK"]
-    reward_at = getattr(ctx.loss_cfg, "reward_at", "last")
+    reward_at = OBJECTIVE.options_of(ctx.loss_cfg).reward_at
     if reward_at == "last":
         # Invalid responses have length 0: clip so the gather stays in range, then mask.
         idx_BK = jnp.clip(lengths_BK - 1, 0, L - 1)
@@ -74,8 +75,8 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     use_dropout = getattr(ctx.model_cfg, "lora_dropout", 0.0) > 0
     r_BK = rewards(params, batch, ctx, rng if use_dropout else None)
     valid_BK = batch["valid_BK"]
-    margin = getattr(ctx.loss_cfg, "margin", 0.0)
-    center_coef = getattr(ctx.loss_cfg, "center_coef", 0.0)
+    opts = OBJECTIVE.options_of(ctx.loss_cfg)
+    margin, center_coef = opts.margin, opts.center_coef
 
     loss_sum, count = kwise_loss(r_BK, valid_BK, margin)
     pairs_BKK = pair_mask(valid_BK)
@@ -97,3 +98,11 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
         "reward_sq": (jnp.sum(r_BK**2), n_valid),
     }
     return loss_sum, metrics
+
+
+# InstructGPT's K-wise ranking loss on a scalar-head model.
+OBJECTIVE = Objective(
+    loss_fn=loss_fn,
+    data=("rm",),
+    options={"margin": 0.0, "center_coef": 0.0, "reward_at": "last"},  # reward_at: 'last' | 'mean'
+)

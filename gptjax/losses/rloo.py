@@ -11,18 +11,18 @@ The same A_i sits on every response token, and the loss is PPO's clipped surroga
 a minibatch's first visit, is REINFORCE's), summed over response tokens and divided by the FULL batch's
 response tokens (``denominators``), so micro-batches add up exactly.
 
-Options (``ctx.loss_cfg``): clip (0.2). Metrics as GRPO's (``kl_ref``: the k3 KL to the reference, logged
-only: RLOO's KL is in the reward).
+Options (``OBJECTIVE``): clip. Metrics as GRPO's (``kl_ref``: the k3 KL to the reference, logged only:
+RLOO's KL is in the reward).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from gptjax.losses import ppo
 from gptjax.losses.grpo import clipped_objective
-
-denominators = ppo.denominators  # response tokens of the full batch (train.py finds it by name)
+from gptjax.losses.objective import Objective, ScoredRollout
 
 
 def advantages(score_B: jax.Array, kl_B: jax.Array, kl_coef: jax.Array, group_size: int, opts) -> jax.Array:
@@ -34,6 +34,27 @@ def advantages(score_B: jax.Array, kl_B: jax.Array, kl_coef: jax.Array, group_si
     return (r_GN - others_GN).reshape(-1)
 
 
+def token_advantages(scored: ScoredRollout, opts) -> jax.Array:
+    """adv_BT: each response's leave-one-out advantage, its KL summed over its tokens, on every token."""
+    kl_B = jnp.sum(scored.kl_BT, axis=1)
+    adv_B = advantages(scored.score_B, kl_B, scored.kl_coef, scored.group_size, opts)
+    return jnp.where(scored.mask_BT, adv_B.astype(jnp.float32)[:, None], 0.0)
+
+
 def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     del rng
-    return clipped_objective(params, batch, ctx, kl_coef=0.0)
+    return clipped_objective(params, batch, ctx, OBJECTIVE.options_of(ctx.loss_cfg).clip, kl_coef=0.0)
+
+
+denominators = ppo.denominators  # the module's name for it (the objective declares it)
+
+OBJECTIVE = Objective(
+    loss_fn=loss_fn,
+    data=("prompts",),
+    frozen=("ref", "reward"),
+    min_group=2,  # the baseline is the other responses to the prompt
+    kl="reward",
+    denominators=ppo.denominators,
+    advantages=token_advantages,
+    options={"clip": 0.2},
+)

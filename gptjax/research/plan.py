@@ -396,8 +396,7 @@ def plan_rollout(
     # -- the experience pass, in the update layout
     L = P + T
     params = {name: s.params[name] for name in s.cfgs} | s.frozen  # policy (and critic), ref, reward
-    fn = rollout.group_advantages(config)
-    group = {"advantages_fn": fn, "loss_opts": FrozenConfigDict(config.loss)} if fn else {}
+    group = rollout.advantages_kwargs(config)  # a critic-free objective's advantages, as in the rollout
     batch = [at(mesh, (R, L), i32, sharding.batch_spec(2))]
     batch += [at(mesh, (R,), d, sharding.batch_spec(1)) for d in (i32, i32, jnp.bool_)]
     opts = FrozenConfigDict(

@@ -2,10 +2,9 @@
 
 Everything here is a pure function (jittable); ``gptjax.rl.rollout`` drives them from the train loop.
 
-Group objectives (GRPO, RLOO) train no critic: their loss module defines
-``advantages(score_B, kl_B, kl_coef, group_size, opts) -> adv_B`` over groups of ``group_size`` adjacent rows
-(the responses to one prompt), and ``experience`` spreads each row's advantage over its response tokens in
-place of GAE.
+Critic-free objectives (GRPO, RLOO, GSPO, REINFORCE++) declare ``advantages(scored, opts) -> adv_BT``
+(``gptjax.losses.Objective``): ``experience`` hands it the rollout's scores and per-token KL
+(``gptjax.losses.ScoredRollout``) and uses its per-token advantages in place of GAE.
 
 Layout: a rollout row is ``BOS prompt response [EOS] pad...`` of length L = P + T, right-padded, and every
 per-token array is aligned with the tokens: ``x_BL[b, t]`` belongs to token t (its log-prob is predicted at
@@ -24,24 +23,9 @@ import jax.numpy as jnp
 
 from gptjax import model
 from gptjax.losses import logprobs
-
-KL_KINDS = ("k1", "k2", "k3")
-
-
-def kl_penalty(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str = "k1") -> jax.Array:
-    """Per-token estimate of KL(pi || ref) from the sampled token's log-probs (Schulman's k1 / k2 / k3).
-
-    k1 = log r, k2 = (log r)^2 / 2, k3 = (1/r - 1) + log r, with r = pi / ref. All three have the true KL as
-    expectation (k2 to second order); k2 and k3 are never negative, k3 is unbiased.
-    """
-    log_r = logp_BT.astype(jnp.float32) - ref_logp_BT.astype(jnp.float32)
-    if kind == "k1":
-        return log_r
-    if kind == "k2":
-        return 0.5 * log_r**2
-    if kind == "k3":
-        return jnp.expm1(-log_r) + log_r
-    raise ValueError(f"KL estimator kind={kind!r}; use one of {KL_KINDS}")
+from gptjax.losses.kl import KL_KINDS, kl_penalty  # noqa: F401  (gptjax.rl's public names)
+from gptjax.losses.masked import masked_mean_var, shift_right, whiten  # noqa: F401
+from gptjax.losses.objective import ScoredRollout
 
 
 def gae(
@@ -70,32 +54,11 @@ def gae(
     return adv_BT, jnp.where(mask_BT, adv_BT + v_TB.T, 0.0)
 
 
-def masked_mean_var(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    m = mask.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(m), 1.0)
-    mean = jnp.sum(x * m) / n
-    return mean, jnp.sum(jnp.square(x - mean) * m) / n
-
-
-def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
-    """(x - mean) / std over the masked elements (mean kept when ``shift_mean`` is False); 0 off the mask."""
-    mean, var = masked_mean_var(x, mask)
-    out = (x - mean) * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return jnp.where(mask, out, 0.0)
-
-
 def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, n_steps: int) -> float:
     """Ziegler et al. (2019) proportional controller: the error kl/target - 1 is clipped to +-0.2 and the
     coefficient moves by ``error * n_steps / horizon`` of itself (n_steps: episodes since the last update)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * n_steps / horizon)
-
-
-def shift_right(x_BL: jax.Array) -> jax.Array:
-    """x[t - 1] at t (0 at t = 0): the value head's output at t - 1 is the value of the state before t."""
-    return jnp.concatenate([jnp.zeros_like(x_BL[:, :1]), x_BL[:, :-1]], axis=1)
 
 
 def last_token_scores(values_BL: jax.Array, lengths_B: jax.Array) -> jax.Array:
@@ -181,10 +144,10 @@ def experience(
     chunk_rows). Old log-probs are recomputed with a full forward pass (the numbers the loss compares
     against), at the sampling temperature.
 
-    With ``advantages_fn`` (a group loss's ``advantages``, called with ``loss_opts``) there is no 'value'
-    role: each response's advantage is ``advantages_fn(score_B, kl_B, kl_coef, samples_per_prompt,
-    loss_opts)`` on every one of its tokens, kl_B being the response's summed ``kl_kind`` estimate, and the
-    experience carries ``ref_logp_BL`` instead of values and returns.
+    With ``advantages_fn`` (a critic-free objective's ``advantages``, called with ``loss_opts``) there is no
+    'value' role: the advantages are ``advantages_fn(ScoredRollout(score_B, kl_BL, mask_BL, kl_coef,
+    samples_per_prompt), loss_opts)`` per token, kl_BL being the ``kl_kind`` estimate on the response tokens,
+    and the experience carries ``ref_logp_BL`` instead of values and returns.
     """
     out = score(params, cfgs, tokens_BL, prompt_lengths_B, lengths_B, temperature, opts.get("score_rows", 0))
     logp_BL, mask_BL, ref_logp_BL, rm_BL = out["logp"], out["mask"], out["ref_logp"], out["rm"]
@@ -214,17 +177,21 @@ def experience(
         },
     }
     if advantages_fn is not None:
-        adv_B = advantages_fn(score_B, jnp.sum(kl_BL, axis=1), kl_coef, opts.samples_per_prompt, loss_opts)
-        group_std = jnp.std(score_B.reshape(-1, opts.samples_per_prompt), axis=1)
-        return {
-            **exp,
-            "advantages_BL": jnp.where(mask_BL, adv_B.astype(jnp.float32)[:, None], 0.0),
-            "ref_logp_BL": ref_logp_BL,
+        scored = ScoredRollout(score_B, kl_BL, mask_BL, kl_coef, opts.samples_per_prompt)
+        adv_BL = advantages_fn(scored, loss_opts)
+        diagnostics = {}
+        if opts.samples_per_prompt > 1:
             # a group of equal scores teaches nothing: how spread the scores within a group are
-            "diagnostics": {
+            group_std = jnp.std(score_B.reshape(-1, opts.samples_per_prompt), axis=1)
+            diagnostics = {
                 "group_score_std": jnp.mean(group_std),
                 "tied_groups": jnp.mean((group_std < 1e-6).astype(jnp.float32)),
-            },
+            }
+        return {
+            **exp,
+            "advantages_BL": jnp.where(mask_BL, adv_BL.astype(jnp.float32), 0.0),
+            "ref_logp_BL": ref_logp_BL,
+            "diagnostics": diagnostics,
         }
 
     values_BL = jnp.where(mask_BL, shift_right(out["values"]), 0.0)

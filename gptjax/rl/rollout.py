@@ -10,9 +10,9 @@ device to device, never through the host), computes the experience (``gptjax.rl.
 as ``rollout.epochs`` shuffled passes of ``train.batch_size`` minibatches: one train step each. PPO-ptx
 adds ``ptx.ratio`` pretraining sequences per RL sequence to every minibatch.
 
-Advantages: PPO's GAE over a critic (the trained role 'value'), or, when the loss module defines
-``advantages`` (a group objective: ``gptjax.losses.grpo``, ``rloo``), that function over each group of
-responses, with no critic; groups are whole when it runs, and only the minibatches are shuffled.
+Advantages: PPO's GAE over a critic (the trained role 'value'), or, for a critic-free objective
+(``gptjax.losses.Objective.advantages``: GRPO, RLOO, GSPO, REINFORCE++), the objective's per-token
+advantages over the whole rollout; groups are whole when it runs, and only the minibatches are shuffled.
 
 State (checkpointed with the train state): the prompt and ptx iterators, the rollout count (the rollout RNG
 is derived from it), the KL coefficient, the position inside the current rollout's minibatches and, when a
@@ -26,6 +26,7 @@ import functools
 import importlib
 import io
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,33 +34,41 @@ from absl import logging
 from jax.sharding import NamedSharding
 from ml_collections import FrozenConfigDict
 
-from gptjax import model, rl
-
-from gptjax.model import sample
-
-from gptjax.model import sharding
+from gptjax import data, losses, model, rl
+from gptjax.model import sample, sharding
+from gptjax.rl import reward
 
 ROLES = ("policy", "value", "ref", "reward")  # PPO's; a group objective has no 'value'
 
 
-def group_advantages(config):
-    """The loss module's ``advantages(score_B, kl_B, kl_coef, group_size, opts) -> adv_B`` (a group
-    objective, trained without a critic), or None (PPO: GAE over the 'value' role)."""
-    from gptjax.train.loop import load_loss
+def objective(config) -> losses.Objective:
+    """The objective config.loss.name declares (its critic, group size, KL placement, advantages)."""
+    return losses.objective(config.loss.name)
 
-    return getattr(load_loss(config.loss.name), "advantages", None)
+
+def group_advantages(config):
+    """The objective's per-token ``advantages(ScoredRollout, opts) -> adv_BT`` (critic-free), or None (PPO:
+    GAE over the 'value' role)."""
+    return objective(config).advantages
+
+
+def advantages_kwargs(config) -> dict:
+    """``rl.experience``'s (and ``_experience``'s) keyword arguments for a critic-free objective: its
+    ``advantages_fn`` and resolved options ``loss_opts`` (static for jit); {} when a critic's GAE is used."""
+    obj = objective(config)
+    if obj.advantages is None:
+        return {}
+    return {"advantages_fn": obj.advantages, "loss_opts": obj.options_of(config.loss)}
 
 
 def reward_kl(config) -> bool:
-    """Whether the objective's reward carries the rollout's KL penalty (rollout.kl_coef, kl_target): PPO's
-    and RLOO's do; a loss module that sets ``REWARD_KL = False`` (GRPO: the KL is a loss term) does not."""
-    from gptjax.train.loop import load_loss
-
-    return getattr(load_loss(config.loss.name), "REWARD_KL", True)
+    """Whether the objective's reward carries the rollout's KL penalty (rollout.kl_coef, kl_target): PPO's,
+    RLOO's and REINFORCE++'s do; GRPO's KL is a loss term and GSPO has none."""
+    return objective(config).kl == "reward"
 
 
 def roles_needed(config) -> tuple[str, ...]:
-    return ROLES if group_advantages(config) is None else tuple(r for r in ROLES if r != "value")
+    return ROLES if objective(config).critic else tuple(r for r in ROLES if r != "value")
 
 
 def load_gold(spec: str):
@@ -77,25 +86,28 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
     """Clear errors for settings PPO, GRPO or RLOO cannot run with."""
     r = config.rollout
     problems = []
-    group = group_advantages(config) is not None
+    obj = objective(config)
     n, per_host = r.samples_per_prompt, r.batch_size // jax.process_count()
     if n < 1 or per_host % n:
         problems.append(
             f"rollout.samples_per_prompt={n} must be >= 1 and divide the responses per host "
             f"(rollout.batch_size={r.batch_size} over {jax.process_count()} processes), so groups stay whole"
         )
-    if group and n < 2:
+    if not obj.rl:
+        problems.append(f"loss {config.loss.name!r} reads {obj.data} batches, not rollouts of prompts")
+    if n < obj.min_group:
         problems.append(
             f"loss {config.loss.name!r} compares the responses to one prompt: set rollout.samples_per_prompt "
-            f">= 2 (it is {n})"
+            f">= {obj.min_group} (it is {n})"
         )
     trained = set(config.get("roles") or {})
-    if group and "value" in trained:
+    if not obj.critic and "value" in trained:
         problems.append(
             f"loss {config.loss.name!r} trains no critic: remove config.roles.value (its advantages come "
-            "from each prompt's group of responses)"
+            "from the rollout's scores)"
         )
-    if group and config.ptx.ratio > 0:
+    has_ptx = "ptx_coef" in obj.options
+    if not has_ptx and config.ptx.ratio > 0:
         problems.append(f"loss {config.loss.name!r} has no ptx term: set ptx.ratio=0")
     if r.top_k or r.top_p < 1.0:
         problems.append(
@@ -120,13 +132,14 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
         problems.append(f"rollout.kl_kind={r.kl_kind!r}: use one of {rl.KL_KINDS}")
     if r.kl_target < 0 or (r.kl_target > 0 and r.kl_horizon <= 0):
         problems.append(f"rollout.kl_target={r.kl_target} needs >= 0 and kl_horizon > 0")
-    if r.kl_target > 0 and not reward_kl(config):
+    if r.kl_target > 0 and obj.kl != "reward":
+        where = "is the loss term loss.kl_coef" if obj.kl == "loss" else "is not penalised"
         problems.append(
             f"rollout.kl_target={r.kl_target} adapts rollout.kl_coef, which loss {config.loss.name!r} does "
-            "not use (its KL to the reference is the loss term loss.kl_coef): set rollout.kl_target=0"
+            f"not use (its KL to the reference {where}): set rollout.kl_target=0"
         )
     ptx_ratio, ptx_coef = config.ptx.ratio, config.loss.get("ptx_coef", 0.0)
-    if not group and (ptx_ratio > 0) != (ptx_coef > 0):
+    if has_ptx and (ptx_ratio > 0) != (ptx_coef > 0):
         problems.append(
             f"ptx.ratio={ptx_ratio} and loss.ptx_coef={ptx_coef}: PPO-ptx needs both > 0 (plain PPO: both 0)"
         )
@@ -177,8 +190,6 @@ def _compute_dtype_params(cfg, params):
 def reward_at(config) -> str:
     """How the reward model turns per-token outputs into a score: the rollout's setting, else the one the
     reward model was trained with (its checkpoint's loss.reward_at), else 'last'."""
-    from gptjax.rl import reward
-
     return config.rollout.reward_at or reward.trained_reward_at(config.frozen.reward.init_from)
 
 
@@ -221,9 +232,7 @@ class RolloutSource:
     """``prompts`` / ``ptx``: iterators to use instead of building them from ``config.data`` /
     ``config.ptx.data`` (the data protocol: ``next``, ``get_state``, ``set_state``; prompt batches hold
     ``prompt_BP``, ``prompt_lengths_B``, ``prompt_ids_B``)."""
-
     def __init__(self, config, *, batch_size: int, ctx, mesh, prompts=None, ptx=None):
-        from gptjax import data
 
         self.config, self.mesh, self.minibatch = config, mesh, batch_size
         r = config.rollout
@@ -233,9 +242,8 @@ class RolloutSource:
         self.opts = FrozenConfigDict(
             {**r.to_dict(), "reward_at": reward_at(config), "score_rows": score_rows(config, self.cfgs, mesh)}
         )
-        # A group objective's advantages replace GAE (static for jit: a module function and the loss options).
-        fn = group_advantages(config)
-        self.group = {"advantages_fn": fn, "loss_opts": FrozenConfigDict(config.loss)} if fn else {}
+        # A critic-free objective's advantages replace GAE (static for jit: a function and its options).
+        self.group = advantages_kwargs(config)
         self.reward_kl = reward_kl(config)
         self.frozen = {"ref": ctx.frozen["ref"], "reward": ctx.frozen["reward"]}
         self.vocab = data.get_vocabulary(config.data)
@@ -438,7 +446,7 @@ class RolloutSource:
             "eos_rate": float(np.mean(gen.ended_B)),
             **scalars,
         }
-        if self.reward_kl:  # the reward's KL penalty and its coefficient (GRPO's KL is a loss term instead)
+        if self.reward_kl:  # the reward's KL penalty and its coefficient (GRPO's KL is a loss term)
             out.update(kl_penalty=float(np.mean(rows["kl_penalty_B"])), kl_coef=self.kl_coef)
         if self.gold is not None:
             texts = self.prompts.prompt_text(prompts["prompt_ids_B"])

@@ -93,7 +93,7 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
             f"train.batch_size={t.batch_size} must be divisible by train.micro_batches ({t.micro_batches}) "
             f"x data-parallel devices ({dp})"
         )
-    if t.eval_every and stages.get(config.stage).source != "data":
+    if t.eval_every and stages.of_config(config).source != "data":
         problems.append(
             f"train.eval_every={t.eval_every}: stage {config.stage!r} has no validation batches (its source "
             "samples them); set it to 0 and evaluate the checkpoints (scripts/pipeline.py does)"
@@ -111,7 +111,7 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
 def trained_roles(config: ConfigDict, mesh, adjust: Callable | None = None) -> list:
     """The stage's trained roles with their configs checked (``adjust``: applied to each model config first,
     e.g. the planner's scanned layers)."""
-    roles = roles_lib.trained_roles(config, stages.get(config.stage))
+    roles = roles_lib.trained_roles(config, stages.of_config(config))
     if adjust is not None:
         roles = [dataclasses.replace(r, cfg=adjust(r.cfg)) for r in roles]
     for role in roles:
@@ -157,7 +157,7 @@ def build(
     source; ``prompts`` / ``ptx`` replace an RL source's prompt and pretraining-text iterators.
     """
     t = config.train
-    stage = stages.get(config.stage)
+    stage = stages.of_config(config)
     roles = trained_roles(config, mesh, adjust)
     if fresh or abstract:
         roles = [dataclasses.replace(r, init_from="") for r in roles]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+from collections.abc import Mapping
 
 from ml_collections import ConfigDict, config_dict
 
+from gptjax import data, losses
+from gptjax.data import formats
 from gptjax.model import ModelConfig
-
+from gptjax.train import stages
 
 # The types of ModelConfig fields whose default is None, so ``--config.model.<field>=...`` can set them.
 _NONE_TYPES = {"n_kv_heads": int, "head_dim": int, "d_ff": int, "scan_layers": bool}
@@ -51,6 +55,8 @@ def base_config(stage: str) -> ConfigDict:
             "max_nonfinite_in_a_row": 10,
         }
     )
+    # Evaluators the loop runs on their own cadence: {name: gptjax.evals.entry(fn, every=..., **options)}
+    c.evals = ConfigDict()
     c.optim = ConfigDict(
         {
             "lr": 3e-4,
@@ -68,28 +74,27 @@ def base_config(stage: str) -> ConfigDict:
     return c
 
 
-# Each loss's options with their defaults (``--config.loss.<key>=...`` then works from the command line).
-LOSS_OPTIONS = {
-    "lm": {},
-    # InstructGPT K-wise ranking; reward_at: 'last' (the EOS) | 'mean' (over response tokens)
-    "ranking": {"margin": 0.0, "center_coef": 0.0, "reward_at": "last"},
-    # DPO (Rafailov et al. 2023); label_smoothing > 0: conservative DPO
-    "dpo": {"beta": 0.1, "label_smoothing": 0.0},
-    # PPO (InstructGPT: clip 0.2); ptx_coef: PPO-ptx's gamma (InstructGPT 27.8) with config.ptx.ratio > 0
-    "ppo": {"clip": 0.2, "value_clip": 0.2, "vf_coef": 0.5, "entropy_coef": 0.0, "ptx_coef": 0.0},
-    # GRPO (Shao et al. 2024): kl_coef on the k3 KL to the reference in the loss (the paper's 0.04);
-    # std_eps: A = (r - mean) / (std + std_eps) over each group of rollout.samples_per_prompt responses
-    "grpo": {"clip": 0.2, "kl_coef": 0.04, "std_eps": 1e-4},
-    # RLOO (Ahmadian et al. 2024): the KL to the reference is in the reward (rollout.kl_coef)
-    "rloo": {"clip": 0.2},
-}
+class _LossOptions(Mapping):
+    """{loss name: its options' defaults}, read from each objective's declaration (``Objective.options``):
+    a view for callers of the old table, not a second copy of it."""
+
+    def __getitem__(self, name: str) -> dict:
+        return dict(losses.objective(name).options)
+
+    def __iter__(self):
+        return iter(sorted({stage.loss for stage in stages.STAGES.values()}))
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+LOSS_OPTIONS = _LossOptions()
 
 
 def loss_section(stage: str) -> ConfigDict:
-    from gptjax.train import stages
-
+    """config.loss: the stage's objective and its options' defaults (``--config.loss.<key>=...`` sets one)."""
     name = stages.get(stage).loss
-    return ConfigDict({"name": name, **LOSS_OPTIONS.get(name, {})})
+    return ConfigDict({"name": name, **losses.objective(name).options})
 
 
 def frozen_role(init_from: str = "", role: str = "", ema: bool = False) -> ConfigDict:
@@ -102,7 +107,7 @@ def frozen_role(init_from: str = "", role: str = "", ema: bool = False) -> Confi
 
 def rollout_section() -> ConfigDict:
     """Rollouts and experience of PPO, GRPO and RLOO (InstructGPT defaults where the paper gives them,
-    DESIGN.md §5); gamma, lam and whiten_advantages shape PPO's GAE only."""
+    docs/references.md); gamma, lam and whiten_advantages shape PPO's GAE only."""
     return ConfigDict(
         {
             "batch_size": 512,  # responses (rows) per rollout, global; a multiple of train.batch_size
@@ -137,7 +142,6 @@ def rollout_section() -> ConfigDict:
 def ptx_section(data_cfg=None, ratio: float = 0.0, seq_len: int = 128) -> ConfigDict:
     """PPO-ptx: ``ratio`` pretraining sequences (of ``seq_len`` tokens) per RL sequence in each minibatch;
     the LM loss on them is weighted by ``loss.ptx_coef``."""
-    from gptjax import data
 
     return ConfigDict(
         {
@@ -178,7 +182,6 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
 
 def load_config(spec: str):
     """'configs/tiny.py:stage=sft' -> that file's get_config('stage=sft') (what --config does on the CLI)."""
-    import importlib.util
 
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
@@ -190,12 +193,13 @@ def load_config(spec: str):
 
 
 def own_data(stage: str, path: str, tokenizer: str = ""):
-    """The data section for a user's files: one source (text/JSONL glob), optionally an HF tokenizer.json."""
-    from gptjax import data
+    """The data section for a user's files: one source (text/JSONL glob), optionally an HF tokenizer.json.
 
+    ``stage``: a stage of the stage table (its objective's batch format) or a batch format itself; the file
+    holds records of that format's own kind (text, demonstrations, rankings, prompts)."""
+    batch_format = stages.get(stage).data if stage in stages.STAGES else stage
     section = data.default_config()
-    fmt = {"pretrain": "text", "sft": "sft", "rm": "rank", "dpo": "rank", "prompts": "prompt"}[stage]
-    section.sources.main = data.source(format=fmt, path=path)
+    section.sources.main = data.source(format=formats.get(batch_format).record, path=path)
     if tokenizer:
         section.vocab.kind, section.vocab.path = "hf", tokenizer
     return section

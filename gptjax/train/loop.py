@@ -145,7 +145,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     sharding.maybe_initialize_distributed()
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir!r} is a file, not a directory: choose another path")
-    stage = stages.get(config.stage)
+    stage = stages.of_config(config)
     mesh = sharding.make_mesh(config.mesh)
     build.trained_roles(config, mesh)  # the config's checks, before the workdir is made
     evals.configured(config)  # an unknown evaluator or option: named before anything is made

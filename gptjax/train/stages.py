@@ -1,23 +1,24 @@
-"""What each training stage is: its data format, default loss, head, frozen roles and batch source.
-
-A stage is a loss file + a batch source + a config (DESIGN.md §1); this table is where a new stage is
-declared.
-``data`` names the data layer's batch format (``gptjax.data``: 'pretrain' | 'sft' | 'rm' | 'prompts'), so the
-train loop never passes the stage name itself to the data layer.
+"""The stage table: each stage names its objective (the default ``config.loss.name``), its batch source, the
+trained model's head and optional prepare / finish functions. Everything else about the loss (its data
+format, frozen roles, critic, group size, KL placement, options) is the objective's own declaration
+(``gptjax.losses.Objective``), so a new objective is its loss file plus one line here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+
+from gptjax import losses
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    data: str  # the data layer's batch format the source reads
     loss: str  # default config.loss.name (a module of gptjax.losses, or a dotted module path)
     head: str = "lm"  # the trained model's head: 'lm' | 'scalar'
-    frozen: tuple[str, ...] = ()  # frozen roles the loss reads from ctx.frozen
     source: str = "data"  # 'data': a data iterator (gptjax.train.sources) | 'rollout': gptjax.rl.rollout (RL)
+    # which of the objective's data formats the stage reads, when not its first (SFT's demonstrations)
+    reads: str = ""
     # 'module:function' run on the train state before the final checkpoint: f(config, state, ctx, mesh) ->
     # (state, metrics), e.g. the reward model's normalisation
     finish: str = ""
@@ -25,18 +26,38 @@ class Stage:
     # sampling's demonstrations written to the workdir and named as the stage's data
     prepare: str = ""
 
+    @property
+    def objective(self) -> losses.Objective:
+        return losses.objective(self.loss)
+
+    @property
+    def data(self) -> str:
+        """The data layer's batch format the source reads ('pretrain' | 'sft' | 'rm' | 'prompts')."""
+        formats = self.objective.data
+        if self.reads and self.reads not in formats:
+            raise ValueError(f"loss {self.loss!r} reads {formats}, not the stage's {self.reads!r} batches")
+        return self.reads or formats[0]
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """The frozen roles the objective reads from ctx.frozen."""
+        return self.objective.frozen
+
 
 STAGES: dict[str, Stage] = {
-    "pretrain": Stage(data="pretrain", loss="lm"),
-    "sft": Stage(data="sft", loss="lm"),
-    "rm": Stage(data="rm", loss="ranking", head="scalar", finish="gptjax.rl.reward:normalize_state"),
-    "dpo": Stage(data="rm", loss="dpo", frozen=("ref",)),
+    "pretrain": Stage(loss="lm"),
+    "sft": Stage(loss="lm", reads="sft"),
+    "rm": Stage(loss="ranking", head="scalar", finish="gptjax.rl.reward:normalize_state"),
+    "dpo": Stage(loss="dpo"),
+    "kto": Stage(loss="kto"),
     # rejection sampling: SFT on the reward model's best of n samples per prompt (gptjax.rl.bon)
-    "bon": Stage(data="sft", loss="lm", prepare="gptjax.rl.bon:prepare_demonstrations"),
-    "ppo": Stage(data="prompts", loss="ppo", frozen=("ref", "reward"), source="rollout"),
-    # Group objectives on the same rollouts: no critic, advantages from each prompt's group of responses
-    "grpo": Stage(data="prompts", loss="grpo", frozen=("ref", "reward"), source="rollout"),
-    "rloo": Stage(data="prompts", loss="rloo", frozen=("ref", "reward"), source="rollout"),
+    "bon": Stage(loss="lm", reads="sft", prepare="gptjax.rl.bon:prepare_demonstrations"),
+    "ppo": Stage(loss="ppo", source="rollout"),
+    # Critic-free objectives on the same rollouts: their advantages come from the objective
+    "grpo": Stage(loss="grpo", source="rollout"),
+    "rloo": Stage(loss="rloo", source="rollout"),
+    "gspo": Stage(loss="gspo", source="rollout"),
+    "reinforce_pp": Stage(loss="reinforce_pp", source="rollout"),
 }
 
 
@@ -44,6 +65,23 @@ def get(name: str) -> Stage:
     if name not in STAGES:
         raise ValueError(f"config.stage={name!r} is unknown; stages: {sorted(STAGES)}")
     return STAGES[name]
+
+
+def of_config(config) -> Stage:
+    """``config.stage``'s stage with ``config.loss.name`` as its objective (a loss other than the stage's
+    default brings its own data format and frozen roles)."""
+    stage = get(config.stage)
+    name = config.loss.name
+    if name == stage.loss:
+        return stage
+    stage = dataclasses.replace(stage, loss=name)
+    if stage.objective.rl != (stage.source == "rollout"):
+        raise ValueError(
+            f"config.loss.name={name!r} reads {stage.objective.data}: stage {config.stage!r} (source "
+            f"{stage.source!r}) cannot feed it"
+        )
+    _ = stage.data  # refuses a loss that cannot read the stage's data format
+    return stage
 
 
 def finish_fn(stage: Stage):
@@ -59,7 +97,5 @@ def prepare_fn(stage: Stage):
 def _function(spec: str):
     if not spec:
         return None
-    import importlib
-
     module, _, fn = spec.partition(":")
     return getattr(importlib.import_module(module), fn)
