@@ -21,7 +21,7 @@ from absl import app, flags, logging
 
 from gptjax import checkpoint, model
 
-from gptjax.model import sample
+from gptjax.model import stream
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or Hugging Face checkpoint dir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step in a workdir (default: latest).")
@@ -69,7 +69,7 @@ def fit(messages: list[dict], vocab, max_len: int, max_new: int) -> list[int]:
 def reply(cfg, params, vocab, ids: list[int], rng) -> str:
     """Stream one reply to stdout as it is decoded; returns its text."""
     tokens, shown, ended = [], "", False
-    gen = sample.stream(
+    gen = stream.stream(
         cfg, params, ids, rng, max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value,
         top_k=_TOP_K.value, top_p=_TOP_P.value, eos_id=vocab.eos_id,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Chat and generate: sample.stream against sample.generate, load_lm on roles / EMA / scalar heads, and
+"""Chat and generate: stream.stream against sample.generate, load_lm on roles / EMA / scalar heads, and
 scripts/chat.py and scripts/generate.py run on tiny workdirs saved directly (no training)."""
 
 import os
@@ -13,29 +13,14 @@ from gptjax import checkpoint, model
 
 from gptjax.train import defaults
 
-from gptjax.model import sample
-from gptjax.train.state import TrainState
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from gptjax.model import sample, stream
+from helpers import ROOT, save_workdir
 
 
 def random_params(cfg, seed=0):
     """Random params without compiling model.init (the scripts need no trained model)."""
     rs = np.random.RandomState(seed)
     return jax.tree.map(lambda s: rs.normal(0, 0.3, s.shape).astype(s.dtype), model.param_shapes(cfg))
-
-
-def save_workdir(workdir, stage, params, ema_params, roles):
-    """A checkpoint like train.run's: params (keyed by role when several), EMA, meta with the run config."""
-    config = defaults.load_config(os.path.join(ROOT, "configs", "tiny.py") + ":stage=sft")
-    meta = checkpoint.meta_for(
-        next(iter(roles.values())), stage, roles=roles, config=config.to_json_best_effort()
-    )
-    st = TrainState(step=np.int32(3), params=params, opt_state={"count": np.int32(0)}, ema_params=ema_params)
-    mngr = checkpoint.manager(workdir)
-    checkpoint.save(mngr, st, data_state={}, meta=meta)
-    mngr.wait_until_finished()
-    return workdir
 
 
 LM = model.ModelConfig.gpt2(vocab_size=288, d_model=32, n_layers=2, n_heads=2, max_len=64)
@@ -45,11 +30,22 @@ RM = LM.replace(head="scalar")
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("workdirs")
-    sft = save_workdir(str(root / "sft"), "sft", random_params(LM), random_params(LM, 1), {"model": LM})
-    rm = save_workdir(str(root / "rm"), "rm", random_params(RM), None, {"model": RM})
+    # the run config, where chat.py and generate.py read the vocabulary
+    config = defaults.load_config(os.path.join(ROOT, "configs", "tiny.py") + ":stage=sft")
+    config = config.to_json_best_effort()
+    sft = save_workdir(
+        root / "sft", "sft", random_params(LM), LM, ema_params=random_params(LM, 1), step=3, config=config
+    )
+    rm = save_workdir(root / "rm", "rm", random_params(RM), RM, step=3, config=config)
     both = {"policy": random_params(LM, 2), "value": random_params(RM, 3)}
     ppo = save_workdir(
-        str(root / "ppo"), "ppo", both, {"policy": random_params(LM, 4)}, {"policy": LM, "value": RM}
+        root / "ppo",
+        "ppo",
+        both,
+        roles={"policy": LM, "value": RM},
+        ema_params={"policy": random_params(LM, 4)},
+        step=3,
+        config=config,
     )
     return {"sft": sft, "rm": rm, "ppo": ppo}
 
@@ -93,7 +89,7 @@ def test_stream_equals_generate_greedy():
         )
         want = [int(t) for t in out.tokens_BT[0, : int(out.lengths_B[0])]]
         got = list(
-            sample.stream(cfg, params, prompt_P, key, max_new_tokens=10, temperature=0.0, eos_id=eos_id)
+            stream.stream(cfg, params, prompt_P, key, max_new_tokens=10, temperature=0.0, eos_id=eos_id)
         )
         return want, got
 
@@ -103,7 +99,7 @@ def test_stream_equals_generate_greedy():
     want, got = both(eos)
     assert got == want == want[: want.index(eos) + 1]
     with pytest.raises(ValueError, match="max_len"):  # checked at the call, not at the first next()
-        sample.stream(cfg, params, np.zeros(30, np.int32), key, max_new_tokens=4)
+        stream.stream(cfg, params, np.zeros(30, np.int32), key, max_new_tokens=4)
 
 
 def test_load_lm_picks_roles_and_refuses_scalar_heads(workdirs):

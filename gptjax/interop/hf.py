@@ -12,7 +12,6 @@ device still loads. Configs we cannot represent exactly are refused, naming the 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -30,6 +29,7 @@ from safetensors.numpy import save_file
 from gptjax import model
 from gptjax.data.vocab import HuggingFaceVocabulary
 from gptjax.interop import lora
+from gptjax.interop.hf_mapping import Entry, UnsupportedConfig  # noqa: F401 (hf.UnsupportedConfig)
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -48,64 +48,11 @@ TOKENIZER_FILES = (
 ARCH_FIELDS = model.ARCH_FIELDS
 
 
-class UnsupportedConfig(ValueError):
-    """An HF config (or our config, on save) that the other side cannot represent exactly."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One HF tensor: ``hf`` name ('{i}' = layer), the param paths it holds, and both conversions.
-
-    ``to_ours(hf_array) -> tuple of arrays`` (one per path, one layer's slice for stacked params);
-    ``to_hf(*arrays) -> hf_array``.
-    """
-    hf: str
-    ours: tuple[Path, ...]
-    to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
-    to_hf: Callable[..., np.ndarray]
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf
-
-
-def same(path: Path) -> tuple[Path, ...]:
-    return (path,)
-
-
-def ident(x: np.ndarray) -> tuple[np.ndarray]:
-    return (x,)
-
-
-def linear_in(*out_shape: int) -> tuple[Callable, Callable]:
-    """torch Linear weight [out, in] <-> our [in, *out_shape]."""
-    return (lambda w: (w.T.reshape(-1, *out_shape),), lambda p: p.reshape(p.shape[0], -1).T)
-
-
-def linear_out(*in_shape: int) -> tuple[Callable, Callable]:
-    """torch Linear weight [out, in] <-> our [*in_shape, out] (in = prod(in_shape))."""
-    return (lambda w: (w.T.reshape(*in_shape, -1),), lambda p: p.reshape(-1, p.shape[-1]).T)
-
-
-def reshaped(ours: tuple[int, ...], hf: tuple[int, ...]) -> tuple[Callable, Callable]:
-    """Same data, different shape (biases [H*E] <-> [H, E], Conv1D weights [H*E, D] <-> [H, E, D])."""
-    return (lambda w: (w.reshape(ours),), lambda p: p.reshape(hf))
-
-
-def transposed() -> tuple[Callable, Callable]:
-    return (lambda w: (w.T,), lambda p: p.T)
-
-
-def copied() -> tuple[Callable, Callable]:
-    return (ident, lambda p: p)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Families
 
 
 def _family_module(name: str):
-
     return importlib.import_module(f"gptjax.interop.hf_{name}")
 
 
@@ -160,6 +107,7 @@ def read_config(path: str) -> dict:
 
 class TensorReader:
     """Tensors of a checkpoint directory by name, one at a time (model.safetensors or a sharded index)."""
+
     def __init__(self, path: str):
 
         index_file = os.path.join(path, "model.safetensors.index.json")
@@ -445,25 +393,3 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
 def load_tokenizer(path: str) -> Any:
     """The checkpoint's tokenizer as a ``HuggingFaceVocabulary`` (path: a directory or tokenizer.json)."""
     return HuggingFaceVocabulary(os.fspath(path))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Helpers for the family modules
-
-
-def refuse(where: str, field: str, value: Any, why: str) -> None:
-    raise UnsupportedConfig(f"{where}: {field}={value!r} is not supported: {why}")
-
-
-def require(hf_cfg: dict, where: str, field: str, allowed: tuple, default: Any, why: str) -> Any:
-    """hf_cfg[field] (or ``default``), refused unless it is one of ``allowed``."""
-    value = hf_cfg.get(field, default)
-    if value not in allowed:
-        refuse(where, field, value, why)
-    return value
-
-
-def field(hf_cfg: dict, where: str, name: str) -> Any:
-    if hf_cfg.get(name) is None:
-        raise ValueError(f"{where}: required field {name!r} is missing")
-    return hf_cfg[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gptjax import model
-from gptjax.interop.hf import Entry, copied, field, refuse, require, reshaped, same, transposed
+from gptjax.interop.hf_mapping import Entry, copied, field, refuse, require, reshaped, same, transposed
 
 PREFIX = "transformer."
 ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}

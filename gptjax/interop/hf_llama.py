@@ -7,7 +7,7 @@ only change from torch Linear [out, in] to our [in, heads, head_dim]. Qwen2 is L
 from __future__ import annotations
 
 from gptjax import model
-from gptjax.interop.hf import (
+from gptjax.interop.hf_mapping import (
     Entry,
     copied,
     field,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gptjax import model
-from gptjax.interop.hf import (
+from gptjax.interop.hf_mapping import (
     Entry,
     copied,
     field,

@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax.model.config import LORA_TARGETS, ModelConfig  # noqa: F401 (LORA_TARGETS: re-exported)
-
 from gptjax.model import attention as attn_lib
+from gptjax.model.config import LORA_TARGETS, ModelConfig  # noqa: F401 (LORA_TARGETS: re-exported)
 
 
 def make_param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:

@@ -13,8 +13,8 @@ the mesh.
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from typing import Any
 
 import jax

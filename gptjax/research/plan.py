@@ -8,7 +8,7 @@ attention, the count MFU uses; XLA's ``cost_analysis`` counts a scanned layer bo
 
 Attention: a CPU compile would plan the 'xla' reference, which holds [B, H, L, S] scores; the fused kernels
 (Pallas, cuDNN) hold only q, k, v, the output and a [B, H, L] log-sum-exp per layer. The plan compiles a
-stand-in with exactly that footprint (``flash_footprint``: those residuals, no scores).
+stand-in with exactly that footprint (``gptjax.research.footprint``: those residuals, no scores).
 
 Planned stages: pretrain, sft, rm, dpo and ppo's train step (a minibatch of experience plus PPO-ptx rows,
 policy and critic with their optimizer states and EMA, the frozen reference and reward model); grpo and
@@ -34,7 +34,8 @@ from ml_collections import ConfigDict, FrozenConfigDict
 
 from gptjax import model
 from gptjax.data import formats as data_formats
-from gptjax.model import attention, sample, sharding
+from gptjax.model import sample, sharding
+from gptjax.research.footprint import planned_attention
 from gptjax.rl import rollout
 from gptjax.train import build, stages
 
@@ -62,60 +63,6 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.peak_bytes_per_device <= self.device_memory_bytes
-
-
-@jax.custom_vjp
-def _footprint(q_BLHD, k_BSKD, v_BSKD):
-    return _footprint_fwd(q_BLHD, k_BSKD, v_BSKD)[0]
-
-
-def _footprint_fwd(q_BLHD, k_BSKD, v_BSKD):
-    # An output of q's shape that reads k and v (so they stay live), and the kernel's [B, L, H] statistics.
-    mix_BS1D = jnp.mean(k_BSKD + v_BSKD, axis=2, keepdims=True)
-    out_BLHD = q_BLHD + jnp.mean(mix_BS1D, axis=1, keepdims=True).astype(q_BLHD.dtype)
-    lse_BLH = jnp.sum(q_BLHD.astype(jnp.float32), axis=-1)
-    return out_BLHD, (q_BLHD, k_BSKD, v_BSKD, out_BLHD, lse_BLH)
-
-
-def _footprint_bwd(res, dout_BLHD):
-    q, k, v, out, lse = jax.lax.optimization_barrier(res)  # every residual is kept, as the kernel keeps it
-    dq = dout_BLHD + (out - q) + lse[..., None].astype(q.dtype)
-    dk = jnp.broadcast_to(jnp.mean(dq, axis=(1, 2), keepdims=True)[:, :, :1], k.shape).astype(k.dtype)
-    return dq, dk + 0 * k, (dk + 0 * v).astype(v.dtype)
-
-
-_footprint.defvjp(_footprint_fwd, _footprint_bwd)
-
-
-def flash_footprint(q_BLHD, k_BSKD, v_BSKD, **_):
-    """Stand-in for fused attention with its memory footprint and no [B, H, L, S] array (see module doc)."""
-    return _footprint(q_BLHD, k_BSKD, v_BSKD)
-
-
-def decode_footprint(q_BLHD, k_cache_BKDS, v_cache_BKSD, q_positions_BL, *, impl="xla", **kw):
-    """Stand-in for the decode kernel (one query per row): reads the cache in place and returns q's shape;
-    its scratch (per-split partial outputs, [B, H, splits, D]) is negligible. Longer chunks go to the
-    config's own cached attention."""
-    if q_BLHD.shape[1] != 1:
-        return _cached_attention(q_BLHD, k_cache_BKDS, v_cache_BKSD, q_positions_BL, impl="xla", **kw)
-    touch = k_cache_BKDS[:, :1, :1, :1].astype(q_BLHD.dtype) + v_cache_BKSD[:, :1, :1, :1].astype(
-        q_BLHD.dtype
-    )
-    return q_BLHD + touch.reshape(-1, 1, 1, 1)
-
-
-_cached_attention = attention.cached_attention
-
-
-@contextlib.contextmanager
-def _planned_attention():
-    """The fused kernels' footprints in place of the attention functions the model calls."""
-    saved = attention.attention, attention.cached_attention
-    attention.attention, attention.cached_attention = flash_footprint, decode_footprint
-    try:
-        yield
-    finally:
-        attention.attention, attention.cached_attention = saved
 
 
 def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
@@ -289,7 +236,7 @@ def plan(
     train_step = s.run.make_step(batch)
     ctx = s.run.ctx
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-    stand_in = _planned_attention() if fused_attention else contextlib.nullcontext()
+    stand_in = planned_attention() if fused_attention else contextlib.nullcontext()
     with jax.set_mesh(mesh), stand_in:
         compiled = train_step.lower(s.state, batch, rng, ctx).compile()
     held = _bytes_per_device(s.state) + _bytes_per_device(s.frozen) + _bytes_per_device(batch)
@@ -362,7 +309,7 @@ def plan_rollout(
     prompts = at(gmesh, (G, P), i32, sharding.batch_spec(2))
     lengths = at(gmesh, (G,), i32, sharding.batch_spec(1))
     rng = scalar(gmesh, jax.random.key(0).dtype)
-    with jax.set_mesh(gmesh), _planned_attention():
+    with jax.set_mesh(gmesh), planned_attention():
         compiled = sample._generate.lower(
             pcfg,
             policy,
@@ -406,7 +353,7 @@ def plan_rollout(
             "score_rows": rollout.score_rows(config, cfgs, mesh),
         }
     )
-    with jax.set_mesh(mesh), _planned_attention():
+    with jax.set_mesh(mesh), planned_attention():
         compiled = rollout._experience.lower(
             params,
             *batch,

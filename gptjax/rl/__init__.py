@@ -5,15 +5,15 @@ sampling). ``gptjax.rl.gae`` and ``gptjax.rl.kl_penalty`` are the public names o
 """
 
 from gptjax.rl.estimators import (  # noqa: F401
-    kl_penalty,
-    gae,
-    masked_mean_var,
-    whiten,
-    adaptive_kl_coef,
-    shift_right,
-    last_token_scores,
-    score_chunk_rows,
-    score,
-    experience,
     KL_KINDS,
+    adaptive_kl_coef,
+    experience,
+    gae,
+    kl_penalty,
+    last_token_scores,
+    masked_mean_var,
+    score,
+    score_chunk_rows,
+    shift_right,
+    whiten,
 )

@@ -25,7 +25,7 @@ from ml_collections import ConfigDict, FrozenConfigDict
 
 from gptjax import data, losses, model
 from gptjax.model import sharding
-from gptjax.rl import rollout
+from gptjax.rl import rollout_config
 from gptjax.train import guard, sources, stages
 from gptjax.train import roles as roles_lib
 from gptjax.train import state as state_lib
@@ -215,7 +215,7 @@ def build(
         # The rollout checks its own settings against every role's config (rl.rollout.check_config): done
         # here for abstract runs too, so the planner refuses what a run would refuse.
 
-        rollout.check_config(config, {**dict(ctx.role_cfgs), **dict(ctx.frozen_cfgs)}, t.batch_size)
+        rollout_config.check_config(config, {**dict(ctx.role_cfgs), **dict(ctx.frozen_cfgs)}, t.batch_size)
     if source and not abstract:
         per_host = t.batch_size // jax.process_count()
         extra = {"prompts": prompts, "ptx": ptx} if stage.source == "rollout" else {}
