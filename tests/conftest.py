@@ -4,7 +4,9 @@ Compiling dominates this suite on CPU, so the session shares one persistent XLA 
 pytest-xdist workers and the scripts the tests start as subprocesses read what another process compiled
 (the same program: a train step built again by a later ``train.run``, a resumed run, a rerun script). It
 lives in a fresh directory per session, removed at exit; set JAX_COMPILATION_CACHE_DIR to use your own.
-``built_once`` builds an artifact several tests read (a trained workdir) once for all workers.
+``built_once`` builds an artifact several tests read (a trained workdir) once for all workers; the session
+fixtures below (``pretrained``, ``sft``, ``rl_base``, ``small_base``) are the runs several files start from.
+What test files share as code (configs, fake workdirs, log readers) is in ``helpers.py``.
 """
 
 import atexit
@@ -12,7 +14,11 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM's optimisation level 0: the tests' programs are small and run a few steps, so code generation, not
+# execution, is where the time goes (about a third less CPU time for the suite); HLO optimisations still run.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Set here, before jax is imported, in the xdist controller: the workers inherit the same directory.
@@ -61,3 +67,58 @@ def built_once(tmp_path_factory):
         return str(path)
 
     return get
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs several test files start from, each made once per session (tests read them and never write to them)
+
+
+@pytest.fixture(scope="session")
+def pretrained(built_once):
+    """One pretraining run of tests/small_config.py (evaluated at its last step), for every test that starts
+    from a pretrained model."""
+    from gptjax import train
+    from helpers import PRETRAIN_STEPS, tiny_config
+
+    c = tiny_config(
+        "pretrain",
+        **{"train.steps": PRETRAIN_STEPS, "train.eval_every": PRETRAIN_STEPS, "optim.lr": 3e-3},
+    )
+    return built_once("pretrain", lambda workdir: train.run(c, workdir))
+
+
+@pytest.fixture(scope="session")
+def sft(built_once, pretrained):
+    """SFT from ``pretrained``: the start of the reward-model and DPO stages."""
+    from gptjax import train
+    from helpers import SFT_STEPS, tiny_config
+
+    c = tiny_config("sft", **{"train.steps": SFT_STEPS, "train.init_from": pretrained})
+    return built_once("sft", lambda workdir: train.run(c, workdir))
+
+
+@pytest.fixture(scope="session")
+def rl_base(built_once):
+    """(sft, rm): random SFT and reward-model workdirs of ``helpers.rl_model_cfg``'s shapes, where the RL
+    stages' tests start (only the plumbing is under test there, not what the models know)."""
+    import helpers
+
+    cfgs = {"sft": helpers.rl_model_cfg(), "rm": helpers.rl_model_cfg("scalar")}
+    root = built_once("rl_base", lambda path: helpers.save_random_base(path, cfgs))
+    return os.path.join(root, "sft"), os.path.join(root, "rm")
+
+
+@pytest.fixture(scope="session")
+def small_base(built_once):
+    """A directory with random SFT and reward-model workdirs (``sft/``, ``rm/``) of tests/small_config.py's
+    shapes, what ``make demo`` leaves in runs/demo for a sweep or rejection sampling to start from."""
+    import helpers
+    from gptjax import model
+    from gptjax.train import defaults
+
+    def stage_cfg(stage):
+        c = defaults.load_config(f"{helpers.SMALL_CONFIG}:stage={stage}")
+        return model.config_from_dict(c.model.to_dict())
+
+    cfgs = {stage: stage_cfg(stage) for stage in ("sft", "rm")}
+    return built_once("small_base", lambda path: helpers.save_random_base(path, cfgs))

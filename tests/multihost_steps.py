@@ -3,9 +3,10 @@
     python tests/multihost_steps.py OUT.json NUM_PROCESSES [PROCESS_ID COORDINATOR_PORT]
 
 Each of N processes has 8 / N simulated devices, initialises ``jax.distributed`` through
-``gptjax.model.sharding.maybe_initialize_distributed`` and reads only its own shard of the data (shard PROCESS_ID of
-N); one process (N = 1 here) reads the same N shards itself and puts their rows side by side, so both runs
-train on the same global batches. Process 0 writes the per-step losses and gradient norms to OUT.json.
+``gptjax.model.sharding.maybe_initialize_distributed`` and reads only its own shard of the data (shard
+PROCESS_ID of N); one process (N = 1 here) reads the same N shards itself and puts their rows side by
+side, so both runs train on the same global batches. Process 0 writes the per-step losses and gradient
+norms to OUT.json.
 """
 
 import json
@@ -15,7 +16,8 @@ import sys
 out_path, nproc = sys.argv[1], int(sys.argv[2])
 pid, port = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (0, 0)
 SHARDS = 2  # the data is always split in two shards: the reference run reads both
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+flags = os.environ.get("XLA_FLAGS", "")  # the tests' compiler settings, without a device count
+os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={8 // nproc}".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
@@ -23,12 +25,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from gptjax import data, model  # noqa: E402
-
-from gptjax.model import sharding
-
-from gptjax.train import step
-from gptjax.train import state as state_lib  # noqa: E402
 from gptjax.losses import lm  # noqa: E402
+from gptjax.model import sharding  # noqa: E402
+from gptjax.train import state as state_lib  # noqa: E402
+from gptjax.train import step  # noqa: E402
 
 if nproc > 1:
     sharding.maybe_initialize_distributed(f"localhost:{port}", nproc, pid)

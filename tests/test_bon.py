@@ -61,35 +61,22 @@ def test_fits_recover_alpha_beta_from_points_of_each_form():
     assert np.abs(bon.bon_form(d, a, b) - rl_points).mean() > 5 * 0.005
 
 
-def test_rejection_sampling_stage_writes_the_best_samples_as_demonstrations(tmp_path):
+def test_rejection_sampling_stage_writes_the_best_samples_as_demonstrations(small_base, tmp_path):
     """stage=bon: n samples per prompt from the SFT model, the RM's best written as demonstrations (what the
     RM scores them at is what the stage logged), then SFT on them through the SFT data path; a resumed run
-    reuses the file."""
+    reuses the file. Random SFT and reward models (a normal-initialised scalar head, so samples score
+    differently) of the tests' small shapes."""
     import json
     import os
 
-    import jax
-    import optax
-
-    from gptjax import checkpoint, model, train
-
-    from gptjax.train import defaults
-
-    from gptjax.rl import reward
-    from gptjax.train import state as state_lib
+    from gptjax import checkpoint, train
     from gptjax.data import get_vocabulary
+    from gptjax.rl import reward
+    from gptjax.train import defaults
+    from helpers import SMALL_CONFIG
 
-    def save(path, stage):
-        cfg = model.config_from_dict(defaults.load_config(f"configs/tiny.py:stage={stage}").model.to_dict())
-        cfg = cfg.replace(scalar_head_init="normal")  # a zero head (the default) scores every sample 0
-        mngr = checkpoint.manager(str(path))
-        st = state_lib.create(model.init(cfg, jax.random.key(len(stage))), optax.sgd(0.0), ema=False)
-        checkpoint.save(mngr, st, data_state={}, meta=checkpoint.meta_for(cfg, stage))
-        mngr.wait_until_finished()
-
-    save(tmp_path / "sft", "sft")
-    save(tmp_path / "rm", "rm")
-    c = defaults.load_config(f"configs/tiny.py:stage=bon,sft={tmp_path / 'sft'},rm={tmp_path / 'rm'}")
+    sft, rm = os.path.join(small_base, "sft"), os.path.join(small_base, "rm")
+    c = defaults.load_config(f"{SMALL_CONFIG}:stage=bon,sft={sft},rm={rm}")
     c.unlock()
     # random models rarely emit EOS: let unfinished samples compete
     c.bon.update(prompts=12, n=3, max_new_tokens=6, require_eos=False)
@@ -101,9 +88,7 @@ def test_rejection_sampling_stage_writes_the_best_samples_as_demonstrations(tmp_
     stats = json.load(open(os.path.join(workdir, "bon_stats.json")))
     assert len(lines) == stats["written"] == 12 and stats["skipped_no_eos"] == 0
     vocab = get_vocabulary(c.data)
-    scores = reward.scorer(str(tmp_path / "rm"), vocab, c.train.seq_len)(
-        [(r["prompt"], [r["response"]]) for r in lines]
-    )
+    scores = reward.scorer(rm, vocab, c.train.seq_len)([(r["prompt"], [r["response"]]) for r in lines])
     assert np.mean(np.concatenate(scores)) == pytest.approx(stats["rm_best"], abs=1e-4)
     assert stats["rm_best"] > stats["rm_all"]  # the best of 3 beats the average sample
     assert checkpoint.load_meta(workdir)[0] == 2

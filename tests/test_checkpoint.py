@@ -13,8 +13,9 @@ from gptjax.train import optim
 from gptjax.model import sharding
 
 from gptjax.train import state
+from helpers import CHECKPOINT_CFG
 
-CFG = model.ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=16)
+CFG = CHECKPOINT_CFG
 
 
 def make_state(cfg=CFG, seed=0, mesh=None):

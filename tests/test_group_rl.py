@@ -11,40 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import random_params, rl_model_cfg
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, model, train
-
-from gptjax.train import defaults
-
-from gptjax.rl import rollout
-
-from gptjax.model import sharding
-from gptjax.train import state as state_lib
-from gptjax.train import step as step_lib
+from gptjax import checkpoint, losses, model, train
 from gptjax.losses import grpo, logprobs, ppo, rloo
+from gptjax.model import sharding
+from gptjax.rl import rollout
+from gptjax.train import defaults
+from gptjax.train import step as step_lib
 
 LOSSES = {"grpo": grpo, "rloo": rloo}
-
-
-def tiny_cfg(head="lm"):
-    return model.ModelConfig.gpt2(
-        vocab_size=288, d_model=32, n_layers=2, n_heads=4, max_len=64, head=head, scalar_head_init="normal"
-    )
-
-
-def random_params(cfg, seed, mesh=None):
-    """Random weights (norm scales 1) drawn on the host: model.init's compile costs seconds on CPU."""
-    r = np.random.default_rng(seed)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, s: (
-            np.ones(s.shape, s.dtype)
-            if "scale" in jax.tree_util.keystr(path)
-            else r.normal(0.0, 0.1, s.shape).astype(s.dtype)
-        ),
-        model.param_shapes(cfg),
-    )
-    return jax.device_put(params, model.param_shardings(cfg, mesh) if mesh is not None else None)
+tiny_cfg = rl_model_cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,7 +44,7 @@ def test_rloo_advantage_is_the_reward_minus_the_mean_of_the_others():
 
 
 def test_grpo_advantage_is_the_reward_standardised_within_its_group():
-    opts = FrozenConfigDict(defaults.LOSS_OPTIONS["grpo"])
+    opts = FrozenConfigDict(dict(losses.objective("grpo").options))
     score = jnp.array([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
     kl = jnp.array([3.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
     adv = grpo.advantages(score, kl, 0.5, 4, opts)
@@ -229,7 +207,7 @@ def synthetic_batch(seed, B=8, L=20):
 def group_ctx(cfg, stage, **loss):
     return step_lib.Ctx(
         model_cfg=cfg,
-        loss_cfg=FrozenConfigDict({**defaults.LOSS_OPTIONS[stage], **loss}),
+        loss_cfg=FrozenConfigDict({**dict(losses.objective(stage).options), **loss}),
         role_cfgs=(("policy", cfg),),
         scalars={"temperature": jnp.float32(0.7)},
     )
@@ -264,7 +242,7 @@ def test_loss_at_the_old_policy_is_minus_the_mean_advantage_with_the_reinforce_g
     (loss2, m2), _ = loss_and_grad(params, batch)
     k3 = np.exp(-0.5) - 1 + 0.5
     np.testing.assert_allclose(m2["kl_ref"][0] / m2["kl_ref"][1], k3, rtol=1e-4)
-    kl_coef = defaults.LOSS_OPTIONS["grpo"]["kl_coef"] if stage == "grpo" else 0.0  # RLOO: in the reward
+    kl_coef = losses.objective("grpo").options["kl_coef"] if stage == "grpo" else 0.0  # RLOO: in the reward
     np.testing.assert_allclose(loss2 - loss, kl_coef * k3, rtol=1e-4, atol=1e-7)
 
 
@@ -295,27 +273,9 @@ def test_one_or_two_micro_batches_give_the_same_gradient():
 # A tiny run of each stage through train.run
 
 
-def save_workdir(path, cfg, seed):
-    params = random_params(cfg, seed)
-    st = state_lib.create(params, optax.sgd(0.0), ema=False)
-    mngr = checkpoint.manager(path)
-    checkpoint.save(
-        mngr, st, data_state={}, meta=checkpoint.meta_for(cfg, "sft" if cfg.head == "lm" else "rm")
-    )
-    mngr.wait_until_finished()
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("group_inputs")
-    save_workdir(str(root / "sft"), tiny_cfg(), 0)
-    save_workdir(str(root / "rm"), tiny_cfg("scalar"), 1)
-    return str(root / "sft"), str(root / "rm")
-
-
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
-def test_group_stage_trains_the_policy_alone_from_rollouts(stage, inputs, tmp_path):
-    sft, rm = inputs
+def test_group_stage_trains_the_policy_alone_from_rollouts(stage, rl_base, tmp_path):
+    sft, rm = rl_base
     c = rl_config(stage, sft, rm)
     c.train.update(steps=2, checkpoint_every=2, log_every=1)  # one rollout of 2 minibatches
     workdir = str(tmp_path / stage)

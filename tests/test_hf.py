@@ -341,7 +341,7 @@ def _convert_main():
 
 def test_convert_script_round_trip_with_a_lora_run(tmp_path):
     from gptjax import checkpoint
-    from gptjax.train.state import TrainState
+    from helpers import save_workdir
 
     main = _convert_main()
     m = hf_model("llama", tied=False)
@@ -355,13 +355,8 @@ def test_convert_script_round_trip_with_a_lora_run(tmp_path):
     # A LoRA run on top of it stores only adapters and names its base in train.init_from.
     lcfg = cfg.replace(lora_rank=2, lora_targets=("wq", "wv", "w_out"))
     adapters = lora.split(random_params(lcfg, seed=3))[0]
-    mngr = checkpoint.manager(str(tmp_path / "sft"))
-    meta = checkpoint.meta_for(
-        lcfg, "sft", config=json.dumps({"train": {"init_from": str(tmp_path / "base")}})
-    )
-    state = TrainState(step=jnp.asarray(7), params=adapters, opt_state={})
-    checkpoint.save(mngr, state, data_state=None, meta=meta)
-    mngr.wait_until_finished()
+    run_config = json.dumps({"train": {"init_from": str(tmp_path / "base")}})
+    save_workdir(tmp_path / "sft", "sft", adapters, lcfg, step=7, config=run_config)
     main(["--to-hf", str(tmp_path / "out"), "--from", str(tmp_path / "sft")])
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     want = our_logits(lcfg, lora.combine(adapters, params))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from helpers import script_env
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_steps.py")
 
@@ -19,9 +20,8 @@ def _free_port() -> int:
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env = script_env()  # the worker sets its own device count
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
     return env
 
 

@@ -1,6 +1,7 @@
-"""The checkout behaves like the installed package: no folder at the repository root stands in for an installed
-top-level package when Python starts there (``python -m pytest``, a REPL, a notebook), and ``gptjax.kernels``
-is the top-level ``kernels/`` folder whether imported from the root or from anywhere else."""
+"""The checkout behaves like the installed package: no folder at the repository root stands in for an
+installed top-level package when Python starts there (``python -m pytest``, a REPL, a notebook), and
+``gptjax.kernels`` is the top-level ``kernels/`` folder whether imported from the root or from anywhere
+else."""
 
 import importlib.metadata
 import os

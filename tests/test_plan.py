@@ -16,14 +16,12 @@ from gptjax.train import roles
 
 from gptjax.model import sharding
 from gptjax.research import plan as plan_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, script_env
 
 
 def run_plan_script(*args: str) -> subprocess.CompletedProcess:
     """scripts/plan.py in its own process (it sets the device count before JAX starts)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = script_env()
     script = os.path.join(ROOT, "scripts", "plan.py")
     return subprocess.run(
         [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

@@ -11,18 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import rl_model_cfg
 from ml_collections import FrozenConfigDict
 
-from gptjax import checkpoint, model, rl, train
-
-from gptjax.train import defaults
-
-from gptjax.model import sample
-
-from gptjax.model import sharding
-from gptjax.train import state as state_lib
-from gptjax.train import step as step_lib
+from gptjax import checkpoint, losses, model, rl, train
 from gptjax.losses import logprobs, ppo
+from gptjax.model import sample, sharding
+from gptjax.train import defaults
+from gptjax.train import step as step_lib
 
 # --------------------------------------------------------------------------------------------------
 # KL estimators, GAE, whitening, the KL controller
@@ -153,17 +149,7 @@ def test_value_loss_clipping():
 # Models and a synthetic rollout batch
 
 
-def tiny_cfg(head="lm", **kw):
-    return model.ModelConfig.gpt2(
-        vocab_size=288,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        max_len=64,
-        head=head,
-        scalar_head_init="normal",
-        **kw,
-    )
+tiny_cfg = rl_model_cfg
 
 
 def synthetic_batch(rng, B=8, L=20, ptx=0):
@@ -187,7 +173,7 @@ def synthetic_batch(rng, B=8, L=20, ptx=0):
 
 
 def ppo_ctx(policy_cfg, value_cfg, **loss):
-    opts = {**defaults.LOSS_OPTIONS["ppo"], **loss}
+    opts = {**dict(losses.objective("ppo").options), **loss}
     return step_lib.Ctx(
         model_cfg=policy_cfg,
         loss_cfg=FrozenConfigDict(opts),
@@ -397,16 +383,6 @@ def test_rollout_generates_in_calls_of_generate_rows_with_the_policy_moved_in_it
 # A tiny PPO-ptx run: checkpoint inside a rollout, resume, and end where an uninterrupted run ends
 
 
-def save_workdir(path, cfg, seed):
-    params = model.init(cfg, jax.random.key(seed))
-    st = state_lib.create(params, optax.sgd(0.0), ema=False)
-    mngr = checkpoint.manager(path)
-    checkpoint.save(
-        mngr, st, data_state={}, meta=checkpoint.meta_for(cfg, "sft" if cfg.head == "lm" else "rm")
-    )
-    mngr.wait_until_finished()
-
-
 def tiny_ppo_config(sft, rm, steps, **over):
     c = defaults.load_config(f"configs/tiny.py:stage=ppo,sft={sft},rm={rm}")
     c.unlock()
@@ -419,32 +395,26 @@ def tiny_ppo_config(sft, rm, steps, **over):
     return c
 
 
-@pytest.fixture(scope="module")
-def ppo_inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_inputs")
-    save_workdir(str(root / "sft"), tiny_cfg(), 0)
-    save_workdir(str(root / "rm"), tiny_cfg("scalar"), 1)
-    return str(root / "sft"), str(root / "rm")
-
-
-def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(ppo_inputs, tmp_path):
-    sft, rm = ppo_inputs
-    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(rl_base, tmp_path):
+    sft, rm = rl_base
+    whole = str(tmp_path / "whole")
     last = train.run(tiny_ppo_config(sft, rm, 4), whole)  # 2 rollouts x 2 minibatches, a checkpoint a step
-    # A run killed at a random moment after step 2's checkpoint (the end of the first rollout) or step 3's
-    # (inside the second): its workdir without the later checkpoints.
-    cut = int(np.random.default_rng().integers(2, 4))
-    shutil.copytree(whole, split)
-    for later in range(cut + 1, 5):
-        shutil.rmtree(os.path.join(split, "checkpoints", str(later)))
-    assert checkpoint.load_meta(split)[0] == cut
-    train.run(tiny_ppo_config(sft, rm, 4), split)
+    # A run killed inside the second rollout (after step 3's checkpoint) and one killed at the end of the
+    # first (after step 2's): its workdir without the later checkpoints. Each resumes to the same end.
+    splits = {}
+    for cut in (3, 2):
+        split = splits[cut] = str(tmp_path / f"split{cut}")
+        shutil.copytree(whole, split)
+        for later in range(cut + 1, 5):
+            shutil.rmtree(os.path.join(split, "checkpoints", str(later)))
+        assert checkpoint.load_meta(split)[0] == cut
+        train.run(tiny_ppo_config(sft, rm, 4), split)
 
-    for role, ema in (("policy", False), ("value", False), ("policy", True)):
-        _, a = checkpoint.load_model(whole, role=role, ema=ema)
-        _, b = checkpoint.load_model(split, role=role, ema=ema)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            np.testing.assert_array_equal(x, y, err_msg=f"{role}, resumed from step {cut}")
+        for role, ema in (("policy", False), ("value", False), ("policy", True)):
+            _, a = checkpoint.load_model(whole, role=role, ema=ema)
+            _, b = checkpoint.load_model(split, role=role, ema=ema)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_array_equal(x, y, err_msg=f"{role}, resumed from step {cut}")
     # the policy moved, and the EMA trails it
     _, start = checkpoint.load_model(sft)
     _, pol = checkpoint.load_model(whole, role="policy")
@@ -453,11 +423,12 @@ def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(ppo_inputs, tm
     d_ema = optax.tree.norm(jax.tree.map(jnp.subtract, ema, start))
     assert 0 < float(d_ema) < float(d_pol)
 
-    rows = [json.loads(line) for line in open(os.path.join(split, "metrics.jsonl"))]
-    train_steps = [r["step"] for r in rows if r["split"] == "train"]
-    assert train_steps == [1, 2, 3, 4]
-    rollouts = [r for r in rows if r["split"] == "rollout"]
-    assert [r["iteration"] for r in rollouts] == [1.0, 2.0]
+    for split in splits.values():
+        rows = [json.loads(line) for line in open(os.path.join(split, "metrics.jsonl"))]
+        train_steps = [r["step"] for r in rows if r["split"] == "train"]
+        assert train_steps == [1, 2, 3, 4]
+        rollouts = [r for r in rows if r["split"] == "rollout"]
+        assert [r["iteration"] for r in rollouts] == [1.0, 2.0]
     for key in (
         "reward",
         "kl",
@@ -475,8 +446,8 @@ def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(ppo_inputs, tm
     assert last["ptx_loss"] > 1.0
 
 
-def test_ppo_refuses_truncated_sampling_and_half_set_ptx(ppo_inputs, tmp_path):
-    sft, rm = ppo_inputs
+def test_ppo_refuses_truncated_sampling_and_half_set_ptx(rl_base, tmp_path):
+    sft, rm = rl_base
     c = tiny_ppo_config(sft, rm, 2)
     c.rollout.top_p = 0.9
     c.loss.ptx_coef = 0.0
@@ -487,8 +458,8 @@ def test_ppo_refuses_truncated_sampling_and_half_set_ptx(ppo_inputs, tmp_path):
 
 def test_ppo_13b_config_loads_and_builds_abstractly():
     """The 13B policy / 350M critic config: roles, both layouts' shardings on 8 devices, the PPO checks."""
-    from gptjax.train import roles as roles_lib
     from gptjax.rl import rollout
+    from gptjax.train import roles as roles_lib
     from gptjax.train import stages
 
     c = defaults.load_config("configs/ppo_13b.py:sft=/ckpt/sft,rm=/ckpt/rm")
@@ -514,8 +485,8 @@ def test_ppo_13b_config_loads_and_builds_abstractly():
 
 def test_ppo_1b_config_one_gpu_and_ptx_switch():
     """The one-GPU OPT-1.3B / 350M pair builds and passes the PPO checks; ptx= turns PPO-ptx on."""
-    from gptjax.train import roles as roles_lib
     from gptjax.rl import rollout
+    from gptjax.train import roles as roles_lib
     from gptjax.train import stages
 
     c = defaults.load_config("configs/ppo_1b.py:sft=/ckpt/sft,rm=/ckpt/rm")

@@ -14,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_checkpoint import CFG
-from test_train import logged, tiny_config
 
 from gptjax import checkpoint, data, train
 
@@ -29,6 +27,7 @@ from gptjax.train import state
 
 from gptjax.train import step
 from gptjax.data import sources as data_sources
+from helpers import CHECKPOINT_CFG, logged, script_env, tiny_config, toy_state
 
 TINY = {
     "model.d_model": 32,
@@ -137,17 +136,11 @@ def test_nan_skip_then_sigterm_then_resume_under_stop(tmp_path, monkeypatch, cap
     assert [r["step"] for r in logged(workdir)] == [1, 2, 3, 4, 5, 6]  # each step once
 
 
-def toy_state(k: int) -> state.TrainState:
-    """A train state whose every number depends on k (a model would only add compile time here)."""
-    params = {"w_DD": np.full((256, 256), k, np.float32), "b_D": np.arange(256, dtype=np.float32) + k}
-    opt_state = jax.tree.map(lambda x: x + k, optax.adam(1e-3).init(params))
-    return state.TrainState(step=jnp.int32(k), params=params, opt_state=opt_state)
-
-
 def _save(workdir, *steps):
     mngr = checkpoint.manager(workdir, keep=10)
     for k in steps:
-        checkpoint.save(mngr, toy_state(k), data_state={"k": k}, meta=checkpoint.meta_for(CFG, "pretrain"))
+        meta = checkpoint.meta_for(CHECKPOINT_CFG, "pretrain")
+        checkpoint.save(mngr, toy_state(k), data_state={"k": k}, meta=meta)
     mngr.wait_until_finished()
     return mngr
 
@@ -204,7 +197,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, caplog
 SAVER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[2])
-from test_reliability import toy_state
+from helpers import toy_state
 from gptjax import checkpoint
 mngr = checkpoint.manager(sys.argv[1], keep=100)
 for k in range(1, int(sys.argv[3]) + 1):
@@ -214,8 +207,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_kill_during_a_save_leaves_every_earlier_checkpoint_intact(tmp_path):
-    last = int(np.random.default_rng().integers(2, 5))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    last = 3  # killed while step 3 is being written: steps 1 and 2 are committed
+    env = script_env()
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+    env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-c", SAVER, str(tmp_path), os.path.dirname(__file__), str(last)]
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == -signal.SIGKILL
     names = os.listdir(tmp_path / "checkpoints")
@@ -293,7 +288,7 @@ class CrashAt:
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_a_run_killed_at_a_random_step_resumes_bitwise(stage, tmp_path, monkeypatch):
-    """SFT, the reward model and DPO (its frozen reference included): killed at a random step between
+    """SFT, the reward model and DPO (its frozen reference included): killed at a step between
     checkpoints, rerun: the final params, optimizer state, EMA and step rows equal an uninterrupted run's."""
     over = {**TINY, "train.steps": 7, "train.checkpoint_every": 2, "train.keep_checkpoints": 10}
     if stage in ("rm", "dpo"):
@@ -304,7 +299,9 @@ def test_a_run_killed_at_a_random_step_resumes_bitwise(stage, tmp_path, monkeypa
     c = tiny_config(stage, **over)
     c.optim.ema_decay = 0.9
     train.run(c, str(tmp_path / "whole"))
-    kill_at = int(np.random.default_rng().integers(2, 8))  # the step whose batch is never read
+    # the step whose batch is never read: after an uncheckpointed step (redone on resume) or right after a
+    # checkpoint (nothing redone)
+    kill_at = {"sft": 4, "rm": 6, "dpo": 5}[stage]
     make = sources.make_source
     monkeypatch.setattr(sources, "make_source", lambda *a, **k: CrashAt(make(*a, **k), kill_at))
     with pytest.raises(Crash):

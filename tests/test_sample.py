@@ -1,4 +1,5 @@
-"""gptjax.model.sample: cached generation against a full forward pass, filters, EOS, rng, frequencies, errors."""
+"""gptjax.model.sample: cached generation against a full forward pass, filters, EOS, rng, frequencies,
+errors."""
 
 import functools
 

@@ -9,7 +9,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 from gptjax import checkpoint, model
@@ -17,38 +16,15 @@ from gptjax import checkpoint, model
 from gptjax.train import defaults
 
 from gptjax.research import sweep
-from gptjax.train import state as state_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
-
-
-def save_run(path, cfg, stage):
-    params = model.init(cfg, jax.random.key(0 if stage == "sft" else 1))
-    mngr = checkpoint.manager(path)
-    checkpoint.save(
-        mngr,
-        state_lib.create(params, optax.sgd(0.0), ema=False),
-        data_state={},
-        meta=checkpoint.meta_for(cfg, stage),
-    )
-    mngr.wait_until_finished()
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """Random SFT and RM checkpoints of the tiny config's shapes (what `make demo` leaves in runs/demo)."""
-    path = tmp_path_factory.mktemp("base")
-    for stage in ("sft", "rm"):
-        cfg = model.config_from_dict(defaults.load_config(f"{TINY}:stage={stage}").model.to_dict())
-        save_run(str(path / stage), cfg, stage)
-    return str(path)
+from helpers import ROOT, SMALL_CONFIG, script_env
+from helpers import TINY_CONFIG as TINY
 
 
 def run_sweep(base, workdir, *extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = script_env()  # one device
     args = [
+        "--config",
+        SMALL_CONFIG,
         "--sweep",
         "smoke",
         "--base",
@@ -70,7 +46,9 @@ def run_sweep(base, workdir, *extra):
     )
 
 
-def test_a_two_point_sweep_writes_its_table_and_resumes(base, tmp_path):
+def test_a_two_point_sweep_writes_its_table_and_resumes(small_base, tmp_path):
+    """configs/tiny.py's smoke sweep, run on the tests' small model (tests/small_config.py)."""
+    base = small_base
     done = run_sweep(base, str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     root = tmp_path / "smoke"
@@ -99,10 +77,10 @@ def test_a_two_point_sweep_writes_its_table_and_resumes(base, tmp_path):
 
     # a metric asked for after the points finished (held-out text loss, the PPO-ptx sweep's) is added from
     # their checkpoints, without training them again
-    evaluator = sweep.Evaluator(TINY, base, eval_prompts=8, samples=1, text_loss=True)
-    point = sweep.load_sweep(TINY, "smoke").points[1]
+    evaluator = sweep.Evaluator(SMALL_CONFIG, base, eval_prompts=8, samples=1, text_loss=True)
+    point = sweep.load_sweep(SMALL_CONFIG, "smoke").points[1]
     ckpt = os.path.getmtime(root / point.name / "checkpoints")
-    out = sweep.run_point(TINY, point, base, str(root), evaluator)
+    out = sweep.run_point(SMALL_CONFIG, point, base, str(root), evaluator)
     saved = json.loads((root / point.name / "results.json").read_text())["results"]
     for policy in ("policy", "ema"):
         loss = out["results"][policy]["text_loss"]
@@ -119,7 +97,7 @@ def test_text_loss_of_a_uniform_model_is_log_vocab():
     """Zero weights give uniform next-token probabilities: the loss is log V per token, whatever the text."""
     from gptjax.evals import evaluate
 
-    c = defaults.load_config(f"{TINY}:stage=pretrain")
+    c = defaults.load_config(f"{SMALL_CONFIG}:stage=pretrain")
     cfg = model.config_from_dict(c.model.to_dict())
     zeros = jax.tree.map(jnp.zeros_like, model.init(cfg, jax.random.key(0)))
     got = evaluate.text_loss(cfg, zeros, c.data, seq_len=c.train.seq_len, batches=2)

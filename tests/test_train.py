@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from ml_collections import FrozenConfigDict
@@ -19,30 +18,11 @@ from gptjax import checkpoint, model, train
 
 from gptjax.train import defaults
 
-from gptjax.train import optim
-
 from gptjax.rl import reward
-
-from gptjax.train import state
 
 from gptjax.train import step
 from gptjax.data import get_vocabulary, tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_CONFIG = os.path.join(ROOT, "tests", "small_config.py")  # configs/tiny.py with a smaller model
-
-
-def tiny_config(stage, **overrides):
-    c = defaults.load_config(f"{SMALL_CONFIG}:stage={stage}")
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        setattr(c[section], name, value)
-    return c
-
-
-def logged(workdir, split="train"):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
+from helpers import PRETRAIN_STEPS, ROOT, SMALL_CONFIG, logged, random_params, save_workdir, tiny_config
 
 
 def tensorboard_steps(logdir, tag):
@@ -63,27 +43,6 @@ def tensorboard_steps(logdir, tag):
                 kept = [step for step in kept if step < event.step]
             kept += [event.step for v in event.summary.value if v.tag == tag]
     return kept
-
-
-PRETRAIN_STEPS, SFT_STEPS = 40, 40
-
-
-@pytest.fixture(scope="module")
-def pretrained(built_once):
-    """One pretraining run (evaluated at its last step) for every test that starts from a pretrained model;
-    built once per session. Tests read it and never write to it."""
-    c = tiny_config(
-        "pretrain",
-        **{"train.steps": PRETRAIN_STEPS, "train.eval_every": PRETRAIN_STEPS, "optim.lr": 3e-3},
-    )
-    return built_once("pretrain", lambda workdir: train.run(c, workdir))
-
-
-@pytest.fixture(scope="module")
-def sft(built_once, pretrained):
-    """SFT from ``pretrained``: the start of the reward-model and DPO stages."""
-    c = tiny_config("sft", **{"train.steps": SFT_STEPS, "train.init_from": pretrained})
-    return built_once("sft", lambda workdir: train.run(c, workdir))
 
 
 def test_pretrain_then_sft_from_checkpoint(pretrained, sft):
@@ -205,11 +164,7 @@ def test_lora_sft_trains_and_stores_only_adapters(tmp_path, pretrained):
     assert float(np.abs(params["blocks"]["mlp"]["w_in_lora_b"]).max()) > 0  # trained away from zero init
     # a base of another width (a fresh model saved as a pretraining checkpoint) is refused, naming d_model
     wrong_cfg = model.config_from_dict(c.model).replace(lora_rank=0, d_model=32, n_heads=2)
-    opt = optim.make_optimizer(c.optim, 1)
-    mngr = checkpoint.manager(str(tmp_path / "wrong"))
-    wrong_state = state.create(model.init(wrong_cfg, jax.random.key(0)), opt, ema=False)
-    checkpoint.save(mngr, wrong_state, data_state={}, meta=checkpoint.meta_for(wrong_cfg, "pretrain"))
-    mngr.wait_until_finished()
+    save_workdir(tmp_path / "wrong", "pretrain", random_params(wrong_cfg, 0), wrong_cfg)
     with pytest.raises(ValueError, match="d_model"):
         checkpoint.load_model(lora, base=str(tmp_path / "wrong"))
 

@@ -82,6 +82,7 @@ def _params_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestor
 
 class DamagedCheckpoint(RuntimeError):
     """A checkpoint step that cannot be read: one of its files is missing, cut short or unreadable."""
+
     def __init__(self, step: int, path: str, detail: str):
         super().__init__(f"checkpoint step {step} is damaged: {path}: {detail}")
         self.step, self.path = step, path

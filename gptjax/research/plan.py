@@ -142,6 +142,7 @@ def _biggest_temporaries(hlo_text: str, top: int = 5) -> list[tuple[str, float]]
 class _Setup:
     """What every planned program of a stage shares: the abstract run (``build(abstract=True)``: the trained
     roles' sharded state, the frozen roles' params) and views of it."""
+
     run: build.Run
 
     @property

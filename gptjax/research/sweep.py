@@ -124,6 +124,7 @@ class Evaluator:
     """Policies on held-out prompts against the SFT model under ``base`` (same prompts and keys): the gold,
     text_loss and best_of_n evaluators (``gptjax.evals``) with the base's SFT model as reference and its RM
     as reward model."""
+
     def __init__(self, config_file: str, base: str, eval_prompts: int, samples: int, text_loss: bool = False):
 
         self.base, self.samples, self.eval_prompts = base, samples, eval_prompts

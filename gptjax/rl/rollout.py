@@ -97,6 +97,7 @@ class RolloutSource:
     """``prompts`` / ``ptx``: iterators to use instead of building them from ``config.data`` /
     ``config.ptx.data`` (the data protocol: ``next``, ``get_state``, ``set_state``; prompt batches hold
     ``prompt_BP``, ``prompt_lengths_B``, ``prompt_ids_B``)."""
+
     def __init__(self, config, *, batch_size: int, ctx, mesh, prompts=None, ptx=None):
 
         self.config, self.mesh, self.minibatch = config, mesh, batch_size

@@ -41,6 +41,7 @@ FROZEN_HEADS = {"ref": "lm", "reward": "scalar"}
 @dataclasses.dataclass
 class Run:
     """Everything the loop, the planner and the benchmarks need of one stage's run."""
+
     config: ConfigDict
     stage: stages.Stage
     mesh: Any

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Mapping
 
 from ml_collections import ConfigDict, config_dict
 
@@ -72,23 +71,6 @@ def base_config(stage: str) -> ConfigDict:
         }
     )
     return c
-
-
-class _LossOptions(Mapping):
-    """{loss name: its options' defaults}, read from each objective's declaration (``Objective.options``):
-    a view for callers of the old table, not a second copy of it."""
-
-    def __getitem__(self, name: str) -> dict:
-        return dict(losses.objective(name).options)
-
-    def __iter__(self):
-        return iter(sorted({stage.loss for stage in stages.STAGES.values()}))
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
-
-
-LOSS_OPTIONS = _LossOptions()
 
 
 def loss_section(stage: str) -> ConfigDict:

@@ -73,6 +73,7 @@ def drop_rows_after(path: str, step: int) -> None:
 
 class MetricLog:
     """Console (progress bar), TensorBoard and metrics.jsonl in the workdir; process 0 only."""
+
     def __init__(self, workdir: str, total: int, initial: int):
         self.enabled = jax.process_index() == 0
         self.writer, self.bar, self.file = None, None, None
@@ -272,6 +273,7 @@ def batch_tokens(batch: dict) -> int:
 @dataclasses.dataclass
 class Speed:
     """tokens/s and MFU over the steps between two logged steps."""
+
     flops_per_token: float
     peak: float | None
     tokens_per_step: int

@@ -20,6 +20,7 @@ from gptjax.train.stages import Stage
 
 class DataSource:
     """Batches of a ``gptjax.data`` iterator; the train state is not needed."""
+
     def __init__(self, iterator):
         self.iterator = iterator
 
