@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from gptjax.losses.logprobs import sequence_logprobs
 from gptjax.losses.objective import Objective
-from gptjax.losses.ranking import pair_mask, per_prompt_mean
+from gptjax.losses.ranking import pair_mask, pair_metrics, per_prompt_mean
 
 
 def dpo_loss(
@@ -65,22 +65,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     losses_BKK = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
     loss_sum, count = per_prompt_mean(losses_BKK, pairs_BKK)
 
-    reward_BK = beta * (pi_BK - ref_BK)
-    chosen_BKK = jnp.broadcast_to(reward_BK[..., :, None], pairs_BKK.shape)
-    rejected_BKK = jnp.broadcast_to(reward_BK[..., None, :], pairs_BKK.shape)
-    margin_BKK = chosen_BKK - rejected_BKK
-    n_pairs = jnp.sum(pairs_BKK).astype(jnp.float32)
-
-    def over_pairs(x_BKK):
-        return jnp.sum(jnp.where(pairs_BKK, x_BKK, 0.0)), n_pairs
-
-    metrics = {
-        "loss": (loss_sum, count),
-        "accuracy": over_pairs((margin_BKK > 0).astype(jnp.float32)),
-        "margin": over_pairs(margin_BKK),
-        "chosen_reward": over_pairs(chosen_BKK),
-        "rejected_reward": over_pairs(rejected_BKK),
-    }
+    metrics = {"loss": (loss_sum, count), **pair_metrics(beta * (pi_BK - ref_BK), valid_BK)}
     return loss_sum, metrics
 
 

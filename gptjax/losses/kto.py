@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from gptjax.losses.logprobs import sequence_logprobs
 from gptjax.losses.objective import Objective
-from gptjax.losses.ranking import pair_mask
+from gptjax.losses.ranking import pair_metrics
 
 
 def kto_loss(
@@ -73,26 +73,14 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     loss_sum = jnp.sum(jnp.where(counted_BK, losses_BK, 0.0))
     count = jnp.sum(counted_BK).astype(jnp.float32)
 
-    # DPO's metrics over every valid pair of a ranking (row i ranked better than column j).
     reward_BK = opts.beta * rho_BK
-    pairs_BKK = pair_mask(valid_BK)
-    chosen_BKK = jnp.broadcast_to(reward_BK[..., :, None], pairs_BKK.shape)
-    rejected_BKK = jnp.broadcast_to(reward_BK[..., None, :], pairs_BKK.shape)
-    margin_BKK = chosen_BKK - rejected_BKK
-    n_pairs = jnp.sum(pairs_BKK).astype(jnp.float32)
-
-    def over_pairs(x_BKK):
-        return jnp.sum(jnp.where(pairs_BKK, x_BKK, 0.0)), n_pairs
 
     def over(x_BK, where_BK):
         return jnp.sum(jnp.where(where_BK, x_BK, 0.0)), jnp.sum(where_BK).astype(jnp.float32)
 
     metrics = {
         "loss": (loss_sum, count),
-        "accuracy": over_pairs((margin_BKK > 0).astype(jnp.float32)),
-        "margin": over_pairs(margin_BKK),
-        "chosen_reward": over_pairs(chosen_BKK),
-        "rejected_reward": over_pairs(rejected_BKK),
+        **pair_metrics(reward_BK, valid_BK),  # DPO's, so the two compare directly
         "desirable_reward": over(reward_BK, desirable_BK),
         "undesirable_reward": over(reward_BK, undesirable_BK),
         "reference_point": (z0, jnp.float32(1.0)),  # z0 in nats; averaged over micro-batches

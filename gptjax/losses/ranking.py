@@ -34,6 +34,26 @@ def per_prompt_mean(x_BKK: jax.Array, pairs_BKK: jax.Array) -> tuple[jax.Array, 
     return jnp.sum(jnp.where(has_B, mean_B, 0.0)), jnp.sum(has_B).astype(jnp.float32)
 
 
+def pair_metrics(reward_BK: jax.Array, valid_BK: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """(sum, count) over every valid pair of a ranking (row i ranked better than column j) of an implicit
+    reward: accuracy (chosen strictly above rejected: a tie is wrong), margin, chosen and rejected reward."""
+    pairs_BKK = pair_mask(valid_BK)
+    chosen_BKK = jnp.broadcast_to(reward_BK[..., :, None], pairs_BKK.shape)
+    rejected_BKK = jnp.broadcast_to(reward_BK[..., None, :], pairs_BKK.shape)
+    margin_BKK = chosen_BKK - rejected_BKK
+    n_pairs = jnp.sum(pairs_BKK).astype(jnp.float32)
+
+    def over_pairs(x_BKK):
+        return jnp.sum(jnp.where(pairs_BKK, x_BKK, 0.0)), n_pairs
+
+    return {
+        "accuracy": over_pairs((margin_BKK > 0).astype(jnp.float32)),
+        "margin": over_pairs(margin_BKK),
+        "chosen_reward": over_pairs(chosen_BKK),
+        "rejected_reward": over_pairs(rejected_BKK),
+    }
+
+
 def kwise_loss(
     rewards_BK: jax.Array, valid_BK: jax.Array, margin: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
