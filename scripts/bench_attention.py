@@ -20,9 +20,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from gptjax.kernels import decode_attention as da
 from gptjax.kernels import flash_attention as fa
-
 from gptjax.model import attention as attn_lib
 
 

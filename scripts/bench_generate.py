@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import model
-
 from gptjax.model import sample
 
 

@@ -23,19 +23,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import FrozenConfigDict, config_flags
 
-from gptjax import model
-
-from gptjax.model import flops
-
-from gptjax.train import optim
-
-from gptjax.train import roles
-
-from gptjax.model import sharding
+from gptjax import model, train
+from gptjax.losses import lm
+from gptjax.model import flops, sharding
+from gptjax.train import optim, roles
 from gptjax.train import state as state_lib
 from gptjax.train import step as step_lib
-from gptjax import train
-from gptjax.losses import lm
 
 config_flags.DEFINE_config_file("config", None, "Python config file (with :arg).", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps")

@@ -26,12 +26,10 @@ import jax
 import numpy as np
 
 from gptjax.interop import hf
-
-from gptjax.model import sample
-
-from gptjax.train import step
-from gptjax.train import state as state_lib
 from gptjax.losses import lm
+from gptjax.model import sample
+from gptjax.train import state as state_lib
+from gptjax.train import step
 
 TINY_LLAMA = dict(
     vocab_size=512,
@@ -47,6 +45,7 @@ TINY_LLAMA = dict(
 
 
 def save_hf_model(path: str, seed: int) -> None:
+    # torch and transformers: the test extras, heavy
     import torch
     import transformers
 
@@ -60,6 +59,7 @@ def save_hf_model(path: str, seed: int) -> None:
 
 
 def hf_train(path: str, tokens_BL: np.ndarray, lr: float):
+    # torch and transformers: the test extras, heavy
     """A closure that runs one AdamW step of transformers' model and returns the loss."""
     import torch
     import transformers
@@ -79,6 +79,9 @@ def hf_train(path: str, tokens_BL: np.ndarray, lr: float):
         return loss.item()
 
     return run
+
+
+# torch and transformers: the test extras, heavy
 
 
 def hf_generate(path: str, prompts_BP: np.ndarray, new_tokens: int):
@@ -161,6 +164,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="turns of (HF, gptjax) timing per benchmark")
     parser.add_argument("--train-steps", type=int, default=10, help="train steps per timed turn")
     parser.add_argument("--generate-calls", type=int, default=2, help="generate calls per timed turn")
+    # torch and transformers: the test extras, heavy
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

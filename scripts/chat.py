@@ -20,7 +20,6 @@ import jax
 from absl import app, flags, logging
 
 from gptjax import checkpoint, model
-
 from gptjax.model import stream
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or Hugging Face checkpoint dir.")

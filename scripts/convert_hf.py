@@ -18,19 +18,15 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 
 from gptjax import checkpoint, model
-
-from gptjax.interop import hf
-
-from gptjax.interop import lora
+from gptjax.interop import hf, lora
+from gptjax.model import sharding
+from gptjax.train.state import TrainState
 
 
 def from_hf(src: str, workdir: str, dtype: str | None, shard: bool) -> None:
-    import jax.numpy as jnp
-
-    from gptjax.model import sharding
-    from gptjax.train.state import TrainState
 
     mesh = sharding.make_mesh({"fsdp": -1}) if shard else None
     cfg, params = hf.load(src, mesh=mesh, dtype=dtype)

@@ -24,9 +24,8 @@ import numpy as np
 from absl import app, flags
 
 from gptjax import checkpoint
-
-from gptjax.model import sample
 from gptjax.data import vocab as vocab_lib
+from gptjax.model import sample
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or Hugging Face checkpoint dir.")
 _HF_DIR = flags.DEFINE_string(

@@ -22,8 +22,16 @@ import shlex
 import sys
 import time
 
+import jax
 import numpy as np
 from absl import app, flags, logging
+
+from gptjax import checkpoint, evals, train
+from gptjax.data import get_vocabulary
+from gptjax.evals import gold as gold_eval
+from gptjax.research import report
+from gptjax.rl import bon
+from gptjax.train import defaults
 
 flags.DEFINE_string("base", "runs/demo", "Workdir holding the sft/ run.")
 flags.DEFINE_string("workdir", "runs/overopt", "Where the proxies, PPO runs and the report go.")
@@ -40,8 +48,6 @@ CONFIG = "configs/tiny.py"
 
 
 def train_proxy(size: int, root: str) -> str:
-    from gptjax import checkpoint, train
-    from gptjax.train import defaults
 
     workdir = os.path.join(root, f"rm_{size}")
     c = defaults.load_config(f"{CONFIG}:stage=rm")
@@ -61,8 +67,6 @@ def train_proxy(size: int, root: str) -> str:
 
 
 def train_ppo(rm_dir: str, root: str, size: int) -> str:
-    from gptjax import checkpoint, train
-    from gptjax.train import defaults
 
     workdir = os.path.join(root, f"ppo_{size}")
     sft = os.path.join(FLAGS.base, "sft")
@@ -84,14 +88,6 @@ def train_ppo(rm_dir: str, root: str, size: int) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-
-    from gptjax import evals, train
-    from gptjax.data import get_vocabulary
-    from gptjax.evals import gold as gold_eval
-    from gptjax.research import report
-    from gptjax.rl import bon
-    from gptjax.train import defaults
 
     train.setup_logging()
     if not os.path.isdir(os.path.join(FLAGS.base, "sft")):

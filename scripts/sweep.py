@@ -19,6 +19,9 @@ import time
 
 from absl import app, flags, logging
 
+from gptjax import train
+from gptjax.research import report, sweep
+
 flags.DEFINE_string("config", "configs/tiny.py", "Config file declaring get_sweeps() (no ':arg').")
 flags.DEFINE_string("sweep", None, "The sweep's name.")
 flags.DEFINE_string("base", "runs/demo", "Workdir holding the sft/ and rm/ runs the points start from.")
@@ -36,9 +39,6 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from gptjax import train
-    from gptjax.research import report
-    from gptjax.research import sweep
 
     train.setup_logging()
     if ":" in FLAGS.config:

@@ -4,7 +4,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax import train
-
 from gptjax.model import sharding
 
 config_flags.DEFINE_config_file("config", None, "Python config file (with :arg).", lock_config=True)

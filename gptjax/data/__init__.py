@@ -63,6 +63,7 @@ def make_iterator(
     num_shards: int | None = None,
 ):
     """A resumable, host-sharded iterator of numpy batches for ``stage`` (see the module doc)."""
+    # seqio and TensorFlow: imported when an iterator is made, not with the package
     from gptjax.data.pipeline import DataIterator
 
     if shard_index is None or num_shards is None:

@@ -243,6 +243,7 @@ class DataIterator:
         self.set_state({"consumed": 0, "offset": 0})
 
     def _dataset(self, skip: int):
+        # seqio (and TensorFlow): heavy, imported when a dataset is built
         import seqio
 
         shard = seqio.ShardInfo(index=self.shard_index, num_shards=self.num_shards)
@@ -325,6 +326,7 @@ def _register(
     stage: str, split: str, uids: dict[str, np.ndarray], rates: dict[str, float], shuffle_buffer: int
 ):
     """seqio Tasks (one per source) and their Mixture; re-registering the same names replaces them."""
+    # seqio (and TensorFlow): heavy, imported when a dataset is built
     tf = sources.import_tf()
     import seqio
 

@@ -30,6 +30,7 @@ from gptjax.data.formats.fields import RenderChat
 
 def import_tf():
     """TensorFlow for the input pipeline only: keep it off every accelerator (JAX owns them)."""
+    # heavy: only the input pipeline needs it
     import tensorflow as tf
 
     try:
@@ -117,6 +118,7 @@ def _to_python(value: Any) -> Any:
 
 def _tfds(name: str, data_dir: str, split: str) -> Iterable[tuple[str, Any]]:
     import_tf()
+    # heavy and optional: only TFDS sources need it
     import tensorflow_datasets as tfds
 
     what = f"TFDS dataset {name!r} (data_dir={data_dir or 'default'!r})"

@@ -70,6 +70,7 @@ class SentencePieceVocabulary:
     """A SentencePiece model from ``scripts/train_tokenizer.py`` (its pad/bos/eos ids are stored in it)."""
 
     def __init__(self, path: str):
+        # only SentencePiece vocabularies need it
         import sentencepiece as spm
 
         if not os.path.isfile(path):
@@ -111,6 +112,7 @@ def train_sentencepiece(
     """Train a SentencePiece model on ``texts`` locally; returns the ``.model`` path.
 
     PAD/UNK/BOS/EOS get ids 0-3 and byte fallback is on, so any UTF-8 text encodes without UNK.
+    # only SentencePiece vocabularies need it
     """
     import sentencepiece as spm
 
@@ -169,6 +171,7 @@ class HuggingFaceVocabulary:
     """
 
     def __init__(self, path: str):
+        # only Hugging Face tokenizers need it
         from tokenizers import Tokenizer
 
         tok_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path

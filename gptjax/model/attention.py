@@ -301,6 +301,7 @@ def attention(
             softmax_scale=softmax_scale,
         )
     if impl == "pallas":
+        # Pallas: imported only when the kernel is asked for
         from gptjax.kernels import flash_attention as fa
 
         if segment_ids_BL is None and kv_segment_ids_BS is not None:
@@ -344,6 +345,7 @@ def _decode_attention(q_B1HD, k_cache_BKDS, v_cache_BKSD, q_positions_B1, impl, 
     which XLA copied to head-major order every token, 2.6 ms at 544; with keys [B, K, S, D], which the
     matmul library repacks every token, 4.1 ms at 544.
     """
+    # Pallas: imported only when the kernel is asked for
     from gptjax.kernels import decode_attention as da
 
     lengths_B = q_positions_B1[:, 0].astype(jnp.int32) + 1

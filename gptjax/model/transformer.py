@@ -160,6 +160,7 @@ def _remat(fn, policy: str):
     }
     chosen = policies[policy]
     if policy != "full":  # and the fused attention's output and log-sum-exp: no second forward kernel
+        # Pallas: imported only when a remat policy keeps the kernel's outputs
         from gptjax.kernels import flash_attention
 
         chosen = cp.save_from_both_policies(chosen, flash_attention.save_forward_kernel)

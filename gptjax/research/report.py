@@ -24,6 +24,7 @@ def last_row(workdir: str, split: str = "train") -> dict:
 
 def plot_curves(runs: dict[str, str], path: str, metric: str = "loss") -> None:
     """One panel per run ({title: workdir}): ``metric`` against step for its train and eval rows."""
+    # heavy: imported only to draw
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +47,7 @@ def plot_curves(runs: dict[str, str], path: str, metric: str = "loss") -> None:
 
 
 def plot_split(workdir: str, path: str, split: str, metrics: Sequence[str]) -> None:
+    # heavy: imported only to draw
     """One panel per metric: its value against step for the rows of one split (e.g. PPO's 'rollout')."""
     import matplotlib
 
@@ -75,6 +77,7 @@ def plot_panels(
     """Side-by-side panels of series: each panel {"title", "ylabel", "series": {name: {"x", "y", "yerr"
     (optional), "line" (True: a fitted curve, no markers), "scatter" (True: markers only), "hline" (True: a
     horizontal reference line at "y", no "x"), "color"}}}. ``xticks``: category names at x = 0, 1, ...
+    # heavy: imported only to draw
     (their points are not joined by lines). ``xlog_above`` > 0: the x axis is logarithmic above that value
     and linear below it (symlog), for grids like 0, 0.01, 0.1, 1."""
     import matplotlib

@@ -33,6 +33,7 @@ import numpy as np
 from gptjax import checkpoint, evals, train
 from gptjax.data import get_vocabulary
 from gptjax.evals import evaluate
+from gptjax.research import report
 from gptjax.train import defaults
 
 PPO = "stage=ppo,sft={sft},rm={rm}"  # a point's default config arg: PPO from the base's checkpoints
@@ -280,7 +281,6 @@ def summarise(runs: list[dict]) -> list[dict]:
 def report_lines(
     name: str, sweep: Sweep, rows: list[dict], sft: dict, command: str, wall_s: float
 ) -> list[str]:
-    from gptjax.research import report
 
     def pm(v, se):
         return f"{report.fmt(v)} +- {report.fmt(se)}" if se is not None else report.fmt(v)
@@ -328,7 +328,6 @@ def plot(rows: list[dict], sft: dict, path: str, xlabel: str = "", xlog_above: f
     """Gold reward (+- its standard error), KL to SFT and (where evaluated) held-out text loss against the
     swept value, one line per policy (the run's policy, its EMA); settings without a numeric value are
     categories, in table order."""
-    from gptjax.research import report
 
     numeric = all(r["x"] is not None for r in rows)
     labels = list(dict.fromkeys(r["label"] for r in rows))

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from ml_collections import FrozenConfigDict
 
@@ -88,7 +89,6 @@ def host_local(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array (all of it on one host)."""
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, x.sharding.mesh, x.sharding.spec))
 
