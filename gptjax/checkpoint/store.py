@@ -9,12 +9,13 @@ on its own: ``load_model(workdir, role="value", ema=True)``.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a kill during a save leaves
 the earlier steps as they were. A resume takes the newest step that restores (``restore_latest``); a step
-with a missing or unreadable file is reported as damaged (``DamagedCheckpoint``, naming the file), never
-as another model's checkpoint.
+the checkpoint library fails to read, whatever its error, is reported as damaged (``DamagedCheckpoint``,
+naming the file or the step), never as another model's checkpoint; another model's shapes stay an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -48,9 +50,37 @@ def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.Checkpoi
     return ocp.CheckpointManager(_ckpt_dir(workdir), options=options, item_handlers=handlers)
 
 
+@jax.jit
+def _finite_flags(leaves: list) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """The path of ``tree``'s first floating-point leaf holding a NaN or an infinity, or None."""
+    leaves = [
+        (path, x)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not leaves:
+        return None
+    flags = jax.device_get(_finite_flags([x for _, x in leaves]))
+    bad = [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, flags, strict=True) if not ok]
+    return (bad[0] or "(the root)") if bad else None
+
+
 def save(mngr: ocp.CheckpointManager, state: Any, *, data_state: dict | None, meta: dict) -> None:
-    """Write one step (async; call ``mngr.wait_until_finished()`` before exiting)."""
+    """Write one step (async; call ``mngr.wait_until_finished()`` before exiting). A state holding a NaN or
+    an infinity anywhere (params, EMA, optimizer state) is refused (``FloatingPointError``): a checkpoint
+    is what a resume, a later stage and rotation trust, so it must never hold one."""
     step = int(jax.device_get(state.step))
+    for item, tree in (("params", state.params), ("ema", state.ema_params), ("opt_state", state.opt_state)):
+        leaf = first_nonfinite(tree) if tree is not None else None
+        if leaf is not None:
+            raise FloatingPointError(
+                f"checkpoint step {step} not written: {item} holds a non-finite value (NaN or inf), first "
+                f"at {item}{leaf}; the checkpoints already in {mngr.directory} are left as they were"
+            )
     items = dict(
         params=ocp.args.PyTreeSave(state.params),
         opt=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
@@ -103,15 +133,43 @@ def check_intact(mngr: ocp.CheckpointManager, step: int, items: tuple[str, ...])
             raise DamagedCheckpoint(step, path, "missing")
 
 
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:500]
+
+
 def _damaged(e: Exception, step: int, step_dir: str) -> DamagedCheckpoint | None:
-    """A read error ``e`` as the damage of a named file; None when it is not about the files."""
-    text = str(e)
-    files = re.findall(r'local file "([^"]+)"', text)  # TensorStore names the directory, then the file
-    if files:
-        return DamagedCheckpoint(step, files[-1], text.split(" [tensorstore_spec")[0][:500])
-    if isinstance(e, (OSError, json.JSONDecodeError)):
-        return DamagedCheckpoint(step, getattr(e, "filename", None) or step_dir, f"{type(e).__name__}: {e}")
-    return None
+    """An error raised while the checkpoint library read a step, as that step's damage, naming the file
+    when some error in the chain names one (orbax wraps TensorStore's errors in a plain Exception whose own
+    text names only an array index). None for a lack of memory, which says nothing about the files."""
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+        return None
+    chain: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and x not in chain and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        text = str(x).split(" [tensorstore_spec")[0]
+        files = re.findall(r'local file "([^"]+)"', text)  # TensorStore names the directory, then the file
+        if files:
+            return DamagedCheckpoint(step, files[-1], _first_line(text))
+    for x in chain:
+        if isinstance(x, (OSError, json.JSONDecodeError)):
+            where = getattr(x, "filename", None) or step_dir
+            return DamagedCheckpoint(step, where, f"{type(x).__name__}: {_first_line(str(x))}")
+    return DamagedCheckpoint(step, step_dir, f"{type(e).__name__}: {_first_line(str(e))}")
+
+
+@contextlib.contextmanager
+def _reading(step: int, step_dir: str):
+    """Raise any error of the checkpoint library while reading ``step`` as ``DamagedCheckpoint``."""
+    try:
+        yield
+    except Exception as e:
+        damaged = _damaged(e, step, step_dir)
+        if damaged is None:
+            raise
+        raise damaged from e
 
 
 def restore(mngr: ocp.CheckpointManager, state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -134,14 +192,13 @@ def restore(mngr: ocp.CheckpointManager, state: Any, step: int | None = None) ->
     )
     if state.ema_params is not None:
         items["ema"] = _params_restore(state.ema_params)
-    try:
-        check_params(mngr, step, state.params, where=f"{mngr.directory}/{step}")  # reads the arrays' metadata
+    # Whatever the checkpoint library raises while it reads the step is that step's damage; what this
+    # module concludes from what it read (another model's shapes) is a hard error, never damage.
+    with _reading(step, step_path(mngr, step)):
+        saved = _saved_param_shapes(mngr, step)  # the arrays' metadata
+    check_params(mngr, step, state.params, where=f"{mngr.directory}/{step}", saved=saved)
+    with _reading(step, step_path(mngr, step)):
         out = mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-        damaged = _damaged(e, step, step_path(mngr, step))
-        if damaged is None:
-            raise
-        raise damaged from e
     restored = state.replace(  # a gptjax.train.state.TrainState
         step=out.opt["step"],
         params=out.params,
@@ -235,11 +292,13 @@ def check_params(
     allow_extra: tuple[str, ...] = (),
     item: str = "params",
     prefix: str = "",
+    saved: dict[str, tuple] | None = None,
 ) -> None:
-    """Raise naming every parameter whose shape differs, is missing from, or is extra in the checkpoint."""
-    problems = shape_problems(
-        _saved_param_shapes(mngr, step, item, prefix), _flat_shapes(target), allow_missing, allow_extra
-    )
+    """Raise naming every parameter whose shape differs, is missing from, or is extra in the checkpoint
+    (``saved``: its shapes, when already read)."""
+    if saved is None:
+        saved = _saved_param_shapes(mngr, step, item, prefix)
+    problems = shape_problems(saved, _flat_shapes(target), allow_missing, allow_extra)
     if problems:
         raise ValueError(
             f"checkpoint {where} does not match the model config:\n"

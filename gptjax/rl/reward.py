@@ -103,18 +103,25 @@ def normalize_state(config, train_state, ctx, mesh) -> tuple[Any, dict]:
     if train_state is None:
         return None, {}
 
-    def mean_reward(params) -> float:
+    def mean_reward(params, which: str) -> float:
         rewards = score(ctx, full_params(params, ctx), vocab, demos, config.train.seq_len)
-        return float(np.mean(np.concatenate(rewards)))
+        mean = float(np.mean(np.concatenate(rewards)))
+        if not np.isfinite(mean):  # folded into value_bias it would poison every score, and the checkpoint
+            raise FloatingPointError(
+                f"reward normalisation: the {which} scored the {len(demos)} demonstrations of "
+                f"config.normalize {mean} on average, which is not finite: nothing is folded into value_bias "
+                "and the final checkpoint is not written (the earlier ones are left as they were)"
+            )
+        return mean
 
     def shift(params, mean):
         return {**params, "value_bias": params["value_bias"] - jnp.asarray(mean, params["value_bias"].dtype)}
 
-    mean = mean_reward(train_state.params)
+    mean = mean_reward(train_state.params, "params")
     out = {"demo_reward_before": mean, "demos": float(len(demos))}
     train_state = train_state.replace(params=shift(train_state.params, mean))
     if train_state.ema_params is not None:
-        out["demo_reward_before_ema"] = ema_mean = mean_reward(train_state.ema_params)
+        out["demo_reward_before_ema"] = ema_mean = mean_reward(train_state.ema_params, "EMA params")
         train_state = train_state.replace(ema_params=shift(train_state.ema_params, ema_mean))
     logging.info("reward normalised: demonstrations scored %.4f on average; folded into value_bias", mean)
     return train_state, out

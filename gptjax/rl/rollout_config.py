@@ -9,6 +9,7 @@ how the experience pass scores, read the same way by the rollout and the planner
 from __future__ import annotations
 
 import importlib
+import math
 
 import jax
 
@@ -59,10 +60,31 @@ def load_gold(spec: str):
         ) from None
 
 
+# Bounds of the numeric rollout settings: (key, predicate, what it needs). A negative kl_coef rewards drifting
+# from the reference, a negative missing_eos_penalty (subtracted from the score) rewards never ending.
+BOUNDS = (
+    ("batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("epochs", lambda v: v >= 1, "must be >= 1"),
+    ("prompt_len", lambda v: v >= 1, "must be >= 1"),
+    ("max_new_tokens", lambda v: v >= 1, "must be >= 1"),
+    ("kl_coef", lambda v: v >= 0, "must be >= 0"),
+    ("gamma", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("lam", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("reward_clip", lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
+    ("missing_eos_penalty", lambda v: v >= 0, "must be >= 0 (it is subtracted from the score)"),
+    ("score_rows", lambda v: v >= 0, "must be >= 0 (0: sized automatically)"),
+    ("generate_rows", lambda v: v >= 0, "must be >= 0 (0: all rows at once)"),
+)
+
+
 def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> None:
     """Clear errors for settings PPO, GRPO or RLOO cannot run with."""
     r = config.rollout
-    problems = []
+    problems = [
+        f"rollout.{key}={r[key]}: {need}"
+        for key, ok, need in BOUNDS
+        if key in r and not (math.isfinite(r[key]) and ok(r[key]))
+    ]
     obj = objective(config)
     n, per_host = r.samples_per_prompt, r.batch_size // jax.process_count()
     if n < 1 or per_host % n:

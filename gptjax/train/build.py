@@ -16,6 +16,7 @@ state.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,76 @@ class Run:
         return step_lib.make_eval_step(self.loss.loss_fn, self.loss.denominators)
 
 
+def _at_least(lo: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+def _above(lo: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v > lo), f"must be > {lo}"
+
+
+def _within(lo: float, hi: float, hi_open: bool = False) -> tuple[Callable[[float], bool], str]:
+    if hi_open:
+        return (lambda v: lo <= v < hi), f"must be in [{lo}, {hi})"
+    return (lambda v: lo <= v <= hi), f"must be in [{lo}, {hi}]"
+
+
+# Bounds of the numeric knobs: (key, predicate, what it needs). A value outside them does not fail loudly
+# later: a negative lr trains by gradient ascent, clip_norm < 0 or ema_decay < 0 silently turn clipping or
+# the EMA off, ema_decay >= 1 blows the EMA up, *_every = 0 divides by zero after compiling.
+OPTIM_BOUNDS = (
+    ("lr", *_at_least(0)),  # 0: the params stay where they are
+    ("warmup_steps", *_at_least(0)),
+    ("min_lr_ratio", *_within(0, 1)),
+    ("b1", *_within(0, 1, hi_open=True)),
+    ("b2", *_within(0, 1, hi_open=True)),
+    ("eps", *_above(0)),
+    ("weight_decay", *_at_least(0)),
+    ("clip_norm", *_at_least(0)),  # 0: no clipping
+    ("ema_decay", *_within(0, 1, hi_open=True)),  # 0: no EMA
+)
+TRAIN_BOUNDS = (
+    ("batch_size", *_at_least(1)),
+    ("micro_batches", *_at_least(1)),
+    ("seq_len", *_at_least(1)),
+    ("log_every", *_at_least(1)),
+    ("checkpoint_every", *_at_least(1)),
+    ("keep_checkpoints", *_at_least(1)),
+    ("eval_every", *_at_least(0)),  # 0: no evaluation during training
+)
+# config.loss options, by name, wherever an objective declares them (PPO's, GRPO's, DPO's, ...)
+LOSS_BOUNDS = (
+    ("clip", *_above(0)),
+    ("clip_low", *_above(0)),
+    ("clip_high", *_above(0)),
+    ("value_clip", *_at_least(0)),  # 0: no value clipping
+    ("vf_coef", *_at_least(0)),
+    ("entropy_coef", *_at_least(0)),
+    ("ptx_coef", *_at_least(0)),
+    ("kl_coef", *_at_least(0)),
+    ("beta", *_above(0)),
+    ("label_smoothing", *_within(0, 0.5, hi_open=True)),
+    ("desirable_weight", *_at_least(0)),
+    ("undesirable_weight", *_at_least(0)),
+    ("center_coef", *_at_least(0)),
+)
+
+
+def bound_problems(section: Any, where: str, table: tuple) -> list[str]:
+    """One line per key of ``section`` outside its bounds in ``table`` (keys ``section`` lacks are skipped);
+    ``where``: the section's path in the config, e.g. 'optim' or 'config.roles.value.optim'."""
+    problems = []
+    for key, ok, need in table:
+        if section is None or key not in section:
+            continue
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}.{key}={value!r}: must be a number")
+        elif not math.isfinite(value) or not ok(value):
+            problems.append(f"{where}.{key}={value}: {need}")
+    return problems
+
+
 def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None:
     """What no stage can run with, named; the run, the planner and the benchmarks all call it."""
     t = config.train
@@ -89,7 +160,18 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
     problems = []
     if t.steps <= 0:
         problems.append(f"train.steps={t.steps} must be > 0")
-    if t.batch_size % (t.micro_batches * dp):
+    problems += bound_problems(t, "train", TRAIN_BOUNDS)
+    if t.eval_every > 0 and t.eval_steps < 1:
+        problems.append(f"train.eval_steps={t.eval_steps}: must be >= 1 when train.eval_every > 0")
+    if config.get("roles"):
+        for name, role in config.roles.items():
+            problems += bound_problems(role.get("optim"), f"config.roles.{name}.optim", OPTIM_BOUNDS)
+    else:
+        problems += bound_problems(config.get("optim"), "optim", OPTIM_BOUNDS)
+    problems += bound_problems(config.get("loss"), "loss", LOSS_BOUNDS)
+    if stages.of_config(config).source == "rollout" and "rollout" in config:
+        problems += bound_problems(config.rollout, "rollout", rollout_config.BOUNDS)
+    if t.micro_batches >= 1 and t.batch_size % (t.micro_batches * dp):
         problems.append(
             f"train.batch_size={t.batch_size} must be divisible by train.micro_batches ({t.micro_batches}) "
             f"x data-parallel devices ({dp})"

@@ -3,19 +3,25 @@
 The train step itself skips an update whose loss or gradients are not finite and reports ``skipped`` (see
 ``gptjax.train.step``); ``NonFinite`` applies ``train.nonfinite`` to the metrics the loop fetches anyway, so
 the check costs no extra host sync. ``Signals`` turns SIGTERM / SIGINT into a request the loop serves after
-its current step: checkpoint, then ``Interrupted`` (exit status 128 + the signal number).
+its current step: checkpoint, then ``Interrupted`` (exit status 128 + the signal number). ``WorkdirLock``
+keeps a second run off a workdir that a run is using.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import json
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from absl import logging
 
 from gptjax.train import sources
@@ -48,9 +54,11 @@ class NonFinite:
         self.policy, self.max_in_a_row = policy, max_in_a_row
         self.in_a_row = 0
         self.since_row = 0
+        self.checked = 0  # steps checked since this process started
 
     def check(self, step: int, out: dict[str, float], where: dict | None) -> None:
         """``step``: the step's number (the train state's step after it); ``out``: its fetched metrics."""
+        self.checked += 1
         if not out.get("skipped"):
             self.in_a_row = 0
             return
@@ -72,6 +80,17 @@ class NonFinite:
                 f"times in a row (train.max_nonfinite_in_a_row={self.max_in_a_row}); the last: {what}. The "
                 "run has diverged: its checkpoints hold only finite states; resume from the last one with a "
                 "lower optim.lr (or a smaller optim.clip_norm)"
+            )
+
+    def check_not_all_skipped(self, step: int) -> None:
+        """Raise when every step this process ran, up to ``step``, was skipped: a run shorter than
+        ``max_in_a_row`` would otherwise end as a success having trained nothing."""
+        if self.checked and self.in_a_row == self.checked:
+            raise FloatingPointError(
+                f"steps {step - self.checked + 1}..{step}: all {self.checked} steps this run made had "
+                "non-finite loss or gradients and were skipped (train.nonfinite='skip'): nothing was "
+                f"trained, and the checkpoint of step {step} is not written. Lower optim.lr (or "
+                "optim.clip_norm), or inspect the data"
             )
 
     def row(self) -> dict[str, float]:
@@ -147,3 +166,115 @@ def remove_unused_workdir(workdir: str) -> None:
         return
     shutil.rmtree(workdir, ignore_errors=True)
     logging.info("removed %s: the run failed before its first step and it holds nothing", workdir)
+
+
+LOCK_NAME = "run.lock"  # in the workdir, beside checkpoints/ and metrics.jsonl (neither reads it)
+
+
+class WorkdirLocked(RuntimeError):
+    """Another live run holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """The run's hold on its workdir: process 0 takes it for the whole run; a second run is refused at once,
+    naming the holder (pid, host, start time).
+
+    ``fcntl.flock`` on ``<workdir>/run.lock``, not an O_EXCL-created file: the OS drops a flock when its
+    process dies however it dies (SIGKILL, OOM, a lost machine's reboot), so a lock file nobody holds is by
+    definition stale and is taken over with a message, with no pid-liveness guesses (pids are reused, and a
+    pid on another host cannot be checked). The file holds the holder's JSON, only to be named in errors.
+    Other processes of a multi-process run hold nothing: if process 0 is refused, it exits and JAX's
+    coordination service stops the others.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        if jax.process_index() != 0:
+            return self
+        for _ in range(10):  # the file may be removed by a holder releasing it between our open and flock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ValueError(
+                    f"--workdir {os.path.dirname(self.path)!r} is not writable ({e.strerror}): a run writes "
+                    "its lock, checkpoints and metrics there; choose a writable path"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise WorkdirLocked(self._refusal()) from None
+                # a file system without locks (some network mounts): run, but say that nothing guards it
+                logging.warning("%s: cannot be locked (%s); nothing keeps a second run off it", self.path, e)
+                return self
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file that is gone: try the one now at the path
+        else:
+            raise WorkdirLocked(f"{self.path}: could not take the lock (it keeps being replaced)")
+        self.fd = fd
+        previous = _holder(os.pread(fd, 4096, 0))
+        if previous:
+            logging.warning(
+                "%s: took over the lock left by %s, which no longer runs (it stopped without releasing it)",
+                self.path,
+                _describe_holder(previous),
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.remove(self.path)  # before unlocking: no one can lock a file that is about to vanish
+        except FileNotFoundError:  # e.g. a failed run's empty workdir was removed
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def _refusal(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                holder = _holder(f.read(4096))
+        except OSError:
+            holder = None
+        who = _describe_holder(holder) if holder else "a run that is starting"
+        return (
+            f"workdir {os.path.dirname(self.path)} is in use by another run: {who} holds {self.path}. Wait "
+            "for that run to end (or stop it), or pass another --workdir"
+        )
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(raw: bytes) -> dict | None:
+    try:
+        holder = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe_holder(h: dict) -> str:
+    return f"pid {h.get('pid', '?')} on host {h.get('host', '?')} (started {h.get('started', '?')})"

@@ -155,6 +155,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--workdir {workdir!r} cannot be created ({e.strerror}): choose a path") from None
+    lock = guard.WorkdirLock(workdir).acquire()  # a second run on this workdir is refused here, naming us
     try:
         prepare = stages.prepare_fn(stage)
         if prepare is not None:  # e.g. rejection sampling writes its demonstrations into the workdir
@@ -166,6 +167,8 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
         if created and jax.process_index() == 0:  # failed before its first step: leave no empty workdir
             guard.remove_unused_workdir(workdir)
         raise
+    finally:
+        lock.release()
 
 
 def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
@@ -244,6 +247,9 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
                 if pending is not None:  # the step's row is logged (and checked) before its checkpoint exists
                     last, pending = _flush(log, speed, nonfinite, pending, t), None
                 log.flush()
+                # a run that trained nothing ends with no checkpoint and no exit 0; the save refuses NaN / inf
+                if step + 1 == t.steps:
+                    nonfinite.check_not_all_skipped(step + 1)
                 checkpoint.save(mngr, train_state, data_state=source.get_state(), meta=meta)
             if stop and step + 1 < t.steps:
                 mngr.wait_until_finished()
