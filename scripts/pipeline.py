@@ -6,7 +6,10 @@
 
 Each stage starts from the checkpoints its recipe names (SFT from pretrain; RM and DPO from SFT; PPO's policy
 and frozen reference from SFT, its critic and frozen reward model from the RM) and is resumable: a finished
-stage is not trained again, and rerunning on a finished workdir rebuilds the report.
+stage is not trained again, and rerunning on a finished workdir rebuilds the report. A stage whose recorded
+start (config, data, the upstream stages' checkpoint steps) differs from this run's is neither reused nor
+resumed: the pipeline stops naming each difference (e.g. ``--steps 4`` after ``--steps 3``: SFT was started
+from pretrain@3, which is now pretrain@4); use a new ``--workdir``.
 
 The policies (SFT, DPO, PPO and PPO's EMA) are compared on held-out prompts by the hidden gold reward of
 ``--eval_samples`` samples per prompt at temperature 1 (the distribution PPO optimises; mean and standard
@@ -24,7 +27,7 @@ from absl import app, flags, logging
 from gptjax import checkpoint, evals, train
 from gptjax.data import get_vocabulary, tiny
 from gptjax.research import iterate, report
-from gptjax.train import defaults
+from gptjax.train import defaults, provenance
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
 INIT_FROM = {"pretrain": "", "sft": "pretrain", "rm": "sft", "dpo": "sft", "ppo": ""}
@@ -125,13 +128,21 @@ def main(argv):
         workdir = os.path.join(FLAGS.workdir, stage)
         config = stage_config(stage)
         saved = evals.read_results(workdir)  # the loop's evaluators write there too: ours is a key of it
-        if finished(workdir, config.train.steps) and "final_train_loss" in saved:
-            logging.info("=== stage %s: finished in %s, not trained again", stage, workdir)
-            results[stage] = saved
-            continue
-        logging.info("=== stage %s -> %s", stage, workdir)
-        start = time.perf_counter()
-        train.run(config, workdir)
+        try:
+            if finished(workdir, config.train.steps) and "final_train_loss" in saved:
+                # only if it was trained from the upstream stages' checkpoints as they are now
+                provenance.check_workdir(config, workdir)
+                logging.info("=== stage %s: finished in %s, not trained again", stage, workdir)
+                results[stage] = saved
+                continue
+            logging.info("=== stage %s -> %s", stage, workdir)
+            start = time.perf_counter()
+            train.run(config, workdir)
+        except provenance.ResumeMismatch as e:
+            raise SystemExit(
+                f"pipeline: stage {stage} cannot reuse {workdir}: {e}\nWith the pipeline: rerun with a new "
+                f"--workdir, or move {workdir} and the stages after it aside to retrain them"
+            ) from None
         trained = time.perf_counter()
         results[stage] = evaluate_stage(stage, config, workdir, get_vocabulary(config.data))
         results[stage].update(train_s=trained - start, eval_s=time.perf_counter() - trained)

@@ -17,18 +17,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
 from gptjax import model
+from gptjax.checkpoint.integrity import (  # noqa: F401 (store.DamagedCheckpoint, store._name)
+    CHECKSUMS,
+    DamagedCheckpoint,
+    _name,
+    checksums,
+    first_nonfinite,
+    verify_checksums,
+)
 
 Params = dict[str, Any]
 
@@ -37,7 +46,65 @@ def _ckpt_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+class DiskFull(OSError):
+    """A checkpoint that could not be written for lack of disk space (errno ENOSPC); the earlier ones are
+    left as they were (orbax renames a step into place only once it is complete)."""
+
+    def __init__(self, directory: str, detail: str):
+        try:
+            free = f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(
+            f"checkpoint not written: no space left on the disk of {os.path.dirname(directory)} ({free}; "
+            f"{detail}); the checkpoints already in {directory} are left as they were: free some space "
+            "(or use another --workdir) and rerun to resume"
+        )
+        self.errno = errno.ENOSPC
+
+
+def _no_space(e: BaseException) -> BaseException | None:
+    """The error in ``e``'s chain that says the disk is full (orbax may wrap it, e.g. from its commit
+    thread), or None."""
+    seen: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and x not in seen and len(seen) < 8:
+        seen.append(x)
+        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x):
+            return x
+        x = x.__cause__ or x.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _writing(directory: str):
+    """Raise a full disk met while writing a checkpoint as one clear ``DiskFull`` line."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        cause = _no_space(e)
+        if cause is None:
+            raise
+        raise DiskFull(directory, _first_line(str(cause))) from None
+
+
+class _Manager(ocp.CheckpointManager):
+    # orbax commits a save in a background thread: a full disk surfaces in wait_until_finished (also called
+    # by close) or in the next save, so both say it in one line.
+    def wait_until_finished(self):
+        with _writing(str(self.directory)):
+            super().wait_until_finished()
+
+
 def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    directory = _ckpt_dir(workdir)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        # orbax would train, fail at the first save and then wait minutes on its other processes
+        raise ValueError(
+            f"{directory} is a file, not a checkpoints directory: move it aside or use another --workdir"
+        )
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     handlers = {
         # PyTree handler (same format as Standard) so that init_from can restore a subset of the params
@@ -47,26 +114,7 @@ def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.Checkpoi
         "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
     }
-    return ocp.CheckpointManager(_ckpt_dir(workdir), options=options, item_handlers=handlers)
-
-
-@jax.jit
-def _finite_flags(leaves: list) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
-def first_nonfinite(tree: Any) -> str | None:
-    """The path of ``tree``'s first floating-point leaf holding a NaN or an infinity, or None."""
-    leaves = [
-        (path, x)
-        for path, x in jax.tree_util.tree_leaves_with_path(tree)
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    if not leaves:
-        return None
-    flags = jax.device_get(_finite_flags([x for _, x in leaves]))
-    bad = [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, flags, strict=True) if not ok]
-    return (bad[0] or "(the root)") if bad else None
+    return _Manager(directory, options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, state: Any, *, data_state: dict | None, meta: dict) -> None:
@@ -81,6 +129,7 @@ def save(mngr: ocp.CheckpointManager, state: Any, *, data_state: dict | None, me
                 f"checkpoint step {step} not written: {item} holds a non-finite value (NaN or inf), first "
                 f"at {item}{leaf}; the checkpoints already in {mngr.directory} are left as they were"
             )
+    meta = {**meta, CHECKSUMS: checksums(state)}  # verified by ``restore``
     items = dict(
         params=ocp.args.PyTreeSave(state.params),
         opt=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
@@ -89,7 +138,8 @@ def save(mngr: ocp.CheckpointManager, state: Any, *, data_state: dict | None, me
     )
     if state.ema_params is not None:
         items["ema"] = ocp.args.PyTreeSave(state.ema_params)
-    mngr.save(step, args=ocp.args.Composite(**items))
+    with _writing(str(mngr.directory)):  # a full disk: one line naming the workdir and its free space
+        mngr.save(step, args=ocp.args.Composite(**items))
 
 
 def _abstract(tree: Any) -> Any:
@@ -108,14 +158,6 @@ def _params_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestor
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=partial,
     )
-
-
-class DamagedCheckpoint(RuntimeError):
-    """A checkpoint step that cannot be read: one of its files is missing, cut short or unreadable."""
-
-    def __init__(self, step: int, path: str, detail: str):
-        super().__init__(f"checkpoint step {step} is damaged: {path}: {detail}")
-        self.step, self.path = step, path
 
 
 def step_path(mngr: ocp.CheckpointManager, step: int) -> str:
@@ -178,7 +220,7 @@ def restore(mngr: ocp.CheckpointManager, state: Any, step: int | None = None) ->
     Raises ``DamagedCheckpoint`` for a step whose files are missing or unreadable, ``ValueError`` for an
     intact one of another model."""
     step = mngr.latest_step() if step is None else step
-    names = ("params", "opt", "data") + (("ema",) if state.ema_params is not None else ())
+    names = ("params", "opt", "data", "meta") + (("ema",) if state.ema_params is not None else ())
     if "ema" in names and not os.path.isdir(os.path.join(step_path(mngr, step), "ema")):
         raise ValueError(
             f"checkpoint {step_path(mngr, step)} holds no EMA weights, and this run keeps an EMA: use the "
@@ -189,6 +231,7 @@ def restore(mngr: ocp.CheckpointManager, state: Any, step: int | None = None) ->
         params=_params_restore(state.params),
         opt=ocp.args.StandardRestore(_abstract({"step": state.step, "opt_state": state.opt_state})),
         data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),  # its checksums are compared with the arrays read
     )
     if state.ema_params is not None:
         items["ema"] = _params_restore(state.ema_params)
@@ -199,6 +242,10 @@ def restore(mngr: ocp.CheckpointManager, state: Any, step: int | None = None) ->
     check_params(mngr, step, state.params, where=f"{mngr.directory}/{step}", saved=saved)
     with _reading(step, step_path(mngr, step)):
         out = mngr.restore(step, args=ocp.args.Composite(**items))
+    trees = {"params": out.params, "opt": out.opt} | (
+        {"ema": out.ema} if state.ema_params is not None else {}
+    )
+    verify_checksums(step, step_path(mngr, step), dict(out.meta or {}).get(CHECKSUMS), trees)
     restored = state.replace(  # a gptjax.train.state.TrainState
         step=out.opt["step"],
         params=out.params,
@@ -257,11 +304,6 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
         multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     mngr.reload()
     return dest
-
-
-def _name(path) -> str:
-    """'blocks/attn/wq': a param's key path as one string (the names errors and logs use)."""
-    return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:

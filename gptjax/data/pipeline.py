@@ -211,7 +211,10 @@ class DataIterator:
         self.texts: list[str] = []  # prompt (or text) of each row, for gold-reward evaluation
         uids: dict[str, np.ndarray] = {}
         for name, records in per_source.items():
-            items = fmt.tokenize(records, self.vocab, seq_len, overflow, counts[name])
+            try:
+                items = fmt.tokenize(records, self.vocab, seq_len, overflow, counts[name])
+            except ValueError as e:  # a format refusing a source's records as a whole: name the source
+                raise ValueError(f"data source {name!r} ({stage}, {split}): {e}") from None
             keep = [i for i, it in enumerate(items) if it is not None]
             uids[name] = np.arange(len(self.items), len(self.items) + len(keep), dtype=np.int64)
             self.items.extend(items[i] for i in keep)

@@ -119,6 +119,8 @@ TRAIN_BOUNDS = (
     ("checkpoint_every", *_at_least(1)),
     ("keep_checkpoints", *_at_least(1)),
     ("eval_every", *_at_least(0)),  # 0: no evaluation during training
+    ("divergence_factor", *_at_least(0)),  # 0: no divergence guard
+    ("divergence_window", *_at_least(1)),
 )
 # config.loss options, by name, wherever an objective declares them (PPO's, GRPO's, DPO's, ...)
 LOSS_BOUNDS = (

@@ -52,6 +52,14 @@ def base_config(stage: str) -> ConfigDict:
             # 'skipped'), stopping after max_nonfinite_in_a_row in a row; 'stop' at once, naming the batch
             "nonfinite": "skip",
             "max_nonfinite_in_a_row": 10,
+            # a finite but exploding step: loss or update norm above this factor x its median over the last
+            # divergence_window steps, or an update larger than the params, stops the run before its next
+            # checkpoint (guard.Divergence); 0 = off
+            "divergence_factor": 100.0,
+            "divergence_window": 20,
+            # a resume refuses a checkpoint trained with another config, data or upstream checkpoint, except
+            # in these keys (a comma list, e.g. 'optim.lr,data.sources.main.path', or 'all')
+            "resume_changes": "",
         }
     )
     # Evaluators the loop runs on their own cadence: {name: gptjax.evals.entry(fn, every=..., **options)}

@@ -4,7 +4,8 @@ The train step itself skips an update whose loss or gradients are not finite and
 ``gptjax.train.step``); ``NonFinite`` applies ``train.nonfinite`` to the metrics the loop fetches anyway, so
 the check costs no extra host sync. ``Signals`` turns SIGTERM / SIGINT into a request the loop serves after
 its current step: checkpoint, then ``Interrupted`` (exit status 128 + the signal number). ``WorkdirLock``
-keeps a second run off a workdir that a run is using.
+keeps a second run off a workdir that a run is using. ``Divergence`` stops a finite but exploding run before
+it writes a checkpoint (``train.divergence_factor``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +99,69 @@ class NonFinite:
         """``skipped``: steps skipped since the last logged row (the row's own step included)."""
         n, self.since_row = self.since_row, 0
         return {"skipped": float(n)}
+
+
+class Diverged(FloatingPointError):
+    """A finite but exploding step (``train.divergence_factor``): the run stops before its next save."""
+
+
+class Divergence:
+    """``train.divergence_factor``: stop at a step whose loss or update norm is more than ``factor`` times
+    its median over the last ``window`` checked steps, or whose update is about as large as the params it
+    changes (that one needs no history, so the first step of a run is guarded too). 0 turns the guard off.
+
+    It reads the metrics the loop fetches anyway and raises before the step's checkpoint is written, so no
+    diverged state is ever saved and rotation keeps every checkpoint from before it. Losses are compared
+    only while every loss in the window is positive (cross-entropy, ranking, DPO): an RL objective's loss
+    crosses zero, and a ratio to a median near zero means nothing. Skipped (non-finite) steps are left to
+    ``NonFinite``.
+    """
+
+    MIN_HISTORY = 3  # steps in the window before a spike is judged against it
+
+    def __init__(self, factor: float, window: int):
+        self.factor, self.window = factor, window
+        self.losses: list[float] = []
+        self.updates: list[float] = []
+
+    def check(self, step: int, out: dict[str, float]) -> None:
+        """``step``: the step's number (the train state's step after it); ``out``: its fetched metrics."""
+        if not self.factor or out.get("skipped"):
+            return
+        loss, update, params = out.get("loss"), out.get("update_norm"), out.get("param_norm")
+        problems = []
+        # param_norm is measured after the update: above half of it, the update is at least a third of the
+        # params it changed (a normal step's is below 2% on the tiny configs)
+        if update is not None and params and update > params / 2:
+            problems.append(
+                f"update_norm={update:.4g} is more than half of param_norm={params:.4g} after it (an update "
+                "as large as the params themselves)"
+            )
+        if len(self.updates) >= self.MIN_HISTORY and update is not None:
+            median = statistics.median(self.updates)
+            if median > 0 and update > self.factor * median:
+                problems.append(self._spike("update_norm", update, median, len(self.updates)))
+        if len(self.losses) >= self.MIN_HISTORY and loss is not None and min(self.losses) > 0:
+            median = statistics.median(self.losses)
+            if loss > self.factor * median:
+                problems.append(self._spike("loss", loss, median, len(self.losses)))
+        if problems:
+            raise Diverged(
+                f"step {step}: the run diverged: {'; '.join(problems)}. Stopped before writing another "
+                "checkpoint: the checkpoints kept are all from before this step. Resume from the last one "
+                "with a lower optim.lr (or a smaller optim.clip_norm), or raise train.divergence_factor "
+                "(0 turns this check off) if such a spike is expected"
+            )
+        for seq, x in ((self.losses, loss), (self.updates, update)):
+            if x is not None:
+                seq.append(x)
+                del seq[: -self.window]
+
+    def _spike(self, name: str, value: float, median: float, n: int) -> str:
+        return (
+            f"{name}={value:.4g} is {value / median:.3g}x its median {median:.4g} over the last {n} steps "
+            f"(train.divergence_factor={self.factor:g})"
+        )
 
 
 class Interrupted(SystemExit):

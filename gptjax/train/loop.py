@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from gptjax import checkpoint, evals, model
 from gptjax.model import flops, sharding
-from gptjax.train import build, guard, sources, stages
+from gptjax.train import build, guard, provenance, sources, stages
 from gptjax.train import step as step_lib
 
 
@@ -178,15 +178,19 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
     run_ = build.build(config, mesh, rng=init_rng)
     roles, train_state, ctx, source = run_.roles, run_.state, run_.ctx, run_.source
     mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
+    run_identity = provenance.identity(config)
     meta = checkpoint.meta_for(
         roles[0].cfg,
         config.stage,
         roles={r.name: r.cfg for r in roles},
         config=config.to_json_best_effort(),
+        identity=run_identity,  # config, data fingerprints, upstream checkpoints: compared on resume
     )
     resumed = checkpoint.restore_latest(mngr, train_state)  # the newest intact checkpoint, if any
     if resumed is not None:
         train_state, source_state, resumed_step = resumed
+        recorded = checkpoint.load_meta(workdir, resumed_step)[1]
+        provenance.check(recorded, run_identity, t.get("resume_changes", ""), workdir, resumed_step)
         source.set_state(source_state)
         logging.info("resuming %s from its checkpoint at step %d", workdir, resumed_step)
 
@@ -213,6 +217,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
     if finish is not None and start < t.steps:
         finish(config, None, ctx, mesh)  # check its inputs now, not after the whole run
     nonfinite = guard.NonFinite(t.nonfinite, t.max_nonfinite_in_a_row)
+    divergence = guard.Divergence(t.divergence_factor, t.divergence_window)  # checked before each save
     pending, last = None, {}
     # SIGTERM / SIGINT (with several processes: JAX's preemption notice) finish the step, checkpoint and stop;
     # closing the manager commits the saves under way, also when the loop raises.
@@ -231,7 +236,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
                 ctx = ctx.replace(scalars=build.scalars(stage, source))
             train_state, metrics = train_step(train_state, sharding.shard_batch(batch, mesh), train_rng, ctx)
             if pending is not None:  # fetch step t-1's metrics only after step t is dispatched
-                last = _flush(log, speed, nonfinite, pending, t)
+                last = _flush(log, speed, nonfinite, pending, t, divergence)
             pending = (step, metrics, where)
             if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
                 metrics = validation_metrics(
@@ -245,7 +250,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
             stop = signals.stop_after(step + 1)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps or stop:
                 if pending is not None:  # the step's row is logged (and checked) before its checkpoint exists
-                    last, pending = _flush(log, speed, nonfinite, pending, t), None
+                    last, pending = _flush(log, speed, nonfinite, pending, t, divergence), None
                 log.flush()
                 # a run that trained nothing ends with no checkpoint and no exit 0; the save refuses NaN / inf
                 if step + 1 == t.steps:
@@ -258,7 +263,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
                 logging.warning("%s", interrupted)
                 raise interrupted
         if pending is not None:
-            last = _flush(log, speed, nonfinite, pending, t)
+            last = _flush(log, speed, nonfinite, pending, t, divergence)
     log.close()
     return last
 
@@ -297,11 +302,26 @@ class Speed:
         return out
 
 
-def _flush(log: MetricLog, speed: Speed, nonfinite: guard.NonFinite, pending: tuple, t: ConfigDict):
-    """Fetch one step's metrics, apply the non-finite policy to them, log them on logging steps."""
+def _flush(
+    log: MetricLog,
+    speed: Speed,
+    nonfinite: guard.NonFinite,
+    pending: tuple,
+    t: ConfigDict,
+    divergence: guard.Divergence | None = None,
+):
+    """Fetch one step's metrics, apply the non-finite policy and the divergence guard to them (every step is
+    flushed before its checkpoint is written, so a diverged step is never saved), log them on logging
+    steps."""
     step, metrics, where = pending
     out = {k: float(v) for k, v in jax.device_get(metrics).items()}
     nonfinite.check(step + 1, out, where)
+    if divergence is not None:
+        try:
+            divergence.check(step + 1, out)
+        except guard.Diverged:
+            log.write(step + 1, out)  # the diverged step's numbers stay in the log beside the error
+            raise
     speed.steps += 1
     log.advance(loss=out.get("loss"))
     if (step + 1) % t.log_every == 0 or step + 1 == t.steps:

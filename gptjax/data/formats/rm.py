@@ -1,14 +1,19 @@
 """'rm': a prompt with K ranked responses per batch element, best -> worst (reward models, DPO, KTO).
 
 Record ``{"prompt": str, "responses": [str, ...]}`` best -> worst, K >= 2 (from ``responses`` with optional
-``scores``, or ``chosen`` / ``rejected``); ties are dropped and counted. Item: [(int32[m], p), ...], one
-BOS prompt response EOS per response that fits; a ranking left with fewer than 2 is dropped. K is
+``scores``, or ``chosen`` / ``rejected``); a NaN or infinite score is an error naming the file and line;
+a record with fewer than 2 responses is dropped and counted, and so are ties. Item: [(int32[m], p), ...], one
+BOS prompt response EOS per response that fits; a response the length cut makes identical to a better one is
+dropped and counted (the pair would teach nothing), and a source where that hits most rankings is refused; a
+ranking left with fewer than 2 is dropped. K is
 ``data.num_responses`` (0: the most any record has); rankings with more are cut to their best K (counted).
 Batch: ``tokens_BKL`` (right-padded), ``lengths_BK``, ``prompt_lengths_BK``, ``valid_BK`` (False where a
 prompt has fewer than K responses).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -29,6 +34,12 @@ def parse(rec: dict, f, where: str, render_chat, counts) -> dict | None:
                 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
             ):
                 raise ValueError(f"{where}: field {f.scores!r} must be a list of {len(responses)} numbers")
+            for i, s in enumerate(scores):
+                if not math.isfinite(s):
+                    raise ValueError(
+                        f"{where}: field {f.scores!r}[{i}] is {s!r}; scores must be finite numbers "
+                        "(fix or drop the record)"
+                    )
             order = sorted(range(len(responses)), key=lambda i: -scores[i])
             responses, scores = [responses[i] for i in order], [scores[i] for i in order]
         else:
@@ -44,6 +55,9 @@ def parse(rec: dict, f, where: str, render_chat, counts) -> dict | None:
             f"{where}: missing field {f.responses!r} (or {f.chosen!r}/{f.rejected!r}) for format "
             f"'rank'; fields present: {sorted(rec)}"
         )
+    if len(responses) < 2:  # nothing to rank: not a tie, so counted under its own name
+        counts["rank_records_dropped_fewer_than_2_responses"] += 1
+        return None
     kept, kept_scores = [], []
     for r, s in zip(responses, scores, strict=True):
         if r in kept or (kept_scores and s == kept_scores[-1]):  # a tie with a better-ranked response
@@ -59,21 +73,36 @@ def parse(rec: dict, f, where: str, render_chat, counts) -> dict | None:
 
 def tokenize(records: list[dict], vocab, seq_len: int, overflow: str, counts) -> list:
     items: list = []
+    identical = 0  # rankings where the cut made a response identical to a better one
     for rec in records:
         prompt = [vocab.bos_id] + vocab.encode(rec["prompt"])
-        seqs = []
+        seqs, seen, hit = [], set(), False
         for r in rec["responses"]:
             toks = batching.cut(
                 prompt + vocab.encode(r) + [vocab.eos_id], seq_len, overflow, counts, "ranked_responses"
             )
-            if toks is not None and len(toks) > len(prompt):
+            if toks is not None and tuple(toks) in seen:
+                # The same tokens ranked better and worse: accuracy 0 and loss log 2 whatever the model.
+                counts["ranked_responses_dropped_identical_after_cut"] += 1
+                hit = True
+            elif toks is not None and len(toks) > len(prompt):
+                seen.add(tuple(toks))
                 seqs.append((np.asarray(toks, np.int32), len(prompt)))
             elif toks is not None:
                 counts["ranked_responses_dropped_prompt_fills_context"] += 1
+        identical += hit
         if len(seqs) < 2:
             counts["rankings_dropped_fewer_than_2_responses_fit"] += 1
             seqs = None
         items.append(seqs)
+    if identical:
+        counts["rankings_with_responses_identical_after_cut"] += identical
+    if identical * 2 > len(records):
+        raise ValueError(
+            f"{identical} of {len(records)} rankings have responses that are identical once cut to "
+            f"seq_len={seq_len} tokens (they differ only after it): raise train.seq_len or shorten the "
+            "prompts / responses"
+        )
     return items
 
 
