@@ -1,6 +1,7 @@
 """What makes a checkpoint trustworthy: no non-finite array is written (``first_nonfinite``), every array's
-checksum is recorded with it and compared when it is read back (``checksums`` / ``verify_checksums``), and a
-step that fails either way is ``DamagedCheckpoint`` (``store.restore_latest`` then falls back to an older one).
+checksum is recorded with it and compared when it is read back (``checksums`` / ``verify_checksums``), and
+a step that fails either way is ``DamagedCheckpoint`` (``store.restore_latest`` then falls back to an older
+one).
 """
 
 from __future__ import annotations
