@@ -101,7 +101,10 @@ def test_boundary_values_are_accepted():
     c = tiny_config("sft")
     c.optim.update(lr=0.0, clip_norm=0.0, ema_decay=0.0, warmup_steps=0, min_lr_ratio=1.0, b1=0.0)
     c.train.eval_every = 0
-    build.trained_roles(c, sharding.make_mesh(c.mesh))  # raises nothing
+    roles = build.trained_roles(c, sharding.make_mesh(c.mesh))  # the run's own check: raises nothing
+    assert [r.optim.lr for r in roles] == [0.0]
+    assert build.bound_problems(c.optim, "optim", build.OPTIM_BOUNDS) == []
+    assert build.bound_problems(c.train, "train", build.TRAIN_BOUNDS) == []
 
 
 def test_the_rollout_source_refuses_the_same_bounds():
