@@ -15,8 +15,8 @@ batch 0.5M tokens, 1,024 context).
 
 from __future__ import annotations
 
-from gptjax.train import defaults
 from gptjax.model import ModelConfig
+from gptjax.train import defaults
 
 
 def get_config(arg: str | None = None):

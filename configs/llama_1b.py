@@ -13,8 +13,8 @@ Expected: tokens/s and MFU are logged every 10 steps; on 8x H100 aim for MFU >= 
 
 from __future__ import annotations
 
-from gptjax.train import defaults
 from gptjax.model import ModelConfig
+from gptjax.train import defaults
 
 
 def get_config(arg: str | None = None):

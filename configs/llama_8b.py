@@ -14,8 +14,8 @@ Set ``--config.model.attention_impl=pallas`` (GPU, TPU) or ``cudnn`` (GPU) for f
 
 from __future__ import annotations
 
-from gptjax.train import defaults
 from gptjax.model import ModelConfig
+from gptjax.train import defaults
 
 
 def get_config(arg: str | None = None):

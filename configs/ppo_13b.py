@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from gptjax.train import defaults
 from gptjax.model import ModelConfig
+from gptjax.train import defaults
 
 
 def opt(d_model: int, n_layers: int, n_heads: int, head: str, remat: str = "dots_no_batch") -> ModelConfig:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from gptjax.train import defaults
 from gptjax.model import ModelConfig
+from gptjax.train import defaults
 
 
 def get_config(arg: str | None = None):

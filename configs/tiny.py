@@ -42,9 +42,8 @@ import dataclasses
 from ml_collections import ConfigDict
 
 from gptjax import data
-
-from gptjax.train import defaults, stages
 from gptjax.model import ModelConfig
+from gptjax.train import defaults, stages
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "gspo", "reinforce_pp", "bon")
 RL_STAGES = ("ppo", "grpo", "rloo", "gspo", "reinforce_pp")

@@ -21,6 +21,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+
 from gptjax.kernels import _compat
 from gptjax.kernels import flash_kernels as fk
 

@@ -24,9 +24,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from gptjax.kernels import _compat
 from jax import lax
 from jax.experimental import pallas as pl
+
+from gptjax.kernels import _compat
 
 
 @dataclasses.dataclass(frozen=True)

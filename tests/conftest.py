@@ -77,8 +77,9 @@ def built_once(tmp_path_factory):
 def pretrained(built_once):
     """One pretraining run of tests/small_config.py (evaluated at its last step), for every test that starts
     from a pretrained model."""
-    from gptjax import train
     from helpers import PRETRAIN_STEPS, tiny_config
+
+    from gptjax import train
 
     c = tiny_config(
         "pretrain",
@@ -90,8 +91,9 @@ def pretrained(built_once):
 @pytest.fixture(scope="session")
 def sft(built_once, pretrained):
     """SFT from ``pretrained``: the start of the reward-model and DPO stages."""
-    from gptjax import train
     from helpers import SFT_STEPS, tiny_config
+
+    from gptjax import train
 
     c = tiny_config("sft", **{"train.steps": SFT_STEPS, "train.init_from": pretrained})
     return built_once("sft", lambda workdir: train.run(c, workdir))
@@ -113,6 +115,7 @@ def small_base(built_once):
     """A directory with random SFT and reward-model workdirs (``sft/``, ``rm/``) of tests/small_config.py's
     shapes, what ``make demo`` leaves in runs/demo for a sweep or rejection sampling to start from."""
     import helpers
+
     from gptjax import model
     from gptjax.train import defaults
 

@@ -40,6 +40,16 @@ def script_env():
     return env
 
 
+# The smallest model and batches the end-to-end reliability tests train (tiny_config overrides).
+TINY = {
+    "model.d_model": 32,
+    "model.n_heads": 2,
+    "model.n_layers": 1,
+    "train.seq_len": 32,
+    "train.log_every": 1,
+}
+
+
 def tiny_config(stage, **overrides):
     """``tests/small_config.py:stage=STAGE`` with ``section.key=value`` overrides."""
     c = defaults.load_config(f"{SMALL_CONFIG}:stage={stage}")

@@ -69,11 +69,12 @@ def test_rejection_sampling_stage_writes_the_best_samples_as_demonstrations(smal
     import json
     import os
 
+    from helpers import SMALL_CONFIG
+
     from gptjax import checkpoint, train
     from gptjax.data import get_vocabulary
     from gptjax.rl import reward
     from gptjax.train import defaults
-    from helpers import SMALL_CONFIG
 
     sft, rm = os.path.join(small_base, "sft"), os.path.join(small_base, "rm")
     c = defaults.load_config(f"{SMALL_CONFIG}:stage=bon,sft={sft},rm={rm}")

@@ -8,13 +8,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import ROOT, save_workdir
 
 from gptjax import checkpoint, model
-
-from gptjax.train import defaults
-
 from gptjax.model import sample, stream
-from helpers import ROOT, save_workdir
+from gptjax.train import defaults
 
 
 def random_params(cfg, seed=0):

@@ -3,17 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from helpers import CHECKPOINT_CFG
 
 from gptjax import checkpoint, model
-
-from gptjax.train import defaults
-
-from gptjax.train import optim
-
 from gptjax.model import sharding
-
-from gptjax.train import state
-from helpers import CHECKPOINT_CFG
+from gptjax.train import defaults, optim, state
 
 CFG = CHECKPOINT_CFG
 

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import logged, random_params, rl_model_cfg, tiny_config
 
 from gptjax import checkpoint, data, evals, model, train
 from gptjax.data import tiny
 from gptjax.evals import evaluate
 from gptjax.train import defaults
-from helpers import logged, random_params, rl_model_cfg, tiny_config
 
 
 def small(stage="pretrain", **overrides):

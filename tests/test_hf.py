@@ -12,12 +12,9 @@ import pytest
 import torch
 import transformers
 
-from gptjax.interop import hf
-
-from gptjax.interop import lora
-
-from gptjax.model import sharding
 from gptjax import model as M
+from gptjax.interop import hf, lora
+from gptjax.model import sharding
 
 V = 96  # divisible by the tensor axis, so the sharded test splits the vocab too
 TOKENS = np.random.RandomState(0).randint(0, V, (2, 11))
@@ -340,8 +337,9 @@ def _convert_main():
 
 
 def test_convert_script_round_trip_with_a_lora_run(tmp_path):
-    from gptjax import checkpoint
     from helpers import save_workdir
+
+    from gptjax import checkpoint
 
     main = _convert_main()
     m = hf_model("llama", tied=False)

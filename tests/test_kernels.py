@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from gptjax import model as model_lib
 from gptjax.kernels import decode_attention as da
 from gptjax.kernels import flash_attention as fa
-
 from gptjax.model import attention as attn_lib
-from gptjax import model as model_lib
 
 SMALL = fa.BlockSizes(16, 16, 16, 16, 16, 16)  # many blocks even on tiny inputs
 
@@ -299,8 +299,9 @@ def test_model_decode_pallas_matches_xla():
 
 def test_kernels_lower_to_triton_for_cuda(monkeypatch):
     """The GPU path (not the interpreter) lowers to Triton IR for CUDA, checked here without a GPU."""
-    from gptjax.kernels import _compat
     from jax import export
+
+    from gptjax.kernels import _compat
 
     monkeypatch.setattr(_compat, "backend", lambda: "gpu")
     monkeypatch.setattr(_compat, "use_interpret", lambda interpret: bool(interpret))

@@ -6,10 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax.interop import lora
-
-from gptjax.model import sharding
 from gptjax import model as M
+from gptjax.interop import lora
+from gptjax.model import sharding
 
 ALL = ("wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out")
 BASE = M.ModelConfig.llama(

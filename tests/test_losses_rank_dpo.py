@@ -15,9 +15,8 @@ import optax
 import pytest
 
 from gptjax import model
-
-from gptjax.train import step
 from gptjax.losses import dpo, logprobs, ranking
+from gptjax.train import step
 
 CFG = model.ModelConfig.gpt2(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_len=32)
 RM_CFG = CFG.replace(head="scalar", scalar_head_init="normal")  # random head: rewards differ from the start

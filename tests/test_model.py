@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from gptjax import model
-
 from gptjax.model import attention
 
 GPT2 = model.ModelConfig.gpt2(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_len=48)

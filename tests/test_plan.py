@@ -7,16 +7,12 @@ import sys
 
 import jax
 import pytest
+from helpers import ROOT, script_env
 
 from gptjax import model
-
-from gptjax.train import defaults
-
-from gptjax.train import roles
-
 from gptjax.model import sharding
 from gptjax.research import plan as plan_lib
-from helpers import ROOT, script_env
+from gptjax.train import defaults, roles
 
 
 def run_plan_script(*args: str) -> subprocess.CompletedProcess:

@@ -14,28 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import CHECKPOINT_CFG, TINY, logged, script_env, tiny_config, toy_state
 
 from gptjax import checkpoint, data, train
-
-from gptjax.train import defaults
-
-from gptjax.train import guard
-
-from gptjax.train import sources
-
-from gptjax.train import state
-
-from gptjax.train import step
 from gptjax.data import sources as data_sources
-from helpers import CHECKPOINT_CFG, logged, script_env, tiny_config, toy_state
-
-TINY = {
-    "model.d_model": 32,
-    "model.n_heads": 2,
-    "model.n_layers": 1,
-    "train.seq_len": 32,
-    "train.log_every": 1,
-}
+from gptjax.train import defaults, guard, sources, state, step
 
 
 def _leaves(tree):
@@ -322,9 +305,7 @@ def test_a_run_killed_at_a_random_step_resumes_bitwise(stage, tmp_path, monkeypa
 def _state_like(c):
     """A fresh train state of the config's shapes (what a resume restores into)."""
     from gptjax import model
-    from gptjax.train import optim
-    from gptjax.train import roles
-    from gptjax.train import stages
+    from gptjax.train import optim, roles, stages
 
     cfg = roles.trained_roles(c, stages.get(c.stage))[0].cfg
     params = model.init(cfg, jax.random.key(0))

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import logged, rl_model_cfg, tiny_config, toy_state
 
 from gptjax import checkpoint, train
-from gptjax.rl import reward, rollout_config
 from gptjax.model import sharding
+from gptjax.rl import reward, rollout_config
 from gptjax.train import build, guard, sources
-from helpers import logged, rl_model_cfg, tiny_config, toy_state
 
 # (stage, key, value, the line's message)
 BAD = [

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import CHECKPOINT_CFG
 
 from gptjax import checkpoint, data, model
 from gptjax.checkpoint import store
 from gptjax.train import defaults, optim, state
-from helpers import CHECKPOINT_CFG
 
 pytest.importorskip("seqio")
 

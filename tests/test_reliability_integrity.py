@@ -10,19 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import CHECKPOINT_CFG, TINY, logged, tiny_config
 
 from gptjax import checkpoint, train
 from gptjax.train import guard
 from gptjax.train import state as state_lib
-from helpers import CHECKPOINT_CFG, logged, tiny_config
-
-TINY = {
-    "model.d_model": 32,
-    "model.n_heads": 2,
-    "model.n_layers": 1,
-    "train.seq_len": 32,
-    "train.log_every": 1,
-}
 
 
 def _random_state(k):

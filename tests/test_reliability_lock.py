@@ -10,21 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import CHECKPOINT_CFG, TINY, logged, tiny_config, toy_state
 
 from gptjax import checkpoint, train
 from gptjax.train import guard
-from helpers import CHECKPOINT_CFG, logged, tiny_config, toy_state
 
 # orbax's abandoned reads of a damaged step end as unraisable exceptions
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-TINY = {
-    "model.d_model": 32,
-    "model.n_heads": 2,
-    "model.n_layers": 1,
-    "train.seq_len": 32,
-    "train.log_every": 1,
-}
 
 
 def test_a_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path):

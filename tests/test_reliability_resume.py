@@ -7,10 +7,10 @@ import os
 import shutil
 
 import pytest
+from helpers import logged, tiny_config
 
 from gptjax import train
 from gptjax.train import defaults, loop, provenance
-from helpers import logged, tiny_config
 
 TINY = {
     "model.d_model": 32,

@@ -10,13 +10,10 @@ import optax
 import pytest
 
 from gptjax import checkpoint, model
-
-from gptjax.train import defaults
-
-from gptjax.train import roles
+from gptjax.losses import lm
+from gptjax.train import defaults, roles
 from gptjax.train import state as state_lib
 from gptjax.train import step as step_lib
-from gptjax.losses import lm
 
 CFG = model.ModelConfig.gpt2(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_len=16)
 VALUE_CFG = CFG.replace(head="scalar", scalar_head_init="normal")

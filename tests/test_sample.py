@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 from gptjax import model
-
-from gptjax.model import sample
-
-from gptjax.model import sharding
+from gptjax.model import sample, sharding
 
 TINY = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_len": 24, "init_std": 0.2}
 CFGS = {

@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 
 from gptjax import model
-
-from gptjax.train import defaults
-
-from gptjax.train import optim
-
-from gptjax.model import sharding
-
-from gptjax.train import state
-
-from gptjax.train import step
 from gptjax.losses import lm
+from gptjax.model import sharding
+from gptjax.train import defaults, optim, state, step
 
 CFG = model.ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32)
 

@@ -10,14 +10,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-
-from gptjax import checkpoint, model
-
-from gptjax.train import defaults
-
-from gptjax.research import sweep
 from helpers import ROOT, SMALL_CONFIG, script_env
 from helpers import TINY_CONFIG as TINY
+
+from gptjax import checkpoint, model
+from gptjax.research import sweep
+from gptjax.train import defaults
 
 
 def run_sweep(base, workdir, *extra):

@@ -12,17 +12,13 @@ import time
 
 import numpy as np
 import pytest
+from helpers import PRETRAIN_STEPS, ROOT, SMALL_CONFIG, logged, random_params, save_workdir, tiny_config
 from ml_collections import FrozenConfigDict
 
 from gptjax import checkpoint, model, train
-
-from gptjax.train import defaults
-
-from gptjax.rl import reward
-
-from gptjax.train import step
 from gptjax.data import get_vocabulary, tiny
-from helpers import PRETRAIN_STEPS, ROOT, SMALL_CONFIG, logged, random_params, save_workdir, tiny_config
+from gptjax.rl import reward
+from gptjax.train import defaults, step
 
 
 def tensorboard_steps(logdir, tag):
