@@ -14,11 +14,7 @@ import os
 import shutil
 import tempfile
 
-# LLVM's optimisation level 0: the tests' programs are small and run a few steps, so code generation, not
-# execution, is where the time goes (about a third less CPU time for the suite); HLO optimisations still run.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-)
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Set here, before jax is imported, in the xdist controller: the workers inherit the same directory.
