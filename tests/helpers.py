@@ -119,3 +119,28 @@ def rl_model_cfg(head="lm", **kw):
         scalar_head_init="normal",
         **kw,
     )
+
+
+def rank_batch(valid_counts, K=4, L=16, seed=0, vocab=250):
+    """'rm' batch: prompt b has valid_counts[b] responses (the first ones), random lengths and token ids in
+    [1, vocab), pad id 0."""
+    r = np.random.default_rng(seed)
+    B = len(valid_counts)
+    tokens = np.zeros((B, K, L), np.int32)
+    lengths = np.zeros((B, K), np.int32)
+    prompt_lengths = np.zeros((B, K), np.int32)
+    valid = np.zeros((B, K), bool)
+    for b, n in enumerate(valid_counts):
+        p = int(r.integers(2, 6))
+        prompt = r.integers(1, vocab, p)
+        for k in range(n):
+            t = int(r.integers(p + 1, L + 1))
+            tokens[b, k, :p] = prompt
+            tokens[b, k, p:t] = r.integers(1, vocab, t - p)
+            lengths[b, k], prompt_lengths[b, k], valid[b, k] = t, p, True
+    return {
+        "tokens_BKL": tokens,
+        "prompt_lengths_BK": prompt_lengths,
+        "lengths_BK": lengths,
+        "valid_BK": valid,
+    }

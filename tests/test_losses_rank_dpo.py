@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from helpers import rank_batch
 
 from gptjax import model
 from gptjax.losses import dpo, logprobs, ranking
@@ -66,38 +67,14 @@ def ctx_of(cfg=RM_CFG, ref=None, **loss_cfg):
     )
 
 
-def rm_batch(valid_counts, K, L=16, seed=0):
-    """Ranking batch: prompt b has valid_counts[b] responses (the first ones), random lengths, pad id 0."""
-    r = np.random.default_rng(seed)
-    B = len(valid_counts)
-    tokens = np.zeros((B, K, L), np.int32)
-    lengths = np.zeros((B, K), np.int32)
-    prompt_lengths = np.zeros((B, K), np.int32)
-    valid = np.zeros((B, K), bool)
-    for b, n in enumerate(valid_counts):
-        p = int(r.integers(2, 6))
-        prompt = r.integers(1, CFG.vocab_size, p)
-        for k in range(n):
-            length = int(r.integers(p + 1, L + 1))
-            tokens[b, k, :p] = prompt
-            tokens[b, k, p:length] = r.integers(1, CFG.vocab_size, length - p)
-            lengths[b, k], prompt_lengths[b, k], valid[b, k] = length, p, True
-    return {
-        "tokens_BKL": tokens,
-        "lengths_BK": lengths,
-        "prompt_lengths_BK": prompt_lengths,
-        "valid_BK": valid,
-    }
-
-
 def seq_of(batch):
     return batch["tokens_BKL"], batch["prompt_lengths_BK"], batch["lengths_BK"]
 
 
 # Prompts with 4, 2, 3, 1, 0, 4, 2, 3 valid responses: micro-batches (rows i, i+4) differ in denominators.
-RM_BATCH = rm_batch([4, 2, 3, 1, 0, 4, 2, 3], K=4, seed=1)
+RM_BATCH = rank_batch([4, 2, 3, 1, 0, 4, 2, 3], K=4, seed=1, vocab=CFG.vocab_size)
 RM_CTX = ctx_of(margin=0.3, center_coef=0.1)
-DPO_BATCH = rm_batch([3, 2], K=3, seed=7)  # the second prompt has a single pair
+DPO_BATCH = rank_batch([3, 2], K=3, seed=7, vocab=CFG.vocab_size)  # the second prompt has a single pair
 DPO_BETA = 0.3
 
 

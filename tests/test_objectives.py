@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import ROOT, random_params, rl_model_cfg
+from helpers import ROOT, random_params, rank_batch, rl_model_cfg
 from ml_collections import FrozenConfigDict
 
 from gptjax import checkpoint, losses, train
@@ -222,30 +222,6 @@ def test_kto_loss_on_hand_made_log_ratios():
     d, u = kto.labels(valid)
     np.testing.assert_array_equal(d, [[1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
     np.testing.assert_array_equal(u, [[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
-
-
-def rank_batch(valid_counts, K=4, L=16, seed=0):
-    """'rm' batch: prompt b has valid_counts[b] responses (the first ones), random lengths, pad id 0."""
-    r = np.random.default_rng(seed)
-    B = len(valid_counts)
-    tokens = np.zeros((B, K, L), np.int32)
-    lengths = np.zeros((B, K), np.int32)
-    prompt_lengths = np.zeros((B, K), np.int32)
-    valid = np.zeros((B, K), bool)
-    for b, n in enumerate(valid_counts):
-        p = int(r.integers(2, 6))
-        prompt = r.integers(1, 250, p)
-        for k in range(n):
-            t = int(r.integers(p + 1, L + 1))
-            tokens[b, k, :p] = prompt
-            tokens[b, k, p:t] = r.integers(1, 250, t - p)
-            lengths[b, k], prompt_lengths[b, k], valid[b, k] = t, p, True
-    return {
-        "tokens_BKL": tokens,
-        "prompt_lengths_BK": prompt_lengths,
-        "lengths_BK": lengths,
-        "valid_BK": valid,
-    }
 
 
 def kto_ctx(cfg, ref, **loss):
