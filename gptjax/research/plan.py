@@ -100,11 +100,6 @@ def abstract_batch(config: ConfigDict, stage_name: str, mesh) -> dict:
     }
 
 
-def _placed(shapes, shardings):
-    """Abstract arrays: each shape / dtype of ``shapes`` with the matching sharding of ``shardings``."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def _bytes_per_device(tree) -> float:
     total = 0.0
     for x in jax.tree.leaves(tree):
@@ -303,7 +298,7 @@ def plan_rollout(
     if r.mesh:  # the policy moved to the rollout layout, cast to the compute dtype first (a copy)
         gmesh = sharding.make_mesh(r.mesh, devices=list(mesh.devices.flat))
         shapes = jax.eval_shape(lambda p: sample.cast_to_compute_dtype(pcfg, p), model.param_shapes(pcfg))
-        policy = _placed(shapes, model.param_shardings(pcfg, gmesh))
+        policy = build.placed(shapes, model.param_shardings(pcfg, gmesh))
         copy = _bytes_per_device(policy)
     else:  # the train state's own params (already resident)
         gmesh, policy, copy = mesh, s.params["policy"], 0.0

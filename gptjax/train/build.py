@@ -204,13 +204,14 @@ def trained_roles(config: ConfigDict, mesh, adjust: Callable | None = None) -> l
     return roles
 
 
-def _placed(shapes, shardings):
+def placed(shapes, shardings):
+    """Abstract arrays: each shape / dtype of ``shapes`` with the matching sharding of ``shardings``."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def abstract_params(cfg: model.ModelConfig, mesh) -> Any:
     """A model's params as sharded ShapeDtypeStructs: nothing allocated."""
-    return _placed(model.param_shapes(cfg), model.param_shardings(cfg, mesh))
+    return placed(model.param_shapes(cfg), model.param_shardings(cfg, mesh))
 
 
 def standin_frozen_cfgs(stage: stages.Stage, roles: list) -> tuple:
@@ -271,7 +272,7 @@ def build(
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
         state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=ema), params)
         state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
-        state = _placed(state_shape, state_shardings)
+        state = placed(state_shape, state_shardings)
     else:
         rng = jax.random.key(t.seed) if rng is None else rng
         params, frozen = roles_lib.init_trained(roles, mesh, rng)
