@@ -6,9 +6,12 @@
     # a training workdir (latest step or --step) -> HF directory; LoRA adapters are merged into the base
     python scripts/convert_hf.py --to-hf out/hf_model --from runs/sft [--base runs/llama_base]
 
-The tokenizer travels along: copied into WORKDIR/tokenizer on import and back out on export (``--tokenizer``
-overrides). A LoRA run stores only its adapters; its base comes from ``--base`` (a workdir or an HF
-directory) or, by default, from the run's own ``train.init_from``.
+The tokenizer travels along: copied into WORKDIR/tokenizer on import (with its chat template) and back out on
+export (``--tokenizer`` overrides); a run on the byte vocabulary (or on an HF tokenizer named in its
+``data.vocab``) exports that vocabulary as an HF tokenizer. Exports carry bos / eos / pad ids and a
+generation_config.json, so transformers' AutoTokenizer + AutoModelForCausalLM + generate work on them as they
+are. A LoRA run stores only its adapters; its base comes from ``--base`` (a workdir or an HF directory) or, by
+default, from the run's own ``train.init_from``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint, model
-from gptjax.interop import hf, lora
+from gptjax.data import vocab as vocab_lib
+from gptjax.interop import hf, hf_tokenizer, lora
 from gptjax.model import sharding
 from gptjax.train.state import TrainState
 
@@ -70,11 +74,26 @@ def to_hf(
         ),
         None,
     )
+    tok = tok or _run_vocabulary(workdir, step, cfg)
     hf.save(cfg, params, dst, tokenizer=tok, max_shard_bytes=int(max_shard_gb * 2**30))
     merged = (
         f", {len(jax.tree.leaves(lora.split(params)[0]))} adapter tensors merged" if cfg.lora_rank else ""
     )
-    print(f"{workdir} step {step} -> {dst}{merged}; tokenizer: {tok or 'none found (pass --tokenizer)'}")
+    said = "the byte vocabulary" if hf_tokenizer.is_byte(tok) else getattr(tok, "path", tok)
+    print(f"{workdir} step {step} -> {dst}{merged}; tokenizer: {said or 'none found (pass --tokenizer)'}")
+
+
+def _run_vocabulary(workdir: str, step: int, cfg: model.ModelConfig):
+    """The vocabulary the run trained with (its data.vocab), when an HF export can carry it: the byte
+    vocabulary or an HF tokenizer; None for a SentencePiece model (pass --tokenizer)."""
+    try:
+        vocab = checkpoint.load_vocabulary(workdir, step)
+    except (OSError, ValueError) as e:  # its files moved since the run: the export goes without
+        print(f"the run's vocabulary is not readable ({e}); pass --tokenizer to export one")
+        return None
+    if isinstance(vocab, vocab_lib.ByteVocabulary) and cfg.vocab_size >= vocab.vocab_size:
+        return vocab
+    return vocab if isinstance(vocab, vocab_lib.HuggingFaceVocabulary) else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from", dest="src", metavar="WORKDIR", help="with --to-hf: the workdir to read")
     p.add_argument("--step", type=int, default=None, help="with --to-hf: checkpoint step (default: latest)")
     p.add_argument("--base", default=None, help="with --to-hf of a LoRA run: base workdir or HF directory")
-    p.add_argument("--tokenizer", default=None, help="with --to-hf: tokenizer dir or tokenizer.json to copy")
+    p.add_argument(
+        "--tokenizer", default=None, help="with --to-hf: tokenizer dir or tokenizer.json to copy, or 'byte'"
+    )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="param dtype on import")
     p.add_argument("--shard", action="store_true", help="load sharded over all local devices (fsdp)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors file size on export")

@@ -7,10 +7,12 @@ Every vocabulary has the same small surface, used by the pipeline, sampling and 
     vocab.decode(ids) -> str                 # stops at the first EOS, skips PAD/BOS
     vocab.render_chat(messages, add_generation_prompt=True) -> str
 
-The chat template is text, so it works the same for every vocabulary: each message renders as
-``"<role>: <content>\\n"`` and the generation prompt is ``"assistant: "``. The assistant's reply is followed
-by EOS (added by the SFT converter), not by template text. A Hugging Face checkpoint that ships a Jinja
-``chat_template`` in ``tokenizer_config.json`` uses that template instead.
+A Hugging Face tokenizer with a chat template renders chat with it, as transformers does
+(``gptjax.data.chat_template``: ``chat_template.jinja``, ``tokenizer_config.json`` or ``chat_template.json``);
+a template that cannot render the messages is an error naming its file. A vocabulary with no template at all
+uses the plain format, and says so once in the log: each message renders as ``"<role>: <content>\\n"`` and the
+generation prompt is ``"assistant: "``. The assistant's reply is followed by EOS (added by the SFT converter),
+not by template text.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from absl import logging
+
+from gptjax.data import chat_template as chat_template_lib
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -43,6 +49,25 @@ def render_plain_chat(messages: Sequence[Message], add_generation_prompt: bool =
     return text + ("assistant: " if add_generation_prompt else "")
 
 
+# The plain chat format as a Jinja chat template: what exports of template-less vocabularies carry, so that
+# transformers' apply_chat_template renders what the model was trained on (BOS first, as converters add it).
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+_said_plain: set[str] = set()
+
+
+def _plain_chat(what: str, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    """The plain format for a vocabulary without a chat template, said once per vocabulary in the log."""
+    if what not in _said_plain:
+        _said_plain.add(what)
+        logging.info("%s has no chat template: chat renders as plain 'role: content' lines", what)
+    return render_plain_chat(messages, add_generation_prompt)
+
+
 def _cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
     ids = [int(i) for i in ids]
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
@@ -63,7 +88,7 @@ class ByteVocabulary:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return render_plain_chat(messages, add_generation_prompt)
+        return _plain_chat("the byte vocabulary", messages, add_generation_prompt)
 
 
 class SentencePieceVocabulary:
@@ -96,7 +121,7 @@ class SentencePieceVocabulary:
         return self._sp.decode(ids)
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        return render_plain_chat(messages, add_generation_prompt)
+        return _plain_chat(f"SentencePiece model {self.path}", messages, add_generation_prompt)
 
 
 SP_SPECIAL = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
@@ -151,23 +176,32 @@ def _train_spm(spm, texts, model_prefix, vocab_size, model_type, character_cover
     )
 
 
-def _special_id(tok, config: dict, key: str, candidates: Sequence[str]) -> int | None:
-    value = config.get(key)
+def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # older tokenizer_config.json stores AddedToken dicts
         value = value.get("content")
-    for name in ([value] if isinstance(value, str) else []) + list(candidates):
+    return value if isinstance(value, str) else None
+
+
+def _special_id(tok, config: dict, key: str, candidates: Sequence[str]) -> int | None:
+    value = _token_text(config.get(key))
+    for name in ([value] if value is not None else []) + list(candidates):
         i = tok.token_to_id(name)
         if i is not None:
             return i
     return None
 
 
+# The special tokens transformers hands a chat template by name (those the tokenizer's config names).
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 class HuggingFaceVocabulary:
     """A Hugging Face fast tokenizer (``tokenizer.json``) so imported checkpoints keep their own tokenizer.
 
-    ``path`` is a checkpoint directory (with ``tokenizer.json`` and optionally ``tokenizer_config.json``,
-    whose special tokens and Jinja ``chat_template`` are used) or the ``tokenizer.json`` file itself.
-    Missing PAD falls back to EOS (GPT-2 style); missing BOS falls back to EOS too.
+    ``path`` is a checkpoint directory (with ``tokenizer.json`` and optionally ``tokenizer_config.json`` /
+    ``special_tokens_map.json``, whose special tokens are used, and a chat template wherever transformers
+    keeps one) or the ``tokenizer.json`` file itself. Missing PAD falls back to EOS (GPT-2 style); missing
+    BOS falls back to EOS too.
     """
 
     def __init__(self, path: str):
@@ -179,14 +213,16 @@ class HuggingFaceVocabulary:
             raise FileNotFoundError(f"no tokenizer.json at {path!r}: pass a checkpoint directory or the file")
         self.path = tok_file
         self._tok = Tokenizer.from_file(tok_file)
-        cfg_file = os.path.join(os.path.dirname(tok_file), "tokenizer_config.json")
+        directory = os.path.dirname(tok_file)
         config: dict[str, Any] = {}
-        if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                config = json.load(f)
-        self.chat_template: str | None = (
-            config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
-        )
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins (transformers)
+            if os.path.isfile(os.path.join(directory, name)):
+                with open(os.path.join(directory, name)) as f:
+                    config.update(json.load(f))
+        self.template = chat_template_lib.find(directory, config)
+        self.chat_template: str | None = self.template.text if self.template else None  # '': unusable
+        named = {k: _token_text(config.get(k)) for k in TEMPLATE_TOKENS}
+        self._template_tokens = {k: t for k, t in named.items() if t is not None}
         self.eos_id = _special_id(
             self._tok, config, "eos_token", ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"]
         )
@@ -197,7 +233,6 @@ class HuggingFaceVocabulary:
         self.bos_id = self.eos_id if self.bos_id is None else self.bos_id
         self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
         self._bos_token = self._tok.id_to_token(self.bos_id)
-        self._eos_token = self._tok.id_to_token(self.eos_id)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -208,27 +243,10 @@ class HuggingFaceVocabulary:
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        if self.chat_template is None:
-            return render_plain_chat(messages, add_generation_prompt)
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise ImportError(f"{self.path}: its chat template needs jinja2: pip install jinja2") from None
-
+        if self.template is None:
+            return _plain_chat(f"tokenizer {self.path}", messages, add_generation_prompt)
         _check_messages(messages)
-        # Templates come with downloaded checkpoints: render them sandboxed, as transformers does.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(msg):
-            raise ValueError(f"{self.path}: chat template: {msg}")
-
-        text = env.from_string(self.chat_template).render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            raise_exception=raise_exception,
-            bos_token=self._bos_token,
-            eos_token=self._eos_token,
-        )
+        text = self.template.render(messages, add_generation_prompt, self._template_tokens)
         # The converters add BOS themselves; a template that starts with it would double it.
         return text.removeprefix(self._bos_token)
 

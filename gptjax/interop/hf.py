@@ -4,6 +4,10 @@
     save(cfg, params, path, tokenizer=None)             # loadable by transformers' from_pretrained
     vocab = load_tokenizer(path)                        # gptjax.data.vocab.HuggingFaceVocabulary
 
+An export with a tokenizer (an HF one's files, or the byte vocabulary's written as an HF tokenizer:
+``hf_tokenizer``) is complete: tokenizer files and chat template, bos / eos / pad ids in config.json and a
+generation_config.json, so transformers' AutoTokenizer, AutoModelForCausalLM and generate take it as it is.
+
 Each family module (``hf_gpt2``, ``hf_opt``, ``hf_llama``) gives the config translation and one table of
 ``Entry`` rows: an HF tensor name (``{i}`` = layer index), the params it holds and the two conversions.
 Loading reads one tensor at a time and sends each device only its shard, so a checkpoint larger than one
@@ -15,7 +19,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -28,22 +31,13 @@ from safetensors.numpy import save_file
 
 from gptjax import model
 from gptjax.data.vocab import HuggingFaceVocabulary
-from gptjax.interop import lora
+from gptjax.interop import hf_tokenizer, lora
 from gptjax.interop.hf_mapping import Entry, UnsupportedConfig  # noqa: F401 (hf.UnsupportedConfig)
+from gptjax.interop.hf_tokenizer import TOKENIZER_FILES, copy_tokenizer  # noqa: F401 (hf.copy_tokenizer)
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "generation_config.json",
-)
 # Fields of ModelConfig that describe the function a checkpoint computes (compared on save).
 ARCH_FIELDS = model.ARCH_FIELDS
 
@@ -307,7 +301,9 @@ def save(
     """Write ``path``/config.json + model.safetensors (sharded with an index above ``max_shard_bytes``).
 
     LoRA adapters are merged first. ``tokenizer``: a checkpoint directory or tokenizer.json path (or an object
-    with such a ``path``) whose tokenizer files are copied alongside. Only process 0 writes.
+    with such a ``path``) whose tokenizer files are copied alongside, or the byte vocabulary (a
+    ``ByteVocabulary`` or ``"byte"``), written as a byte-level HF tokenizer; its bos / eos / pad ids go to
+    config.json and generation_config.json (``hf_tokenizer.write``). Only process 0 writes.
     """
     path = os.fspath(path)
     if cfg.lora_rank:
@@ -355,39 +351,9 @@ def save(
     if len(files) > 1:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_cfg.update(_special_token_ids(tokenizer))
+    hf_cfg.update(hf_tokenizer.write(tokenizer, path, cfg.vocab_size, cfg.max_len))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    if tokenizer is not None:
-        copy_tokenizer(getattr(tokenizer, "path", tokenizer), path)
-
-
-def _special_token_ids(tokenizer: Any) -> dict[str, int]:
-    """bos/eos/pad ids for config.json from a vocabulary (or a path holding a tokenizer.json)."""
-    if tokenizer is None:
-        return {}
-    if not hasattr(tokenizer, "eos_id"):
-        src = os.fspath(tokenizer)
-        if not os.path.isfile(src if src.endswith(".json") else os.path.join(src, "tokenizer.json")):
-            return {}  # a sentencepiece-only tokenizer: its files are copied, its ids stay in its own config
-        tokenizer = load_tokenizer(src)
-    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_id", None) for k in ("bos", "eos", "pad")}
-    return {k: int(v) for k, v in ids.items() if v is not None}
-
-
-def copy_tokenizer(src: str, dst: str) -> list[str]:
-    """Copy the tokenizer files found next to ``src`` (a directory or a tokenizer.json) into ``dst``."""
-    src = os.fspath(src)
-    src_dir = src if os.path.isdir(src) else os.path.dirname(src)
-    copied = []
-    for name in TOKENIZER_FILES:
-        f = os.path.join(src_dir, name)
-        if os.path.isfile(f) and os.path.abspath(src_dir) != os.path.abspath(dst):
-            shutil.copyfile(f, os.path.join(dst, name))
-            copied.append(name)
-    if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
-        raise FileNotFoundError(f"{src}: no tokenizer.json or tokenizer.model to copy")
-    return copied
 
 
 def load_tokenizer(path: str) -> Any:

@@ -1,12 +1,16 @@
 """'rm': a prompt with K ranked responses per batch element, best -> worst (reward models, DPO, KTO).
 
-Record ``{"prompt": str, "responses": [str, ...]}`` best -> worst, K >= 2 (from ``responses`` with optional
-``scores``, or ``chosen`` / ``rejected``); a NaN or infinite score is an error naming the file and line;
-a record with fewer than 2 responses is dropped and counted, and so are ties. Item: [(int32[m], p), ...], one
-BOS prompt response EOS per response that fits; a response the length cut makes identical to a better one is
-dropped and counted (the pair would teach nothing), and a source where that hits most rankings is refused; a
-ranking left with fewer than 2 is dropped. K is
-``data.num_responses`` (0: the most any record has); rankings with more are cut to their best K (counted).
+Record ``{"prompt": str, "responses": [str, ...]}`` best -> worst, K >= 2, from ``responses`` with optional
+``scores``, or from TRL's preference forms (``fields``): a prompt (string or chat messages) with ``chosen`` /
+``rejected`` (strings, or one assistant message each), or an implicit prompt: ``chosen`` / ``rejected`` as
+whole conversations, the prompt being the messages they share before their last (assistant) message, or as
+strings, the prompt being their shared beginning up to a word break (a space there starts the responses, as
+in TRL). A NaN or infinite score is an error naming the file and line; a record with fewer than 2 responses
+is dropped and counted, and so are ties. Item: [(int32[m], p), ...], one BOS prompt response EOS per response
+that fits; a response the length cut makes identical to a better one is dropped and counted (the pair would
+teach nothing), and a source where that hits most rankings is refused; a ranking left with fewer than 2 is
+dropped. K is ``data.num_responses`` (0: the most any record has); rankings with more are cut to their best K
+(counted).
 Batch: ``tokens_BKL`` (right-padded), ``lengths_BK``, ``prompt_lengths_BK``, ``valid_BK`` (False where a
 prompt has fewer than K responses).
 """
@@ -14,15 +18,72 @@ prompt has fewer than K responses).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from gptjax.data.formats import Format, batching, fields
 
 
+def _shared_messages(chosen: list[dict], rejected: list[dict]) -> int:
+    """How many first messages two conversations share, leaving each at least its last one."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def _text_prompt_end(chosen: str, rejected: str) -> int:
+    """Where an implicit text prompt ends: after the last whitespace the two strings share from their start,
+    less a single space there, which starts the responses (as text goes on: ' Yes' after 'Assistant:')."""
+    n = len(os.path.commonprefix([chosen, rejected]))
+    while n and not chosen[n - 1].isspace():
+        n -= 1
+    return n - 1 if n and chosen[n - 1] == " " else n
+
+
+def _pair(rec: dict, f, where: str, render_chat) -> tuple[str, list[str], str]:
+    """A chosen / rejected record as (prompt, [chosen, rejected], its form) (module doc)."""
+    for key in (f.chosen, f.rejected):
+        if key not in rec:
+            fields.string(rec, key, where, "rank")  # names the missing field
+    if fields.is_chat(rec[f.chosen]) != fields.is_chat(rec[f.rejected]):
+        raise ValueError(
+            f"{where}: fields {f.chosen!r} and {f.rejected!r} must both be strings or both lists of messages"
+        )
+    has_prompt = f.prompt in rec or f.messages in rec
+    if fields.is_chat(rec[f.chosen]):
+        chosen, rejected = fields.messages(rec, f.chosen, where), fields.messages(rec, f.rejected, where)
+        n = _shared_messages(chosen, rejected)
+        if n:  # whole conversations (TRL reads them so even beside a prompt field)
+            for key, msgs in ((f.chosen, chosen), (f.rejected, rejected)):
+                if len(msgs) != n + 1 or msgs[n]["role"] != "assistant":
+                    raise ValueError(
+                        f"{where}: fields {f.chosen!r} and {f.rejected!r} share their first {n} message(s) "
+                        f"(the prompt), so each must end in one assistant message after them; {key!r} has "
+                        f"roles {[m['role'] for m in msgs[n:]]} there"
+                    )
+            prompt = render_chat(chosen[:n], add_generation_prompt=True)
+            return prompt, [chosen[n]["content"], rejected[n]["content"]], "conversational_implicit_prompt"
+        if not has_prompt:
+            raise ValueError(
+                f"{where}: fields {f.chosen!r} and {f.rejected!r} share no first messages to be the prompt, "
+                f"and there is no {f.prompt!r} field"
+            )
+    if has_prompt:
+        prompt, prompt_form = fields.prompt_text(rec, f, where, "rank", render_chat)
+        responses = [fields.reply(rec, key, where, "rank") for key in (f.chosen, f.rejected)]
+        chat = prompt_form != "prompt" or fields.is_chat(rec[f.chosen])
+        return prompt, responses, "conversational_explicit_prompt" if chat else "explicit_prompt"
+    chosen, rejected = (fields.string(rec, key, where, "rank") for key in (f.chosen, f.rejected))
+    cut = _text_prompt_end(chosen, rejected)
+    return chosen[:cut], [chosen[cut:], rejected[cut:]], "implicit_prompt"
+
+
 def parse(rec: dict, f, where: str, render_chat, counts) -> dict | None:
-    prompt = fields.prompt(rec, f, where, "rank", render_chat)
     if f.responses in rec:
+        prompt = fields.prompt_text(rec, f, where, "rank", render_chat)[0]
+        fields.form(counts, "rank", "ranked", where)
         responses = rec[f.responses]
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
             raise ValueError(f"{where}: field {f.responses!r} must be a list of strings (best -> worst)")
@@ -45,10 +106,8 @@ def parse(rec: dict, f, where: str, render_chat, counts) -> dict | None:
         else:
             scores = list(range(len(responses), 0, -1))
     elif f.chosen in rec or f.rejected in rec:
-        responses = [
-            fields.string(rec, f.chosen, where, "rank"),
-            fields.string(rec, f.rejected, where, "rank"),
-        ]
+        prompt, responses, name = _pair(rec, f, where, render_chat)
+        fields.form(counts, "rank", name, where)
         scores = [1, 0]
     else:
         raise ValueError(
