@@ -1,0 +1,256 @@
+"""Weight-only quantisation of a finished model: int8 per output channel and group-wise int4, as pure
+functions over the params pytree.
+
+    q = quantize_int8(w_IO)                    # Int8(q int8 [I, O], scale [1, O])
+    q = quantize_int4(w_IO, group_size=64)     # Int4(packed uint8 [I/2, O], scale [I/g, O], zero or None)
+    w_IO = dequantize(q, jnp.float32)
+    qparams = quantize_params(cfg, params, "int4", group_size=64)   # {name: Int8 | Int4}
+    params = dequantize_params(cfg, params, qparams)                # the model's params, dtype kept
+    quant_bytes(qparams), quant_bytes(params)                      # memory of each form
+    arrays = to_arrays(qparams)                                     # {'wq.q': ...} for np.savez; from_arrays
+
+Every function sees a weight as a matrix ``w_IO``: inputs I (the contracted dims, flattened) by outputs O,
+with any leading dims (the stacked layers) carried along. "Per output channel" is one scale per column
+o; int4 groups are ``group_size`` consecutive inputs of one column, and two 4-bit codes share a byte along
+the input dim (code of input 2i in the low nibble, of input 2i+1 in the high one).
+
+Which weights: the matmul weights of every block (attention wq / wk / wv / wo, MLP w_in / w_gate / w_out),
+where nearly all of a transformer's parameters sit and where weight-only schemes (LLM.int8, GPTQ, QLoRA)
+apply. The token embedding (and an untied LM head) only with ``embeddings=True``: it is both the input
+table and, tied, the output projection, so its error reaches every logit directly (on the tiny task it is
+the one int4 choice that leans the gold reward down: docs/results.md). Norms, biases, learned positions and a
+scalar head always stay in the model's dtype. The embedding's matrix view
+is its transpose, [D, V]: inputs are the model dim, one scale per vocabulary row, which is both a
+lookup's row and the tied head's output channel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gptjax.model import transformer
+from gptjax.model.config import ModelConfig
+
+Params = dict[str, Any]
+
+INT8_MAX = 127
+INT4_SCALE_DTYPE = (
+    jnp.float16
+)  # half-precision group scales (as GPTQ / QLoRA keep them): 0.5 bit a weight at g=32
+
+
+class Int8(NamedTuple):
+    """Symmetric int8, one scale per output channel: w ~ q * scale."""
+
+    q: jax.Array  # int8 [..., I, O]
+    scale: jax.Array  # float32 [..., 1, O]
+
+
+class Int4(NamedTuple):
+    """Group-wise 4-bit codes, two a byte: w ~ (code - zero) * scale, zero = 8 when symmetric."""
+
+    packed: jax.Array  # uint8 [..., I/2, O]
+    scale: jax.Array  # float16 [..., I/g, O]
+    zero: jax.Array | None  # uint8 [..., I/g, O] (asymmetric), or None (symmetric: codes -8..7 stored + 8)
+
+
+class Matrix(NamedTuple):
+    """Where a quantisable weight sits and how it reads as [(layers,) I, O]."""
+
+    path: tuple[str, ...]  # its keys in the params tree
+    n_in: int  # leading dims (after the layer axis) that are inputs
+    transposed: bool  # the embedding: [V, D] is read as [D, V]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One matrix
+
+
+def _safe(scale: jax.Array) -> jax.Array:
+    """An all-zero channel or group gets scale 1 (its codes are 0 either way), never a division by 0."""
+    return jnp.where(scale > 0, scale, 1.0)
+
+
+@jax.jit
+def quantize_int8(w_IO: jax.Array) -> Int8:
+    """Symmetric per-output-channel int8: scale = max|w| / 127 over each column's inputs."""
+    w = jnp.asarray(w_IO, jnp.float32)
+    scale = _safe(jnp.max(jnp.abs(w), axis=-2, keepdims=True) / INT8_MAX)
+    q = jnp.clip(jnp.round(w / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return Int8(q, scale)
+
+
+def group_size_for(n_in: int, group_size: int) -> int:
+    """The group size used for a matrix of ``n_in`` inputs: ``group_size``, or all inputs when fewer."""
+    g = min(group_size, n_in)
+    if n_in % g or g % 2:
+        raise ValueError(f"int4: {n_in} inputs do not split into groups of {g} (an even divisor is needed)")
+    return g
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "symmetric"))
+def quantize_int4(w_IO: jax.Array, group_size: int = 64, symmetric: bool = True) -> Int4:
+    """Group-wise 4-bit: each run of ``group_size`` inputs of a column shares a scale (and, asymmetric, a
+    zero point). Symmetric codes are round(w / s) in [-8, 7] with s = max|w| / 7 (so -8 is never used:
+    the grid is symmetric about 0); asymmetric ones are round(w / s) + z in [0, 15] with s = (max - min) /
+    15, z = round(-min / s): the grid spans each group's own range."""
+    w = jnp.asarray(w_IO, jnp.float32)
+    *lead, n_in, n_out = w.shape
+    g = group_size_for(n_in, group_size)
+    w_G = w.reshape(*lead, n_in // g, g, n_out)
+    if symmetric:
+        scale = _safe(jnp.max(jnp.abs(w_G), axis=-2) / 7).astype(INT4_SCALE_DTYPE)
+        s = scale.astype(jnp.float32)[..., None, :]
+        codes = jnp.clip(jnp.round(w_G / s), -8, 7) + 8
+        zero = None
+    else:
+        lo, hi = jnp.minimum(jnp.min(w_G, axis=-2), 0.0), jnp.maximum(jnp.max(w_G, axis=-2), 0.0)
+        scale = _safe((hi - lo) / 15).astype(INT4_SCALE_DTYPE)
+        s = scale.astype(jnp.float32)
+        zero = jnp.clip(jnp.round(-lo / s), 0, 15)
+        codes = jnp.clip(jnp.round(w_G / s[..., None, :]) + zero[..., None, :], 0, 15)
+        zero = zero.astype(jnp.uint8)
+    return Int4(pack_nibbles(codes.reshape(*lead, n_in, n_out).astype(jnp.uint8)), scale, zero)
+
+
+@jax.jit
+def pack_nibbles(codes_IO: jax.Array) -> jax.Array:
+    """uint8 codes in [0, 16), [..., I, O] -> [..., I/2, O]: input 2i low nibble, 2i+1 high nibble."""
+    c = codes_IO.astype(jnp.uint8)
+    return c[..., 0::2, :] | (c[..., 1::2, :] << 4)
+
+
+@jax.jit
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+    """The inverse of ``pack_nibbles``: [..., I/2, O] -> uint8 codes [..., I, O]."""
+    lo, hi = packed & 0x0F, packed >> 4
+    *lead, half, n_out = packed.shape
+    return jnp.stack([lo, hi], axis=-2).reshape(*lead, 2 * half, n_out)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def dequantize(qt: Int8 | Int4, dtype: Any = jnp.float32) -> jax.Array:
+    """w_IO back from its quantised form, in ``dtype``."""
+    if isinstance(qt, Int8):
+        return (qt.q.astype(jnp.float32) * qt.scale).astype(dtype)
+    codes = unpack_nibbles(qt.packed).astype(jnp.float32)
+    *lead, n_in, n_out = codes.shape
+    groups = qt.scale.shape[-2]
+    zero = 8.0 if qt.zero is None else qt.zero.astype(jnp.float32)[..., None, :]
+    codes_G = codes.reshape(*lead, groups, n_in // groups, n_out)
+    w = (codes_G - zero) * qt.scale.astype(jnp.float32)[..., None, :]
+    return w.reshape(*lead, n_in, n_out).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A model's params
+
+
+def matrices(cfg: ModelConfig, embeddings: bool = False) -> dict[str, Matrix]:
+    """{name: Matrix} of the weights compression touches (module doc): the blocks' matmul weights, and the
+    embedding / untied LM head with ``embeddings``."""
+    out = {
+        name: Matrix(("blocks", "attn", name), 2 if name == "wo" else 1, False)
+        for name in ("wq", "wk", "wv", "wo")
+    }
+    mlp = transformer.param_shapes(cfg)["blocks"]["mlp"]  # a gated MLP's w_gate included
+    out.update(
+        {
+            name: Matrix(("blocks", "mlp", name), 1, False)
+            for name in ("w_in", "w_gate", "w_out")
+            if name in mlp
+        }
+    )
+    if embeddings:
+        out["embed"] = Matrix(("embed",), 1, True)
+        if cfg.head == "lm" and not cfg.tie_embeddings:
+            out["lm_head"] = Matrix(("lm_head",), 1, False)
+    return out
+
+
+def get(params: Params, path: tuple[str, ...]) -> jax.Array:
+    for k in path:
+        params = params[k]
+    return params
+
+
+def replace(params: Params, path: tuple[str, ...], value: Any) -> Params:
+    """A copy of the (nested dict) params with ``path`` set to ``value``; the other leaves are shared."""
+    if len(path) == 1:
+        return {**params, path[0]: value}
+    return {**params, path[0]: replace(params[path[0]], path[1:], value)}
+
+
+def as_matrix(w: jax.Array, m: Matrix) -> jax.Array:
+    """A weight as [(layers,) I, O]."""
+    if m.transposed:
+        return w.T
+    lead = 1 if m.path[0] == "blocks" else 0
+    n_in = math.prod(w.shape[lead : lead + m.n_in])
+    return w.reshape(*w.shape[:lead], n_in, -1)
+
+
+def from_matrix(w_IO: jax.Array, m: Matrix, shape: tuple[int, ...]) -> jax.Array:
+    """The inverse of ``as_matrix``: back to the weight's own ``shape``."""
+    return w_IO.T if m.transposed else w_IO.reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "group_size", "symmetric", "embeddings"))
+def quantize_params(
+    cfg: ModelConfig,
+    params: Params,
+    method: str,
+    *,
+    group_size: int = 64,
+    symmetric: bool = True,
+    embeddings: bool = False,
+) -> dict[str, Int8 | Int4]:
+    """{name: quantised matrix} for ``matrices(cfg, embeddings)``; ``method`` 'int8' or 'int4'."""
+    if method not in ("int8", "int4"):
+        raise ValueError(f"quantize_params: method={method!r}; use 'int8' or 'int4'")
+    out = {}
+    for name, m in matrices(cfg, embeddings).items():
+        w_IO = as_matrix(get(params, m.path), m)
+        out[name] = quantize_int8(w_IO) if method == "int8" else quantize_int4(w_IO, group_size, symmetric)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def dequantize_params(cfg: ModelConfig, params: Params, quantized: dict[str, Int8 | Int4]) -> Params:
+    """``params`` with each quantised matrix replaced by its dequantised value, in that weight's dtype."""
+    embeddings = "embed" in quantized
+    for name, m in matrices(cfg, embeddings).items():
+        w = get(params, m.path)
+        params = replace(params, m.path, from_matrix(dequantize(quantized[name], w.dtype), m, w.shape))
+    return params
+
+
+def quant_bytes(tree: Any) -> int:
+    """Bytes of every array in ``tree`` (a params tree, a quantised one, or a mix)."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def to_arrays(quantized: dict[str, Int8 | Int4]) -> dict[str, Any]:
+    """{'<name>.<field>': array}: a quantised tree as flat named arrays (what ``np.savez`` stores)."""
+    return {
+        f"{name}.{field}": value
+        for name, qt in quantized.items()
+        for field, value in qt._asdict().items()
+        if value is not None
+    }
+
+
+def from_arrays(arrays: dict[str, Any]) -> dict[str, Int8 | Int4]:
+    """The inverse of ``to_arrays``."""
+    out: dict[str, Int8 | Int4] = {}
+    for name in sorted({k.rsplit(".", 1)[0] for k in arrays}):
+        if f"{name}.q" in arrays:
+            out[name] = Int8(arrays[f"{name}.q"], arrays[f"{name}.scale"])
+        else:
+            out[name] = Int4(arrays[f"{name}.packed"], arrays[f"{name}.scale"], arrays.get(f"{name}.zero"))
+    return out
