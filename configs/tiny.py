@@ -10,7 +10,7 @@
     python scripts/train.py --config configs/tiny.py:stage=ppo,sft=runs/tiny/sft,rm=runs/tiny/rm \
         --workdir runs/tiny/ppo       # PPO-ptx: --config.ptx.ratio=1 --config.loss.ptx_coef=0.1
     python scripts/train.py --config configs/tiny.py:stage=grpo,sft=runs/tiny/sft,rm=runs/tiny/rm \
-        --workdir runs/tiny/grpo      # and stage=rloo, gspo: no critic, 4 responses per prompt;
+        --workdir runs/tiny/grpo      # and stage=rloo, gspo, dapo, dr_grpo: no critic, 4 answers per prompt;
                                       # stage=reinforce_pp: no critic, 1 response per prompt
     python scripts/train.py --config configs/tiny.py:stage=bon,sft=runs/tiny/sft,rm=runs/tiny/rm \
         --workdir runs/tiny/bon       # rejection sampling: SFT on the RM's best of 8 samples
@@ -45,8 +45,9 @@ from gptjax import data
 from gptjax.model import ModelConfig
 from gptjax.train import defaults, stages
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "gspo", "reinforce_pp", "bon")
-RL_STAGES = ("ppo", "grpo", "rloo", "gspo", "reinforce_pp")
+RL_STAGES = ("ppo", "grpo", "rloo", "gspo", "reinforce_pp", "dapo", "dr_grpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "kto", *RL_STAGES, "bon")
+GROUP_STAGES = ("grpo", "rloo", "gspo", "dapo", "dr_grpo")  # 4 responses per prompt
 
 
 def tiny_model(head: str = "lm") -> ModelConfig:
@@ -103,9 +104,11 @@ def ppo_config(sft: str, rm: str, stage: str = "ppo"):
     ptx_coef sweep in docs/results.md: it keeps the reward and pays back the loss on held-out text that PPO
     costs; InstructGPT's 27.8 makes the policy write pretraining documents).
 
-    ``stage`` 'grpo' / 'rloo' / 'gspo': the same policy, optimizer, rollout size and steps without the
-    critic; a rollout is 16 prompts x 4 responses (``rollout.samples_per_prompt``), each response's advantage
-    its standing in its group. 'reinforce_pp': no critic and no group, 64 prompts x 1 response."""
+    ``stage`` 'grpo' / 'rloo' / 'gspo' / 'dapo' / 'dr_grpo': the same policy, optimizer, rollout size and
+    steps without the critic; a rollout is 16 prompts x 4 responses (``rollout.samples_per_prompt``), each
+    response's advantage its standing in its group ('dapo', 'dr_grpo': their papers' losses, no KL term;
+    Dr. GRPO's constant length normaliser is the generation budget). 'reinforce_pp': no critic and no group,
+    64 prompts x 1 response."""
     c = defaults.base_config(stage)
     c.data = data.tiny_config("prompts")
     policy_optim = c.optim.copy_and_resolve_references()
@@ -128,8 +131,10 @@ def ppo_config(sft: str, rm: str, stage: str = "ppo"):
         kl_coef=0.1,
         gold="gptjax.data.tiny:gold_reward",
     )
-    if stage in ("grpo", "rloo", "gspo"):
+    if stage in GROUP_STAGES:
         c.rollout.samples_per_prompt = 4
+    if stage == "dr_grpo":
+        c.loss.length_norm = float(c.rollout.max_new_tokens)  # the paper's constant: the generation budget
     if stage == "grpo":
         # 0.5, not the paper's 0.04: group-standardised advantages are ~1 whatever the RM's spread, and at
         # 0.04 the policy drifts ~6 nats into what this small RM misjudges (held-out gold 0.51 -> 0.28)

@@ -19,7 +19,7 @@ from ml_collections import FrozenConfigDict
 from gptjax import checkpoint, losses, train
 from gptjax.losses import gspo, kto, logprobs, ppo, reinforce_pp
 from gptjax.rl import rollout
-from gptjax.train import defaults, stages
+from gptjax.train import build, defaults, stages
 from gptjax.train import step as step_lib
 
 tiny_cfg = rl_model_cfg
@@ -43,6 +43,8 @@ def test_every_stage_names_an_objective_that_declares_its_options_and_needs():
         "rloo": (("ref", "reward"), False, 2, "reward"),
         "gspo": (("ref", "reward"), False, 2, "none"),
         "reinforce_pp": (("ref", "reward"), False, 1, "reward"),
+        "dapo": (("ref", "reward"), False, 2, "loss"),  # a KL loss term, off by default (kl_coef 0)
+        "dr_grpo": (("ref", "reward"), False, 2, "loss"),
         "dpo": (("ref",), False, 1, "none"),
         "kto": (("ref",), False, 1, "none"),
     }
@@ -334,6 +336,27 @@ def test_the_rollout_takes_group_size_and_kl_placement_from_the_objective():
         rollout.check_config(rl_config("gspo", samples_per_prompt=4, kl_target=6.0), cfgs, 8)
     assert rollout.roles_needed(rl_config("gspo")) == ("policy", "ref", "reward")
     assert rollout.reward_kl(rl_config("reinforce_pp")) and not rollout.reward_kl(rl_config("gspo"))
+
+
+def test_dapo_and_dr_grpo_run_like_grpo_from_their_table_lines():
+    """Their tiny configs: GRPO's rollouts (4 answers per prompt, no critic, no KL in the reward) with the
+    papers' loss options; the rollout and the builder's bounds accept them."""
+    lm, scalar = tiny_cfg(), tiny_cfg("scalar")
+    cfgs = {"policy": lm, "ref": lm, "reward": scalar}
+    grpo = rl_config("grpo")
+    for stage in ("dapo", "dr_grpo"):
+        c = rl_config(stage)
+        assert stages.of_config(c).loss == stage and set(c.roles) == {"policy"}
+        assert c.rollout.to_dict() == grpo.rollout.to_dict() and c.train.to_dict() == grpo.train.to_dict()
+        assert dict(c.loss) == {
+            "name": stage,
+            **losses.objective(stage).options,
+            **({"length_norm": 16.0} if stage == "dr_grpo" else {}),  # tiny.py's max_new_tokens
+        }
+        rollout.check_config(c, cfgs, 8)
+        assert not rollout.reward_kl(c) and not build.bound_problems(c.loss, "loss", build.LOSS_BOUNDS)
+        with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+            rollout.check_config(rl_config(stage, samples_per_prompt=1), cfgs, 8)
 
 
 @pytest.mark.parametrize("stage", ["gspo", "reinforce_pp", "kto"])

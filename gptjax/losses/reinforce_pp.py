@@ -5,9 +5,13 @@ per-token penalty in the reward and the baseline is the whole rollout batch.
     G_t = sum_{s >= t} r_s                                              (gamma 1)
     A_t = (G_t - mean(G)) / std(G)        mean and std over every response token of the rollout batch
 
-The loss is PPO's clipped surrogate on A_t (``grpo.clipped_objective`` without its KL term), summed over
-response tokens and divided by the FULL batch's response tokens (``denominators``), so micro-batches add up
-exactly. One response per prompt is enough (``rollout.samples_per_prompt`` >= 1).
+The loss is PPO's clipped surrogate on A_t (``grpo.clipped_objective`` without its KL term; times the
+rollout's ``is_weight_BL`` where it has one), summed over response tokens and divided by the FULL batch's
+response tokens (``denominators``), so micro-batches add up exactly; ``aggregation`` chooses another of
+``ppo.py``'s. One response per prompt is enough (``rollout.samples_per_prompt`` >= 1).
+
+Options (``OBJECTIVE``): clip, aggregation, length_norm; ``clip_low`` / ``clip_high`` where config.loss has
+them (else both = clip).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def token_advantages(scored: ScoredRollout, opts) -> jax.Array:
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     del rng
-    return clipped_objective(params, batch, ctx, OBJECTIVE.options_of(ctx.loss_cfg).clip, kl_coef=0.0)
+    return clipped_objective(params, batch, ctx, OBJECTIVE.options_of(ctx.loss_cfg), kl_coef=0.0)
 
 
 OBJECTIVE = Objective(
@@ -45,5 +49,5 @@ OBJECTIVE = Objective(
     kl="reward",
     denominators=ppo.denominators,
     advantages=token_advantages,
-    options={"clip": 0.2},
+    options={"clip": 0.2, "aggregation": "token_mean", "length_norm": 0.0},
 )

@@ -8,11 +8,13 @@ the whole sequence, and its baseline the mean reward of the other k - 1 response
     A_i = r_i - mean_{j != i} r_j                                                   (beta: rollout.kl_coef)
 
 The same A_i sits on every response token, and the loss is PPO's clipped surrogate (its gradient at ratio 1,
-a minibatch's first visit, is REINFORCE's), summed over response tokens and divided by the FULL batch's
-response tokens (``denominators``), so micro-batches add up exactly.
+a minibatch's first visit, is REINFORCE's; times the rollout's ``is_weight_BL`` where it has one), summed over
+response tokens and divided by the FULL batch's response tokens (``denominators``), so micro-batches add up
+exactly; ``aggregation`` chooses another of ``ppo.py``'s (per response: seq_mean_token_mean, ...).
 
-Options (``OBJECTIVE``): clip. Metrics as GRPO's (``kl_ref``: the k3 KL to the reference, logged only:
-RLOO's KL is in the reward).
+Options (``OBJECTIVE``): clip, aggregation, length_norm; ``clip_low`` / ``clip_high`` where config.loss has
+them (else both = clip). Metrics as GRPO's (``kl_ref``: the k3 KL to the reference, logged only: RLOO's KL is
+in the reward).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def token_advantages(scored: ScoredRollout, opts) -> jax.Array:
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
     del rng
-    return clipped_objective(params, batch, ctx, OBJECTIVE.options_of(ctx.loss_cfg).clip, kl_coef=0.0)
+    return clipped_objective(params, batch, ctx, OBJECTIVE.options_of(ctx.loss_cfg), kl_coef=0.0)
 
 
 denominators = ppo.denominators  # the module's name for it (the objective declares it)
@@ -56,5 +58,5 @@ OBJECTIVE = Objective(
     kl="reward",
     denominators=ppo.denominators,
     advantages=token_advantages,
-    options={"clip": 0.2},
+    options={"clip": 0.2, "aggregation": "token_mean", "length_norm": 0.0},
 )

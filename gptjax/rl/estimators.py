@@ -89,10 +89,10 @@ def score(
     chunk_rows: int = 0,
 ) -> dict[str, jax.Array]:
     """The roles' per-token outputs: policy and reference log-probs, values (when ``cfgs`` has a 'value'
-    role), reward-model outputs (fp32) and the response mask. ``chunk_rows`` (0: all at once) runs the
-    forward passes that many rows at a time, so only one chunk's logits are ever in memory; chunk k takes
-    rows k, k + n, k + 2n, ... (n chunks), so every chunk keeps the batch's split over data-parallel
-    devices."""
+    role), reward-model outputs (fp32, when it has a 'reward' role) and the response mask. ``chunk_rows``
+    (0: all at once) runs the forward passes that many rows at a time, so only one chunk's logits are ever in
+    memory; chunk k takes rows k, k + n, k + 2n, ... (n chunks), so every chunk keeps the batch's split over
+    data-parallel devices."""
 
     def rows(tokens, prompt_lengths, lengths):
         logp, mask = logprobs.response_logprobs(
@@ -101,12 +101,9 @@ def score(
         ref_logp, _ = logprobs.response_logprobs(
             cfgs["ref"], params["ref"], tokens, prompt_lengths, lengths, temperature=temperature
         )
-        out = {
-            "logp": logp,
-            "mask": mask,
-            "ref_logp": ref_logp,
-            "rm": model.apply(cfgs["reward"], params["reward"], tokens).astype(jnp.float32),
-        }
+        out = {"logp": logp, "mask": mask, "ref_logp": ref_logp}
+        if "reward" in cfgs:  # no reward model when every reward term is a function (rollout.rm_weight=0)
+            out["rm"] = model.apply(cfgs["reward"], params["reward"], tokens).astype(jnp.float32)
         if "value" in cfgs:
             out["values"] = model.apply(cfgs["value"], params["value"], tokens).astype(jnp.float32)
         return out
@@ -135,14 +132,19 @@ def experience(
     opts: Any,
     advantages_fn: Callable | None = None,
     loss_opts: Any = None,
+    extra_score_B: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """One rollout batch's experience: old log-probs and values, reference log-probs, scores, rewards, GAE.
 
     ``params`` / ``cfgs`` hold the roles 'policy', 'value', 'ref' and 'reward'; ``lengths_B`` counts all real
     tokens (prompt + response); ``opts`` is the rollout section (kl_kind, gamma, lam, whiten_advantages,
-    reward_at, reward_norm, reward_clip, missing_eos_penalty, samples_per_prompt; score_rows: ``score``'s
-    chunk_rows). Old log-probs are recomputed with a full forward pass (the numbers the loss compares
-    against), at the sampling temperature.
+    reward_at, reward_norm, reward_clip, missing_eos_penalty, samples_per_prompt, rm_weight; score_rows:
+    ``score``'s chunk_rows). Old log-probs are recomputed with a full forward pass (the numbers the loss
+    compares against), at the sampling temperature.
+
+    The raw score is ``rm_weight`` x the reward model's score (when there is a 'reward' role) plus
+    ``extra_score_B``, the rollout's function terms already weighted and summed on the host
+    (``gptjax.rl.reward_terms``); the missing-EOS penalty, normalisation and clipping apply to the sum.
 
     With ``advantages_fn`` (a critic-free objective's ``advantages``, called with ``loss_opts``) there is no
     'value' role: the advantages are ``advantages_fn(ScoredRollout(score_B, kl_BL, mask_BL, kl_coef,
@@ -150,11 +152,20 @@ def experience(
     and the experience carries ``ref_logp_BL`` instead of values and returns.
     """
     out = score(params, cfgs, tokens_BL, prompt_lengths_B, lengths_B, temperature, opts.get("score_rows", 0))
-    logp_BL, mask_BL, ref_logp_BL, rm_BL = out["logp"], out["mask"], out["ref_logp"], out["rm"]
-    if opts.reward_at == "mean":  # a reward model trained on its mean over the response (loss.reward_at)
-        raw_score_B = jnp.sum(jnp.where(mask_BL, rm_BL, 0.0), 1) / jnp.maximum(jnp.sum(mask_BL, 1), 1)
-    else:
-        raw_score_B = last_token_scores(rm_BL, lengths_B)
+    logp_BL, mask_BL, ref_logp_BL = out["logp"], out["mask"], out["ref_logp"]
+    stats = {}
+    raw_score_B = jnp.zeros(tokens_BL.shape[:1], jnp.float32)
+    if "rm" in out:
+        rm_BL = out["rm"]
+        if opts.reward_at == "mean":  # a reward model trained on its mean over the response (loss.reward_at)
+            rm_B = jnp.sum(jnp.where(mask_BL, rm_BL, 0.0), 1) / jnp.maximum(jnp.sum(mask_BL, 1), 1)
+        else:
+            rm_B = last_token_scores(rm_BL, lengths_B)
+        stats["rm_score_B"] = rm_B
+        rm_weight = opts.get("rm_weight", 1.0)
+        raw_score_B = rm_B if rm_weight == 1.0 else rm_weight * rm_B
+    if extra_score_B is not None:
+        raw_score_B = raw_score_B + extra_score_B.astype(jnp.float32)
     score_B = raw_score_B - jnp.where(ended_B, 0.0, opts.missing_eos_penalty)
     if opts.reward_norm:  # over the rollout batch
         mean, var = masked_mean_var(score_B, jnp.ones_like(score_B))
@@ -170,6 +181,7 @@ def experience(
         "lengths_B": lengths_B,
         "old_logp_BL": logp_BL,
         "stats": {  # per row
+            **stats,
             "score_B": raw_score_B,
             "shaped_score_B": score_B,
             "kl_B": jnp.sum(k1_BL, axis=1),  # the k1 KL: an unbiased estimate

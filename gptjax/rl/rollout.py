@@ -36,6 +36,7 @@ from ml_collections import FrozenConfigDict
 
 from gptjax import data, model, rl
 from gptjax.model import sample, sharding
+from gptjax.rl import reward_terms
 from gptjax.rl.rollout_config import (  # noqa: F401 (rollout.check_config etc.: the settings)
     ROLES,
     advantages_kwargs,
@@ -52,7 +53,18 @@ from gptjax.rl.rollout_config import (  # noqa: F401 (rollout.check_config etc.:
 
 @functools.partial(jax.jit, static_argnames=("cfgs", "opts", "advantages_fn", "loss_opts"))
 def _experience(
-    params, tokens_BL, prompt_lengths_B, lengths_B, ended_B, kl_coef, temperature, *, cfgs, opts, **group
+    params,
+    tokens_BL,
+    prompt_lengths_B,
+    lengths_B,
+    ended_B,
+    kl_coef,
+    temperature,
+    extra_score_B=None,
+    *,
+    cfgs,
+    opts,
+    **group,
 ):
     """rl.experience, compiled once per (roles' configs, rollout options, group advantages) a process."""
     return rl.experience(
@@ -65,6 +77,7 @@ def _experience(
         kl_coef,
         temperature,
         opts,
+        extra_score_B=extra_score_B,
         **group,
     )
 
@@ -111,7 +124,10 @@ class RolloutSource:
         # A critic-free objective's advantages replace GAE (static for jit: a function and its options).
         self.group = advantages_kwargs(config)
         self.reward_kl = reward_kl(config)
-        self.frozen = {"ref": ctx.frozen["ref"], "reward": ctx.frozen["reward"]}
+        self.frozen = {name: ctx.frozen[name] for name in ("ref", "reward") if name in self.cfgs}
+        self.terms = reward_terms.function_terms(
+            config
+        )  # the reward's function terms (rm: in the experience)
         self.vocab = data.get_vocabulary(config.data)
         per_host = r.batch_size // jax.process_count() // r.samples_per_prompt  # prompts; rows are responses
         seed = config.train.seed
@@ -207,12 +223,15 @@ class RolloutSource:
         moved = jax.block_until_ready(jax.device_put(cast, self.rollout_shardings))
         return moved, time.perf_counter() - start
 
-    def _generate(self, policy_params, prompts: dict) -> sample.Generation:
+    def _generate(self, policy_params, prompts: dict, call: int = 0) -> sample.Generation:
         """The rollout's samples, ``rollout.generate_rows`` prompts (per process: that / process count) per
-        generate call; call i samples with key fold_in(rollout key, i) (one call: the rollout key)."""
+        generate call; call i samples with key fold_in(rollout key, i) (one call: the rollout key). ``call``
+        > 0: dynamic sampling's extra generation number ``call`` (its own key)."""
         r = self.config.rollout
         put = lambda x: jax.device_put(x, NamedSharding(self.rollout_mesh, sharding.batch_spec(x.ndim)))
         rng = jax.random.fold_in(self.rng, self.iteration)
+        if call:
+            rng = jax.random.fold_in(jax.random.fold_in(rng, 1 << 20), call)
         rng = jax.device_put(rng, sharding.replicated(self.rollout_mesh))
         rows = len(prompts["prompt_BP"])
         chunk = r.generate_rows // jax.process_count() if r.generate_rows else rows
@@ -238,16 +257,104 @@ class RolloutSource:
         joined = {k: np.concatenate([getattr(o, k) for o in outs]) for k in sample.Generation._fields[:-1]}
         return sample.Generation(**joined, steps=max(int(o.steps) for o in outs))
 
+    def _texts(self, prompts: dict, gen) -> tuple[list[str], list[str], dict[str, list]]:
+        """The rows' prompt strings, decoded responses and prompt records' other fields (lists by field)."""
+        texts = self.prompts.prompt_text(prompts["prompt_ids_B"])
+        responses = [
+            self.vocab.decode(toks[:n]) for toks, n in zip(gen.tokens_BT, gen.lengths_B, strict=True)
+        ]
+        fields_of = getattr(self.prompts, "prompt_fields", None)
+        fields = fields_of(prompts["prompt_ids_B"]) if fields_of is not None else {}
+        return texts, responses, dict(fields)
+
+    def _function_scores(self, prompts: dict, gen) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """{term: [B] values} of the function terms and DAPO's overlong term; {term: seconds}."""
+        r = self.config.rollout
+        values, seconds = {}, {}
+        if self.terms:
+            texts, responses, fields = self._texts(prompts, gen)
+            values, seconds = reward_terms.score_functions(
+                self.terms, texts, responses, fields, float(r.reward_fn_timeout_s)
+            )
+        if r.overlong_buffer:
+            values["overlong"] = reward_terms.overlong_penalty(
+                gen.lengths_B, gen.ended_B, r.max_new_tokens, r.overlong_buffer
+            )
+        return values, seconds
+
+    def _extra_score(self, values: dict[str, np.ndarray], n: int) -> np.ndarray:
+        r = self.config.rollout
+        total = reward_terms.weighted_sum(self.terms, values, n)
+        if "overlong" in values:
+            total = total + np.float32(r.overlong_weight) * values["overlong"].astype(np.float32)
+        return total
+
+    def _sample(self, policy) -> tuple[dict, sample.Generation, dict, dict, dict]:
+        """One rollout's prompts (each in samples_per_prompt adjacent rows: a group), responses, function
+        scores, their timings and the dynamic-sampling counts.
+
+        With ``rollout.dynamic_sampling`` (DAPO), groups whose scores all tie teach a group objective nothing:
+        they are dropped and replaced by groups of new prompts (up to ``max_extra_generations`` more generate
+        calls, the same number on every process); what is still missing is filled with dropped groups."""
+        r = self.config.rollout
+        G = r.samples_per_prompt
+        prompts = {k: np.repeat(v, G, axis=0) for k, v in next(self.prompts).items()}
+        gen = self._generate(policy, prompts)
+        values, seconds = self._function_scores(prompts, gen)
+        counts = {}
+        if not r.dynamic_sampling:
+            return prompts, gen, values, seconds, counts
+        parts = [(prompts, gen, values)]
+        rows = len(prompts["prompt_BP"])
+
+        def tied(values) -> np.ndarray:  # [groups] bool
+            total = self._extra_score(values, len(next(iter(values.values()))))
+            g = total.reshape(-1, G)
+            return np.all(g == g[:, :1], axis=1)
+
+        informative = int(np.sum(~tied(values)))
+        extra = 0
+        while extra < r.max_extra_generations and _any_process(informative < rows // G):
+            extra += 1
+            more = {k: np.repeat(v, G, axis=0) for k, v in next(self.prompts).items()}
+            more_gen = self._generate(policy, more, call=extra)
+            more_values, more_seconds = self._function_scores(more, more_gen)
+            seconds = {k: seconds.get(k, 0.0) + v for k, v in more_seconds.items()}
+            parts.append((more, more_gen, more_values))
+            informative += int(np.sum(~tied(more_values)))
+        # the informative groups in the order generated, then (if short) the first tied groups
+        keep, fill = [], []
+        for i, (_, _, vals) in enumerate(parts):
+            for g, t in enumerate(tied(vals)):
+                (fill if t else keep).append((i, g))
+        chosen = (keep + fill)[: rows // G]
+        counts = {
+            "dynamic_sampling/tied_groups": float(int(np.sum(tied(values)))),
+            "dynamic_sampling/extra_generations": float(extra),
+            "dynamic_sampling/tied_groups_kept": float(sum(1 for c in chosen if c in fill)),
+        }
+
+        def take(getter):
+            return np.concatenate([getter(parts[i])[g * G : (g + 1) * G] for i, g in chosen])
+
+        prompts = {k: take(lambda p, k=k: p[0][k]) for k in prompts}
+        fields = sample.Generation._fields[:-1]
+        gen = sample.Generation(
+            **{k: take(lambda p, k=k: getattr(p[1], k)) for k in fields},
+            steps=max(int(p[1].steps) for p in parts),
+        )
+        values = {k: take(lambda p, k=k: p[2][k]) for k in values}
+        return prompts, gen, values, seconds, counts
+
     def _rollout(self, train_state) -> None:
         r = self.config.rollout
         start = time.perf_counter()
         train_time = start - self._last_end if self._last_end is not None else 0.0
-        # each prompt in samples_per_prompt adjacent rows: a group (its prompt_ids too, for the gold reward)
-        prompts = {k: np.repeat(v, r.samples_per_prompt, axis=0) for k, v in next(self.prompts).items()}
         policy, reshard_s = self._policy_for_rollout(train_state.params["policy"])
-        gen = self._generate(policy, prompts)
+        prompts, gen, values, fn_seconds, sampling_counts = self._sample(policy)
         del policy
         generated = time.perf_counter()
+        extra_score_B = self._extra_score(values, len(gen.lengths_B)) if values else None
 
         tokens_BL, _ = sample.concat_prompt_response(
             prompts["prompt_BP"], prompts["prompt_lengths_B"], gen.tokens_BT, gen.lengths_B, self.vocab.pad_id
@@ -259,6 +366,7 @@ class RolloutSource:
                 "prompt_lengths_B": prompts["prompt_lengths_B"].astype(np.int32),
                 "lengths_B": lengths_B.astype(np.int32),
                 "ended_B": gen.ended_B,
+                **({"extra_score_B": extra_score_B} if extra_score_B is not None else {}),
             },
             self.mesh,
         )
@@ -272,6 +380,7 @@ class RolloutSource:
             batch["ended_B"],
             jnp.float32(self.kl_coef),
             jnp.float32(r.temperature),
+            batch.get("extra_score_B"),
             cfgs=tuple(sorted(self.cfgs.items())),
             opts=self.opts,
             **self.group,
@@ -279,13 +388,21 @@ class RolloutSource:
         rows = {k: host_local(v) for k, v in exp.pop("stats").items()}
         scalars = {k: float(v) for k, v in jax.device_get(exp.pop("diagnostics")).items()}
         self.buffer = {k: host_local(v) for k, v in exp.items()}
+        agreement, is_weight_BL = sampler_agreement(
+            self.buffer["old_logp_BL"], gen.logprobs_BT, prompts["prompt_lengths_B"], gen.lengths_B, r.tis_cap
+        )
+        if is_weight_BL is not None:
+            self.buffer["is_weight_BL"] = is_weight_BL
         scored = time.perf_counter()
 
         self.metrics = self._metrics(prompts, gen, rows, scalars)
+        self.metrics.update({f"reward/{name}": float(np.mean(v)) for name, v in values.items()})
+        self.metrics.update({f"time/reward/{name}": s for name, s in fn_seconds.items()})
+        self.metrics.update({**agreement, **sampling_counts})
         self.metrics.update(
             {
                 "iteration": float(self.iteration + 1),
-                "time/generate": generated - start - reshard_s,
+                "time/generate": generated - start - reshard_s - sum(fn_seconds.values()),
                 "time/reshard": reshard_s,
                 "time/score": scored - generated,
                 "time/train": train_time,
@@ -304,6 +421,7 @@ class RolloutSource:
 
     def _metrics(self, prompts, gen, rows, scalars) -> dict[str, float]:
         out = {
+            **({"reward/rm": float(np.mean(rows["rm_score_B"]))} if "rm_score_B" in rows else {}),
             "reward": float(np.mean(rows["score_B"])),
             "reward_std": float(np.std(rows["score_B"])),
             "shaped_reward": float(np.mean(rows["shaped_score_B"])),
@@ -330,3 +448,45 @@ class RolloutSource:
             f" gold {out['gold_reward']:.3f}" if "gold_reward" in out else "",
         )
         return out
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (every process takes the same branch: generation is
+    collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def sampler_agreement(
+    trainer_logp_BL: np.ndarray,
+    sampler_logp_BT: np.ndarray,
+    prompt_lengths_B: np.ndarray,
+    gen_lengths_B: np.ndarray,
+    tis_cap: float = 0.0,
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """How far the sampler's log-probs of the sampled tokens (from generation) are from the trainer's (the
+    experience pass), over every sampled token: mean and max |log pi_sampler - log pi_trainer|; and, with
+    ``tis_cap`` > 0, truncated importance-sampling weights min(pi_trainer / pi_sampler, tis_cap) per token
+    [B, L] (1 off the sampled tokens). Response token t of row b sits at column prompt_length + t of the
+    trainer's row (the layout of ``gptjax.rl.experience``)."""
+    B, T = sampler_logp_BT.shape
+    cols_BT = np.asarray(prompt_lengths_B)[:, None] + np.arange(T)[None, :]
+    mask_BT = np.arange(T)[None, :] < np.asarray(gen_lengths_B)[:, None]
+    cols_BT = np.minimum(cols_BT, trainer_logp_BL.shape[1] - 1)
+    trainer_BT = np.take_along_axis(np.asarray(trainer_logp_BL, np.float64), cols_BT, axis=1)
+    diff_BT = trainer_BT - np.asarray(sampler_logp_BT, np.float64)
+    absdiff = np.abs(diff_BT[mask_BT])
+    metrics = {
+        "sampler_logp_diff_mean": float(absdiff.mean()) if absdiff.size else 0.0,
+        "sampler_logp_diff_max": float(absdiff.max()) if absdiff.size else 0.0,
+    }
+    if not tis_cap:
+        return metrics, None
+    w_BT = np.where(mask_BT, np.minimum(np.exp(diff_BT), tis_cap), 1.0)
+    w_BL = np.ones(trainer_logp_BL.shape, np.float32)
+    rows_BT = np.broadcast_to(np.arange(B)[:, None], (B, T))
+    w_BL[rows_BT[mask_BT], cols_BT[mask_BT]] = w_BT[mask_BT]
+    metrics["tis_weight_mean"] = float(w_BT[mask_BT].mean()) if mask_BT.any() else 1.0
+    metrics["tis_clipped_frac"] = float((np.exp(diff_BT[mask_BT]) > tis_cap).mean()) if mask_BT.any() else 0.0
+    return metrics, w_BL

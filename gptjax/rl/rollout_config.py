@@ -14,7 +14,7 @@ import math
 import jax
 
 from gptjax import losses, model, rl
-from gptjax.rl import reward
+from gptjax.rl import reward, reward_terms
 
 ROLES = ("policy", "value", "ref", "reward")  # PPO's; a group objective has no 'value'
 
@@ -46,7 +46,12 @@ def reward_kl(config) -> bool:
 
 
 def roles_needed(config) -> tuple[str, ...]:
-    return ROLES if objective(config).critic else tuple(r for r in ROLES if r != "value")
+    """The roles a rollout scores with: no 'value' without a critic, no 'reward' when every reward term is a
+    function (``rollout.rm_weight=0``)."""
+    skip = set() if objective(config).critic else {"value"}
+    if not reward_terms.rm_weight(config):
+        skip.add("reward")
+    return tuple(r for r in ROLES if r not in skip)
 
 
 def load_gold(spec: str):
@@ -74,6 +79,8 @@ BOUNDS = (
     ("missing_eos_penalty", lambda v: v >= 0, "must be >= 0 (it is subtracted from the score)"),
     ("score_rows", lambda v: v >= 0, "must be >= 0 (0: sized automatically)"),
     ("generate_rows", lambda v: v >= 0, "must be >= 0 (0: all rows at once)"),
+    ("max_extra_generations", lambda v: v >= 0, "must be >= 0"),
+    ("tis_cap", lambda v: v >= 0, "must be >= 0 (0: no truncated importance sampling)"),
 )
 
 
@@ -85,8 +92,21 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
         for key, ok, need in BOUNDS
         if key in r and not (math.isfinite(r[key]) and ok(r[key]))
     ]
+    problems += reward_terms.check_config(config)
     obj = objective(config)
     n, per_host = r.samples_per_prompt, r.batch_size // jax.process_count()
+    if r.get("tis_cap") and obj is losses.objective("gspo"):
+        problems.append(
+            "rollout.tis_cap: GSPO's ratio is per sequence; per-token importance weights do not apply (set 0)"
+        )
+    if r.get("dynamic_sampling"):
+        if n < 2:
+            problems.append("rollout.dynamic_sampling drops groups of equal rewards: samples_per_prompt >= 2")
+        if reward_terms.rm_weight(config):
+            problems.append(
+                "rollout.dynamic_sampling needs every reward term scored before the experience pass: a "
+                "reward model is not (set rollout.rm_weight=0 and use reward functions)"
+            )
     if n < 1 or per_host % n:
         problems.append(
             f"rollout.samples_per_prompt={n} must be >= 1 and divide the responses per host "
@@ -165,6 +185,8 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
 def reward_at(config) -> str:
     """How the reward model turns per-token outputs into a score: the rollout's setting, else the one the
     reward model was trained with (its checkpoint's loss.reward_at), else 'last'."""
+    if not reward_terms.rm_weight(config):
+        return config.rollout.reward_at or "last"  # no reward model
     return config.rollout.reward_at or reward.trained_reward_at(config.frozen.reward.init_from)
 
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from gptjax import data, losses, model
+from gptjax.losses import kl as losses_kl
+from gptjax.losses import ppo as losses_ppo
 from gptjax.model import sharding
 from gptjax.rl import rollout_config
 from gptjax.train import guard, sources, stages
@@ -137,7 +139,10 @@ LOSS_BOUNDS = (
     ("desirable_weight", *_at_least(0)),
     ("undesirable_weight", *_at_least(0)),
     ("center_coef", *_at_least(0)),
+    ("length_norm", *_at_least(0)),  # 0: the row length
 )
+# Loss options that name one of a fixed set
+LOSS_CHOICES = (("aggregation", losses_ppo.AGGREGATIONS), ("kl_estimator", losses_kl.KL_LOSS_ESTIMATORS))
 
 
 def bound_problems(section: Any, where: str, table: tuple) -> list[str]:
@@ -171,6 +176,12 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
     else:
         problems += bound_problems(config.get("optim"), "optim", OPTIM_BOUNDS)
     problems += bound_problems(config.get("loss"), "loss", LOSS_BOUNDS)
+    loss_section = config.get("loss") or {}
+    problems += [
+        f"loss.{key}={loss_section[key]!r}: use one of {choices}"
+        for key, choices in LOSS_CHOICES
+        if key in loss_section and loss_section[key] not in choices
+    ]
     if stages.of_config(config).source == "rollout" and "rollout" in config:
         problems += bound_problems(config.rollout, "rollout", rollout_config.BOUNDS)
     if t.micro_batches >= 1 and t.batch_size % (t.micro_batches * dp):

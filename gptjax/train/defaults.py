@@ -125,6 +125,24 @@ def rollout_section() -> ConfigDict:
             "generate_rows": 0,  # rows (responses) per generate call, dividing batch_size (KV cache); 0: all
             "mesh": ConfigDict({}),  # the rollout layout, e.g. {data: 1, fsdp: 1, tensor: -1}; {}: training's
             "gold": "",  # 'module:function' gold reward logged per rollout (the tiny task's: built in)
+            # The reward: a weighted sum of terms (gptjax.rl.reward_terms). The frozen reward model's weight
+            # (0: none loaded); 'module:function' terms fn(prompts, responses, **fields) -> [float] and their
+            # weight; named terms {name: {fn, weight, <option>: value}}; a deadline per function call.
+            "rm_weight": 1.0,
+            "reward_fn": "",
+            "reward_fn_weight": 1.0,
+            "reward_terms": ConfigDict({}),
+            "reward_fn_timeout_s": 300.0,
+            # DAPO: overlong shaping (a soft penalty over the last overlong_buffer tokens; 0: off) and dynamic
+            # sampling (groups whose rewards all tie are dropped and replaced by new prompts' groups, at most
+            # max_extra_generations extra generate calls a rollout; then the tied groups fill the gap).
+            "overlong_buffer": 0,
+            "overlong_weight": 1.0,
+            "dynamic_sampling": False,
+            "max_extra_generations": 4,
+            # > 0: truncated importance sampling: each sampled token's loss weighted by
+            # min(pi_trainer / pi_sampler, tis_cap), for a sampler whose log-probs differ from the trainer's
+            "tis_cap": 0.0,
         }
     )
 

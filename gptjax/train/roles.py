@@ -123,7 +123,8 @@ def load_frozen(config: ConfigDict, stage: Stage, roles: list[Role], mesh) -> tu
     """({name: params}, ((name, ModelConfig), ...)) of the stage's frozen roles, sharded on ``mesh``.
 
     A frozen role with an empty ``init_from`` starts where the trained model did (DPO's ``ref`` is the SFT
-    model the policy starts from).
+    model the policy starts from). A role the run does without (``stage.unused``: an RL run's reward model
+    when ``rollout.rm_weight=0``) is not loaded.
     """
     section = config.get("frozen") or {}
     missing = [name for name in stage.frozen if name not in section]
@@ -131,6 +132,8 @@ def load_frozen(config: ConfigDict, stage: Stage, roles: list[Role], mesh) -> tu
         raise ValueError(f"stage {config.stage!r} needs frozen role(s) {missing}: add config.frozen.<name>")
     params, cfgs = {}, []
     for name, spec in section.items():
+        if name in stage.unused:
+            continue
         path, role, ema = spec.init_from, spec.role, spec.ema
         if not path and not keyed(roles):  # where the trained model starts: its role and EMA choice too
             path, role, ema = roles[0].init_from, role or roles[0].init_role, ema or roles[0].init_ema

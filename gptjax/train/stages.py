@@ -25,6 +25,9 @@ class Stage:
     # 'module:function' run before anything is built: f(config, workdir) -> config, e.g. rejection
     # sampling's demonstrations written to the workdir and named as the stage's data
     prepare: str = ""
+    # frozen roles this run does without, e.g. the reward model of an RL run whose reward is all functions
+    # (rollout.rm_weight=0): never loaded
+    unused: tuple[str, ...] = ()
 
     @property
     def objective(self) -> losses.Objective:
@@ -40,8 +43,8 @@ class Stage:
 
     @property
     def frozen(self) -> tuple[str, ...]:
-        """The frozen roles the objective reads from ctx.frozen."""
-        return self.objective.frozen
+        """The frozen roles the objective reads from ctx.frozen (less those the run does without)."""
+        return tuple(name for name in self.objective.frozen if name not in self.unused)
 
 
 STAGES: dict[str, Stage] = {
@@ -55,6 +58,8 @@ STAGES: dict[str, Stage] = {
     "ppo": Stage(loss="ppo", source="rollout"),
     # Critic-free objectives on the same rollouts: their advantages come from the objective
     "grpo": Stage(loss="grpo", source="rollout"),
+    "dr_grpo": Stage(loss="dr_grpo", source="rollout"),
+    "dapo": Stage(loss="dapo", source="rollout"),
     "rloo": Stage(loss="rloo", source="rollout"),
     "gspo": Stage(loss="gspo", source="rollout"),
     "reinforce_pp": Stage(loss="reinforce_pp", source="rollout"),
@@ -69,8 +74,11 @@ def get(name: str) -> Stage:
 
 def of_config(config) -> Stage:
     """``config.stage``'s stage with ``config.loss.name`` as its objective (a loss other than the stage's
-    default brings its own data format and frozen roles)."""
+    default brings its own data format and frozen roles; an RL run with ``rollout.rm_weight=0`` loads no
+    reward model)."""
     stage = get(config.stage)
+    if stage.source == "rollout" and config.get("rollout") and not config.rollout.get("rm_weight", 1.0):
+        stage = dataclasses.replace(stage, unused=("reward",))  # every reward term is a function
     name = config.loss.name
     if name == stage.loss:
         return stage
