@@ -2,7 +2,9 @@
 
     out_BHD = decode_attention(q_BHD, k_cache_BKDS, v_cache_BKSD, lengths_B)
 
-Keys [0, lengths_B[b]) of row b are valid. Decoding is bound by reading the cache, so the kernel is built
+Keys [0, lengths_B[b]) of row b are valid, or [starts_B[b], lengths_B[b]) with ``starts_B`` (a sliding
+window: the blocks before a row's start are never read). ``softcap`` c > 0 caps the scaled scores at
+c * tanh(s / c) (Gemma 2). Decoding is bound by reading the cache, so the kernel is built
 for bandwidth: one program per (row, kv head, split) reads each cache block once for all G = H // K query
 heads of that kv head (grouped-query attention without repeating K/V), and the cache is split along its
 length (split-K) so that short batches still fill the GPU; the partial softmax results (unnormalised
@@ -31,9 +33,12 @@ def decode_attention_reference(
     lengths_B: jax.Array,
     softmax_scale: float | None = None,
     precision: lax.Precision | None = lax.Precision.HIGHEST,
+    *,
+    starts_B: jax.Array | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Plain-jnp decode attention in fp32; output in q's dtype. Row b's query heads attend to slots
-    [0, lengths_B[b]) of their kv head; a row with no slot outputs zeros.
+    [0 or starts_B[b], lengths_B[b]) of their kv head; a row with no slot outputs zeros.
 
     Two batched products over (row, kv head), q [G, D] @ keys [D, S] and p [G, S] @ values [S, D], reading
     the caches in place. The kernel's oracle (HIGHEST precision) and, with ``precision=None``, the 'xla'
@@ -45,7 +50,11 @@ def decode_attention_reference(
     f32 = jnp.float32
     q_BKGD = (q_BHD.astype(f32) * scale).reshape(B, K, H // K, D)  # scaling q: B*H*D products, not B*H*S
     s_BKGS = jnp.einsum("bkgd,bkds->bkgs", q_BKGD, k_cache_BKDS.astype(f32), precision=precision)
+    if softcap:
+        s_BKGS = softcap * jnp.tanh(s_BKGS / softcap)
     valid_BS = jnp.arange(S)[None, :] < lengths_B[:, None]
+    if starts_B is not None:
+        valid_BS = valid_BS & (jnp.arange(S)[None, :] >= starts_B[:, None])
     s_BKGS = jnp.where(valid_BS[:, None, None, :], s_BKGS, -jnp.inf)
     m = jnp.max(s_BKGS, axis=-1, keepdims=True)
     p = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m), m, 0.0))
@@ -63,23 +72,30 @@ class _Static:
     block_k: int
     blocks_per_split: int
     scale2: float
+    softcap: float = 0.0  # > 0: scores capped at c * tanh(s / c) (natural-log units)
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, c: _Static):
+def _decode_kernel(len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, c: _Static):
     bk = c.block_k
     split = pl.program_id(2)
-    length = len_ref[0]
+    length, begin = len_ref[0], start_ref[0]
     n_blocks = lax.div(length + (bk - 1), bk)
-    first = split * c.blocks_per_split
-    last = jnp.minimum(first + c.blocks_per_split, n_blocks)
+    first = jnp.maximum(split * c.blocks_per_split, lax.div(begin, bk))  # blocks before the window: skipped
+    last = jnp.minimum(split * c.blocks_per_split + c.blocks_per_split, n_blocks)
     q = q_ref[...]  # [Gp, Dp]
 
     def step(j, carry):
         acc, m, denom = carry
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[:, pl.ds(start, bk)]  # [Dp, bk]
-        s = _compat.dot_nn(q, k) * c.scale2  # [Gp, bk]
-        valid = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < length
+        s = _compat.dot_nn(q, k)  # [Gp, bk]
+        if c.softcap:
+            log2e = 1.4426950408889634
+            s = c.softcap * log2e * jnp.tanh(s * (c.scale2 / log2e / c.softcap))
+        else:
+            s = s * c.scale2
+        slot = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        valid = (slot < length) & (slot >= begin)
         s = jnp.where(valid, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -118,13 +134,16 @@ def decode_attention(
     lengths_B: jax.Array,
     interpret: bool = False,
     *,
+    starts_B: jax.Array | None = None,
+    softcap: float = 0.0,
     softmax_scale: float | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> jax.Array:
-    """Attention of one query per row over cache keys [0, lengths_B[b]); returns [B, H, D] in q's dtype."""
+    """Attention of one query per row over cache keys [0 or starts_B[b], lengths_B[b]); returns [B, H, D]
+    in q's dtype."""
     k_shape = k_cache_BKDS.shape
     kv_match = len(k_shape) == 4 and v_cache_BKSD.shape == (*k_shape[:2], k_shape[3], k_shape[2])
     if q_BHD.ndim != 3 or not kv_match:
@@ -166,8 +185,15 @@ def decode_attention(
     q = q_BHD.reshape(B, K, G, D)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, Dp - D)))
     lengths = jnp.clip(lengths_B.astype(jnp.int32), 0, S)
+    starts = jnp.zeros_like(lengths) if starts_B is None else jnp.clip(starts_B.astype(jnp.int32), 0, S)
     c = _Static(
-        Sp=Sp, Gp=Gp, Dp=Dp, block_k=bk, blocks_per_split=per_split, scale2=scale * 1.4426950408889634
+        Sp=Sp,
+        Gp=Gp,
+        Dp=Dp,
+        block_k=bk,
+        blocks_per_split=per_split,
+        scale2=scale * 1.4426950408889634,
+        softcap=float(softcap),
     )
     part = jax.ShapeDtypeStruct((B, K, num_splits, Gp), jnp.float32)
     row_spec = pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))
@@ -175,6 +201,7 @@ def decode_attention(
         functools.partial(_decode_kernel, c=c),
         grid=(B, K, num_splits),
         in_specs=[
+            pl.BlockSpec((1,), lambda b, h, s: (b,)),
             pl.BlockSpec((1,), lambda b, h, s: (b,)),
             pl.BlockSpec((None, None, Gp, Dp), lambda b, h, s: (b, h, 0, 0)),
             pl.BlockSpec((None, None, Dp, Sp), lambda b, h, s: (b, h, 0, 0)),
@@ -189,7 +216,7 @@ def decode_attention(
         compiler_params=_compat.compiler_params(interp, num_warps, num_stages),
         interpret=interp,
         name="decode_attention",
-    )(lengths, q, k, v)
+    )(lengths, starts, q, k, v)
     # Merge the splits (base-2 log-sum-exp); splits past a row's length hold m = -inf, l = 0.
     m_max = jnp.max(m_parts, axis=2, keepdims=True)
     m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)

@@ -5,7 +5,10 @@
 Conventions (shared with ``gptjax.attention``): H % K == 0 and query head h reads kv head h // (H // K);
 causal masking is bottom-right aligned (query i sees key j <= i + S - L); segment ids are ints with 0 (or
 any id <= 0) meaning padding, which attends to nothing and is never attended to; a query row with no
-visible key outputs zeros and gets zero gradients. Any L, S and head dim (multiple of 16 up to 256 is the
+visible key outputs zeros and gets zero gradients. A sliding ``window`` W (an int, or a traced int32)
+keeps only the keys less than W behind each query's slot (query i sees i + S - L - W < j <= i + S - L):
+whole blocks outside it are skipped like the causal ones. ``softcap`` c > 0 caps the scaled scores at
+c * tanh(s / c) (Gemma 2). Any L, S and head dim (multiple of 16 up to 256 is the
 tuned range) work: the wrapper pads to block multiples and a power-of-two head dim itself.
 
 Backends: GPU lowers through Pallas' Triton backend (compiler params passed explicitly); TPU uses jax's
@@ -70,14 +73,19 @@ def flash_attention_reference(
     softmax_scale: float | None = None,
     kv_segment_ids_BS: jax.Array | None = None,
     precision=jax.lax.Precision.HIGHEST,
+    window: int | jax.Array | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Plain-jnp attention with the same semantics (materialises the [B, H, L, S] scores)."""
     B, L, H, D = q_BLHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     mask_BLS = jnp.ones((1, L, S), bool)
+    behind_LS = jnp.arange(L)[:, None] + (S - L) - jnp.arange(S)[None, :]
     if causal:
-        mask_BLS = (jnp.arange(L)[:, None] + (S - L) >= jnp.arange(S)[None, :])[None]
+        mask_BLS = (behind_LS >= 0)[None]
+    if window is not None:
+        mask_BLS = mask_BLS & (behind_LS < window)[None]
     if segment_ids_BL is not None:
         kv_seg = segment_ids_BL if kv_segment_ids_BS is None else kv_segment_ids_BS
         same_BLS = segment_ids_BL[:, :, None] == kv_seg[:, None, :]
@@ -89,6 +97,8 @@ def flash_attention_reference(
         )
         * scale
     )
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
     s = jnp.where(mask_BLS[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
@@ -117,11 +127,13 @@ def block_ranges(
     offset: int,
     row_seg=None,
     col_seg=None,
+    window=None,
 ) -> jax.Array:
     """Per row block, the column blocks to visit as int32 (lo, a, b, hi), flattened to [Bs * nr * 4].
 
-    Blocks outside [lo, hi) hold no visible pair (causal or segment ranges disjoint); blocks in [a, b)
-    are visible for every pair, so they need no mask. Segment ids here are internal (padding < 0).
+    Blocks outside [lo, hi) hold no visible pair (causal, behind the sliding ``window``, or segment ranges
+    disjoint); blocks in [a, b) are visible for every pair, so they need no mask. Segment ids here are
+    internal (padding < 0).
     """
     i = jnp.arange(nr)[:, None]
     j = jnp.arange(nc)[None, :]
@@ -136,6 +148,13 @@ def block_ranges(
         else:
             vis = vis & (c1 + offset >= r0)
             full = full & (c0 + offset >= r0 + br - 1)
+    if window is not None:  # query q sees key k when q + offset - k < window
+        if rows_are_q:
+            vis = vis & (r0 + offset - c1 < window)
+            full = full & (r0 + br - 1 + offset - c0 < window)
+        else:
+            vis = vis & (c0 + offset - r1 < window)
+            full = full & (c0 + bc - 1 + offset - r0 < window)
     vis, full = vis[None], (full & vis)[None]
     if row_seg is not None:
         rmin, rmax, runi = _block_minmax(row_seg, nr, br)
@@ -186,6 +205,8 @@ def flash_attention(
     *,
     kv_segment_ids_BS: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
+    window: int | jax.Array | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Fused attention [B, L, H, D] x [B, S, K, D] -> [B, L, H, D] (q dtype), differentiable in q, k, v."""
     if q_BLHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
@@ -224,7 +245,15 @@ def flash_attention(
         from gptjax.kernels import flash_tpu
 
         return flash_tpu.splash_attention(
-            q_BLHD, k_BSKD, v_BSKD, causal, segment_ids_BL, kv_segment_ids_BS, scale
+            q_BLHD,
+            k_BSKD,
+            v_BSKD,
+            causal,
+            segment_ids_BL,
+            kv_segment_ids_BS,
+            scale,
+            window=window,
+            softcap=softcap,
         )
     interp = _compat.use_interpret(interpret)
     Dp = max(16, _compat.next_pow2(D))
@@ -260,6 +289,8 @@ def flash_attention(
         num_stages=bs.num_stages,
         interpret=interp,
         fused_dq=bool(bs.fused_dq),
+        has_window=window is not None,
+        softcap=float(softcap),
     )
     q = _pad_axis(_pad_axis(q_BLHD, 3, Dp), 1, Lp)
     k = _pad_axis(_pad_axis(k_BSKD, 3, Dp), 1, Sp)
@@ -271,12 +302,13 @@ def flash_attention(
         k_seg = _pad_axis(
             jnp.where(kv_segment_ids_BS > 0, kv_segment_ids_BS, -2).astype(jnp.int32), 1, Sp, -2
         )
-    ranges = _all_ranges(c, q_seg, k_seg)
-    out = _flash(c, q, k, v, q_seg, k_seg, *ranges)
+    win = None if window is None else jnp.reshape(jnp.asarray(window, jnp.int32), (1,))
+    ranges = _all_ranges(c, q_seg, k_seg, win)
+    out = _flash(c, q, k, v, q_seg, k_seg, win, *ranges)
     return out[:, :L, :, :D]
 
 
-def _all_ranges(c: fk.Static, q_seg, k_seg):
+def _all_ranges(c: fk.Static, q_seg, k_seg, window=None):
     """Visible block ranges of the forward and dq grids (rows: q blocks) and the dk/dv grid (rows: kv)."""
 
     def q_rows(bq: int, bk: int):
@@ -292,6 +324,7 @@ def _all_ranges(c: fk.Static, q_seg, k_seg):
             col_seg=k_seg,
             causal=c.causal,
             offset=c.offset,
+            window=None if window is None else window[0],
         )
 
     dkdv = block_ranges(
@@ -306,14 +339,15 @@ def _all_ranges(c: fk.Static, q_seg, k_seg):
         col_seg=q_seg,
         causal=c.causal,
         offset=c.offset,
+        window=None if window is None else window[0],
     )
     r_dq = jnp.zeros((0,), jnp.int32) if c.fused_dq else q_rows(c.block_q_dq, c.block_k_dq)
     return q_rows(c.block_q, c.block_k), r_dq, dkdv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(c, q, k, v, q_seg, k_seg, r_fwd, r_dq, r_dkdv):
-    return fk.forward(c, q, k, v, q_seg, k_seg, r_fwd)[0]
+def _flash(c, q, k, v, q_seg, k_seg, window, r_fwd, r_dq, r_dkdv):
+    return fk.forward(c, q, k, v, q_seg, k_seg, r_fwd, window)[0]
 
 
 def save_forward_kernel(prim, *_, **params) -> bool:
@@ -326,22 +360,22 @@ def save_forward_kernel(prim, *_, **params) -> bool:
     return str(getattr(info, "name", info)).split(" ")[0] == "flash_attention_fwd"
 
 
-def _flash_fwd(c, q, k, v, q_seg, k_seg, r_fwd, r_dq, r_dkdv):
-    o, lse = fk.forward(c, q, k, v, q_seg, k_seg, r_fwd)
-    return o, (q, k, v, q_seg, k_seg, r_dq, r_dkdv, o, lse)
+def _flash_fwd(c, q, k, v, q_seg, k_seg, window, r_fwd, r_dq, r_dkdv):
+    o, lse = fk.forward(c, q, k, v, q_seg, k_seg, r_fwd, window)
+    return o, (q, k, v, q_seg, k_seg, window, r_dq, r_dkdv, o, lse)
 
 
 def _flash_bwd(c, res, do):
-    q, k, v, q_seg, k_seg, r_dq, r_dkdv, o, lse = res
+    q, k, v, q_seg, k_seg, window, r_dq, r_dkdv, o, lse = res
     do = do.astype(q.dtype)
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     if c.fused_dq:
-        dk, dv, dq = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv)
+        dk, dv, dq = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv, window)
         dq = (dq * c.scale).astype(q.dtype)
     else:
-        dq = fk.backward_dq(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dq)
-        dk, dv = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv)
-    return dq, dk, dv, None, None, None, None, None
+        dq = fk.backward_dq(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dq, window)
+        dk, dv = fk.backward_dkdv(c, q, k, v, do, lse, delta, q_seg, k_seg, r_dkdv, window)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -4,9 +4,12 @@ Inputs arrive padded by ``flash_attention``: q/do [B, Lp, H, Dp], k/v [B, Sp, K,
 every block size and Dp a power of two. Softmax runs in base 2 (log2(e) is folded into the scale), the
 log-sum-exp ``lse`` is saved per query row in base 2. Each program walks its kv (or q) blocks in three
 loops, [lo, a) masked, [a, b) unmasked, [b, hi) masked, with (lo, a, b, hi) computed per row block by
-``flash_attention.block_ranges``: blocks outside [lo, hi) are never touched (causal and segment skipping),
-blocks in [a, b) need no mask. Masked scores are -inf; a row with no visible key keeps max = -inf, which
-is read as 0 so nothing becomes NaN, and its lse is +inf so the backward pass gives it zero weight.
+``flash_attention.block_ranges``: blocks outside [lo, hi) are never touched (causal, sliding-window and
+segment skipping), blocks in [a, b) need no mask. A sliding window arrives as a one-element int32 input
+(it may be traced: scanned layers that mix local and global attention share one kernel); a soft-cap
+(scores c * tanh(s / c), Gemma 2) is static, and the backward kernels apply its derivative 1 - tanh^2.
+Masked scores are -inf; a row with no visible key keeps max = -inf, which is read as 0 so nothing becomes
+NaN, and its lse is +inf so the backward pass gives it zero weight.
 
 With ``fused_dq`` the backward pass is one kernel: the dk/dv kernel also adds each tile's dS^T K into an
 fp32 dq buffer with atomic adds, so P and dP are computed once (five matmuls per tile, not seven), at the
@@ -56,6 +59,8 @@ class Static:
     num_stages: int
     interpret: bool
     fused_dq: bool = False
+    has_window: bool = False  # a sliding window (its size is the kernels' last input before dq's buffer)
+    softcap: float = 0.0  # > 0: scaled scores capped at softcap * tanh(s / softcap)
 
     @property
     def G(self) -> int:
@@ -71,7 +76,23 @@ class Static:
         return self.scale * 1.4426950408889634  # log2(e)
 
 
-def _mask(c: Static, q_idx, k_idx, q_seg, k_seg):
+LOG2E = 1.4426950408889634
+
+
+def _scores(c: Static, qk):
+    """(base-2 scores of a q . k tile, tanh of the capped scores or None without a soft-cap)."""
+    if not c.softcap:
+        return qk * c.scale2, None
+    t = jnp.tanh(qk * (c.scale / c.softcap))
+    return t * (c.softcap * LOG2E), t
+
+
+def _uncap(ds, t):
+    """The score gradient through the soft-cap (d/ds c * tanh(s / c) = 1 - tanh^2)."""
+    return ds if t is None else ds * (1.0 - t * t)
+
+
+def _mask(c: Static, q_idx, k_idx, q_seg, k_seg, window=None):
     """Boolean mask broadcast from q_idx/k_idx (and segment ids) already shaped for the score tile."""
     mask = None
 
@@ -80,6 +101,8 @@ def _mask(c: Static, q_idx, k_idx, q_seg, k_seg):
 
     if c.causal:
         mask = add(q_idx + c.offset >= k_idx)
+    if c.has_window:
+        mask = add(q_idx + c.offset - k_idx < window)
     if c.Sp != c.S:
         mask = add(k_idx < c.S)
     if c.Lp != c.L:
@@ -110,11 +133,17 @@ def _row_index_map(c: Static, n_blocks: int):
 # Forward
 
 
+def _inputs(c: Static, refs, n_fixed: int):
+    """(the fixed leading refs, q / k segment refs or Nones, the window value or None, the other refs)."""
+    fixed, rest = refs[:n_fixed], refs[n_fixed:]
+    seg = rest[:2] if c.has_seg else (None, None)
+    rest = rest[2:] if c.has_seg else rest
+    window = rest[0][0] if c.has_window else None
+    return fixed, seg, window, rest[1:] if c.has_window else rest
+
+
 def _fwd_kernel(*refs, c: Static):
-    if c.has_seg:
-        ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
-    else:
-        ranges_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    (ranges_ref, q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), window, (o_ref, lse_ref) = _inputs(c, refs, 4)
     bq, bk = c.block_q, c.block_k
     i = _row_block(c, c.Lp // bq)
     q = q_ref[...]
@@ -125,11 +154,11 @@ def _fwd_kernel(*refs, c: Static):
         acc, m, denom = carry
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
-        s = _compat.dot_nt(q, k) * c.scale2
+        s, _ = _scores(c, _compat.dot_nt(q, k))
         if masked:
             k_idx = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
             k_seg = kseg_ref[pl.ds(start, bk)][None, :] if c.has_seg else None
-            s = jnp.where(_mask(c, q_idx, k_idx, q_seg, k_seg), s, -jnp.inf)
+            s = jnp.where(_mask(c, q_idx, k_idx, q_seg, k_seg, window), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_use)
@@ -151,7 +180,12 @@ def _fwd_kernel(*refs, c: Static):
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
 
 
-def forward(c: Static, q, k, v, q_seg, k_seg, ranges):
+def _window_spec():
+    """The sliding window's size: one int32 every program reads."""
+    return pl.BlockSpec((1,), lambda i, b, h: (0,))
+
+
+def forward(c: Static, q, k, v, q_seg, k_seg, ranges, window=None):
     """o [B, Lp, H, Dp] (q dtype), lse [B, H, Lp] fp32 (base 2)."""
     bq = c.block_q
     nq = c.Lp // bq
@@ -171,6 +205,9 @@ def forward(c: Static, q, k, v, q_seg, k_seg, ranges):
             pl.BlockSpec((None, c.Sp), lambda i, b, h: (b, 0)),
         ]
         args += [q_seg, k_seg]
+    if c.has_window:
+        in_specs.append(_window_spec())
+        args.append(window)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, c=c),
         grid=(nq, c.B, c.H),
@@ -194,10 +231,8 @@ def forward(c: Static, q, k, v, q_seg, k_seg, ranges):
 
 
 def _dq_kernel(*refs, c: Static):
-    if c.has_seg:
-        ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
-    else:
-        ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    fixed, (qseg_ref, kseg_ref), window, (dq_ref,) = _inputs(c, refs, 7)
+    ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
     bq, bk = c.block_q_dq, c.block_k_dq
     i = _row_block(c, c.Lp // bq)
     q = q_ref[...]
@@ -211,21 +246,21 @@ def _dq_kernel(*refs, c: Static):
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        s = _compat.dot_nt(q, k) * c.scale2
+        s, t = _scores(c, _compat.dot_nt(q, k))
         if masked:
             k_idx = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
             k_seg = kseg_ref[pl.ds(start, bk)][None, :] if c.has_seg else None
-            s = jnp.where(_mask(c, q_idx, k_idx, q_seg, k_seg), s, -jnp.inf)
+            s = jnp.where(_mask(c, q_idx, k_idx, q_seg, k_seg, window), s, -jnp.inf)
         p = jnp.exp2(s - lse)
         dp = _compat.dot_nt(do, v)
-        ds = p * (dp - delta)
+        ds = _uncap(p * (dp - delta), t)
         return dq + _compat.dot_nn(ds.astype(k.dtype), k)
 
     dq = _three_loops(ranges_ref, step, jnp.zeros((bq, c.Dp), jnp.float32))
     dq_ref[...] = (dq * c.scale).astype(dq_ref.dtype)
 
 
-def backward_dq(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
+def backward_dq(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges, window=None):
     bq = c.block_q_dq
     nq = c.Lp // bq
     row = _row_index_map(c, nq)
@@ -250,6 +285,9 @@ def backward_dq(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
             pl.BlockSpec((None, c.Sp), lambda i, b, h: (b, 0)),
         ]
         args += [q_seg, k_seg]
+    if c.has_window:
+        in_specs.append(_window_spec())
+        args.append(window)
     return pl.pallas_call(
         functools.partial(_dq_kernel, c=c),
         grid=(nq, c.B, c.H),
@@ -268,10 +306,9 @@ def backward_dq(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
 
 
 def _dkdv_kernel(*refs, c: Static):
-    n_in = 7 + 2 * c.has_seg + c.fused_dq
-    ins, outs = refs[:n_in], refs[n_in:]
-    ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins[:7]
-    qseg_ref, kseg_ref = ins[7:9] if c.has_seg else (None, None)
+    fixed, (qseg_ref, kseg_ref), window, rest = _inputs(c, refs, 7)
+    ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
+    outs = rest[1:] if c.fused_dq else rest  # the fused dq's zeros input is aliased to its output
     dk_ref, dv_ref = outs[:2]
     dq_ref = outs[2] if c.fused_dq else None
     bq, bk = c.block_q_dkv, c.block_k_dkv
@@ -289,15 +326,15 @@ def _dkdv_kernel(*refs, c: Static):
             do = do_ref[pl.ds(start, bq), g, :]
             lse = lse_ref[g, pl.ds(start, bq)][None, :]
             delta = delta_ref[g, pl.ds(start, bq)][None, :]
-            s_t = _compat.dot_nt(k, q) * c.scale2  # [bk, bq]: scores transposed
+            s_t, t_t = _scores(c, _compat.dot_nt(k, q))  # [bk, bq]: scores transposed
             if masked:
                 q_idx = start + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
                 q_seg = qseg_ref[pl.ds(start, bq)][None, :] if c.has_seg else None
-                s_t = jnp.where(_mask(c, q_idx, k_idx, q_seg, k_seg), s_t, -jnp.inf)
+                s_t = jnp.where(_mask(c, q_idx, k_idx, q_seg, k_seg, window), s_t, -jnp.inf)
             p_t = jnp.exp2(s_t - lse)
             dv = dv + _compat.dot_nn(p_t.astype(do.dtype), do)
             dp_t = _compat.dot_nt(v, do)
-            ds_t = (p_t * (dp_t - delta)).astype(q.dtype)
+            ds_t = _uncap(p_t * (dp_t - delta), t_t).astype(q.dtype)
             dk = dk + _compat.dot_nn(ds_t, q)
             if c.fused_dq:  # unscaled; the caller applies the softmax scale once
                 _compat.atomic_add(dq_ref, (pl.ds(start, bq), g, slice(None)), _compat.dot_tn(ds_t, k))
@@ -311,7 +348,7 @@ def _dkdv_kernel(*refs, c: Static):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward_dkdv(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
+def backward_dkdv(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges, window=None):
     """dk, dv [B, Sp, K, Dp] (k dtype); with c.fused_dq also dq [B, Lp, H, Dp] in fp32, not yet scaled."""
     bk = c.block_k_dkv
     nk = c.Sp // bk
@@ -336,6 +373,9 @@ def backward_dkdv(c: Static, q, k, v, do, lse, delta, q_seg, k_seg, ranges):
             pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
         ]
         args += [q_seg, k_seg]
+    if c.has_window:
+        in_specs.append(_window_spec())
+        args.append(window)
     out_specs = [kv_spec, kv_spec]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     aliases = {}

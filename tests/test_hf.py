@@ -236,8 +236,6 @@ REFUSED = [
     ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
-    ("mistral", {"sliding_window": 16}, "sliding_window"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
     ("llama", {"model_type": "bert"}, "model_type"),
 ]
 

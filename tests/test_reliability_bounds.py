@@ -60,6 +60,9 @@ BAD = [
     ),
     ("grpo", "loss.clip", -0.2, "loss.clip=-0.2: must be > 0"),
     ("grpo", "loss.kl_coef", -0.04, "loss.kl_coef=-0.04: must be >= 0"),
+    ("grpo", "loss.length_norm", -1.0, "loss.length_norm=-1.0: must be >= 0"),
+    ("grpo", "loss.aggregation", "tokens", "loss.aggregation='tokens': use one of ('token_mean'"),
+    ("grpo", "loss.kl_estimator", "k4", "loss.kl_estimator='k4': use one of ('k1'"),
 ]
 
 

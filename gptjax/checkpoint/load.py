@@ -1,6 +1,11 @@
 """Loading models out of checkpoints: a stage's ``init_from`` (a workdir, one role of it, its EMA, or a
 Hugging Face directory), frozen roles and the models chat / generate / evaluators sample from, each checked
 against the config that will use it (every differing parameter named). Saving and resuming are ``store.py``'s.
+
+A trained role's model config may come from the checkpoint it starts from (``resolve_model_config``, with
+``model.from_checkpoint=True``): its architecture is read from config.json or the workdir's meta, before any
+weight exists, and the command line's model keys are checked against it in one error
+(``explicit_mismatches``).
 """
 
 from __future__ import annotations
@@ -143,9 +148,92 @@ def load_params(
 
 
 def arch_differences(a: model.ModelConfig, b: model.ModelConfig) -> list[str]:
-    """'field: a vs b' for each architecture field that differs (rope fields only when rope is used)."""
-    fields = [f for f in model.ARCH_FIELDS if a.pos == "rope" or not f.startswith("rope")]
-    return [f"{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}" for f in fields if getattr(a, f) != getattr(b, f)]
+    """'field: a vs b' for each architecture field that differs (``model.arch_differences``: rope fields
+    only when rope is used, max_len only for learned positions)."""
+    return model.arch_differences(a, b)
+
+
+def checkpoint_model_config(path: str, role: str | None = None) -> model.ModelConfig:
+    """The model config a checkpoint holds, read without its weights: a Hugging Face directory's config.json
+    or a workdir's latest meta (one ``role`` of it)."""
+    if is_hf_dir(path):
+        return hf.config_from_hf(hf.read_config(path), os.path.join(path, "config.json"))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"init_from {path}: no such directory (a workdir or a Hugging Face directory)"
+        )
+    return model_config_from_meta(load_meta(path)[1], role)
+
+
+def _cli_key(where: str, field: str) -> str:
+    """The command-line flag of a model key: '--config.model.n_layers'."""
+    return f"--{where}.{field}"
+
+
+def resolve_model_config(
+    cfg: model.ModelConfig, init_from: str, init_role: str = "", *, where: str = "config.model"
+) -> model.ModelConfig:
+    """The model config a trained role runs with, settled before any weight exists.
+
+    ``cfg.from_checkpoint``: the architecture (``model.CHECKPOINT_FIELDS``) comes from ``init_from``'s
+    checkpoint (one ``init_role`` of a workdir), everything else (dtypes, head, remat, attention kernel,
+    LoRA, a rotary model's max_len: the run's context) from ``cfg``. Otherwise ``cfg`` is used as it is, and
+    refused when it cannot take the weights of an existing ``init_from``, every differing field named at
+    once. ``where``: the section's path, for the messages.
+    """
+    if not cfg.from_checkpoint:
+        # A checkpoint not there yet (a plan of a later stage) is the loader's to report, when it runs.
+        if init_from and os.path.isdir(init_from):
+            diff = arch_differences(checkpoint_model_config(init_from, init_role or None), cfg)
+            if diff:
+                raise ValueError(
+                    f"{where} does not describe the model in init_from {init_from} (checkpoint vs config): "
+                    + "; ".join(diff)
+                    + f". Add {_cli_key(where, 'from_checkpoint')}=True to take the architecture from the "
+                    "checkpoint, or set those keys to its values."
+                )
+        return cfg
+    if not init_from:
+        raise ValueError(
+            f"{where}.from_checkpoint=True but the role has no init_from: name the workdir or Hugging Face "
+            "directory its architecture and weights come from"
+        )
+    ckpt = checkpoint_model_config(init_from, init_role or None)
+    fields = [f for f in model.CHECKPOINT_FIELDS if not (f == "max_len" and ckpt.pos == "rope")]
+    out = cfg.replace(from_checkpoint=False, **{f: getattr(ckpt, f) for f in fields})
+    logging.info(
+        "%s: architecture from %s (%s, %d layers, d_model %d, vocab %d)",
+        where,
+        init_from,
+        out.family,
+        out.n_layers,
+        out.d_model,
+        out.vocab_size,
+    )
+    return out
+
+
+def explicit_mismatches(
+    values: dict, init_from: str, init_role: str = "", *, where: str = "config.model"
+) -> list[str]:
+    """'--<key>=value, but the checkpoint has X' for each model key in ``values`` (keys a user set by hand,
+    e.g. on the command line, with their values) that contradicts ``init_from``'s architecture: the keys a
+    ``from_checkpoint`` role would silently replace. Keys that name no architecture field, and those that
+    agree (also through defaults: n_kv_heads=None is n_heads), are fine."""
+    ckpt = checkpoint_model_config(init_from, init_role or None)
+    out = []
+    for key, value in values.items():
+        if key not in model.CHECKPOINT_FIELDS:
+            continue
+        try:
+            changed = arch_differences(
+                ckpt, ckpt.replace(**{key: tuple(value) if isinstance(value, list) else value})
+            )
+        except ValueError as e:  # no valid config with the checkpoint's other fields
+            changed = [str(e)]
+        if changed or (key == "family" and value != ckpt.family):
+            out.append(f"{_cli_key(where, key)}={value!r}, but the checkpoint has {getattr(ckpt, key)!r}")
+    return out
 
 
 def _load_hf_params(path, target, role, ema, allow_missing, allow_extra, cfg=None) -> Params:

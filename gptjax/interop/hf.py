@@ -1,6 +1,6 @@
 """Hugging Face checkpoints (config.json + safetensors) to and from our (ModelConfig, params).
 
-    cfg, params = load(path, mesh=None, dtype=None)     # GPT-2, OPT, LLaMA (Mistral, Qwen2) directories
+    cfg, params = load(path, mesh=None, dtype=None)     # GPT-2, OPT, LLaMA, Mistral, Qwen2 / 3, Gemma 2 / 3
     save(cfg, params, path, tokenizer=None)             # loadable by transformers' from_pretrained
     vocab = load_tokenizer(path)                        # gptjax.data.vocab.HuggingFaceVocabulary
 
@@ -8,10 +8,11 @@ An export with a tokenizer (an HF one's files, or the byte vocabulary's written 
 ``hf_tokenizer``) is complete: tokenizer files and chat template, bos / eos / pad ids in config.json and a
 generation_config.json, so transformers' AutoTokenizer, AutoModelForCausalLM and generate take it as it is.
 
-Each family module (``hf_gpt2``, ``hf_opt``, ``hf_llama``) gives the config translation and one table of
-``Entry`` rows: an HF tensor name (``{i}`` = layer index), the params it holds and the two conversions.
-Loading reads one tensor at a time and sends each device only its shard, so a checkpoint larger than one
-device still loads. Configs we cannot represent exactly are refused, naming the field.
+Each family module (``hf_gpt2``, ``hf_opt``, ``hf_llama``, ``hf_qwen3``, ``hf_gemma``) gives the config
+translation and one table of ``Entry`` rows: an HF tensor name (``{i}`` = layer index), the params it holds
+and the two conversions. Loading reads one tensor at a time and sends each device only its shard, so a
+checkpoint larger than one device still loads. Configs we cannot represent exactly are refused, naming the
+field.
 """
 
 from __future__ import annotations
@@ -50,11 +51,35 @@ def _family_module(name: str):
     return importlib.import_module(f"gptjax.interop.hf_{name}")
 
 
-MODEL_TYPES = {"gpt2": "gpt2", "opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+# HF model_type -> family module (hf_<name>.py)
+MODEL_TYPES = {
+    "gpt2": "gpt2",
+    "opt": "opt",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "qwen3",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+}
+# ModelConfig.family -> family module
+FAMILY_MODULES = {
+    "gpt2": "gpt2",
+    "opt": "opt",
+    "llama": "llama",
+    "qwen3": "qwen3",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+}
 
 
 def family_of(hf_cfg: dict, where: str) -> Any:
     model_type = hf_cfg.get("model_type")
+    if model_type == "gemma3":
+        raise UnsupportedConfig(
+            f"{where}: model_type='gemma3' is Gemma 3's multimodal model; load a text model "
+            "(Gemma3ForCausalLM, model_type 'gemma3_text')"
+        )
     if model_type not in MODEL_TYPES:
         raise UnsupportedConfig(
             f"{where}: model_type={model_type!r} is not supported; supported: {sorted(MODEL_TYPES)}"
@@ -71,9 +96,9 @@ def config_to_hf(cfg: model.ModelConfig) -> dict:
     """HF config dict for a ModelConfig; refuses configs the family's HF architecture cannot express."""
     if cfg.head != "lm":
         raise UnsupportedConfig(f"head={cfg.head!r}: only LM-head models export to Hugging Face causal LMs")
-    if cfg.family not in ("gpt2", "opt", "llama"):
-        raise UnsupportedConfig(f"family={cfg.family!r}: use 'gpt2', 'opt' or 'llama'")
-    hf_cfg = _family_module(cfg.family).config_to_hf(cfg)
+    if cfg.family not in FAMILY_MODULES:
+        raise UnsupportedConfig(f"family={cfg.family!r}: use one of {sorted(FAMILY_MODULES)}")
+    hf_cfg = _family_module(FAMILY_MODULES[cfg.family]).config_to_hf(cfg)
     back = config_from_hf(hf_cfg, f"config written for family={cfg.family!r}")
     diff = [f for f in ARCH_FIELDS if getattr(back, f) != getattr(cfg, f)]
     if diff:
@@ -310,7 +335,7 @@ def save(
         cfg, params = lora.merge(cfg, params)
     hf_cfg = config_to_hf(cfg)
     lora._check_structure(cfg, params, "hf.save")
-    fam = _family_module(cfg.family)
+    fam = _family_module(FAMILY_MODULES[cfg.family])
     flat = _flat(params)
     np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     hf_cfg["torch_dtype"] = str(np.dtype(np_dtype).name) if cfg.param_dtype != "bfloat16" else "bfloat16"

@@ -1,7 +1,10 @@
-"""LLaMA-family checkpoints (LlamaForCausalLM; Mistral and Qwen2 when their architecture is the same).
+"""LLaMA-family checkpoints (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
 
 HF's q/k/v projections are already in the rotate-half rotary layout that ``layers.rope`` uses, so the weights
-only change from torch Linear [out, in] to our [in, heads, head_dim]. Qwen2 is LLaMA with q/k/v biases.
+only change from torch Linear [out, in] to our [in, heads, head_dim]. Qwen2 is LLaMA with q/k/v biases and
+optional sliding-window layers (``use_sliding_window``: the layers from ``max_window_layers`` on, or its
+``layer_types``); Mistral is LLaMA with every layer windowed when its ``sliding_window`` is set. An export
+picks Qwen2 for q/k/v biases, Mistral for windows, LLaMA otherwise.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from gptjax.interop.hf_mapping import (
     reshaped,
     same,
     transposed,
+    windows,
+    windows_to_hf,
 )
 
 PREFIX = "model."
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 ROPE_KEYS = {  # HF rope parameter -> ModelConfig field
@@ -37,7 +42,7 @@ ROPE_TYPES = {
 }
 
 
-def _rope(hf: dict, where: str) -> dict:
+def _rope(hf: dict, where: str, default_theta: float = 10000.0) -> dict:
     """Rope fields of ModelConfig from ``rope_parameters`` (transformers 5) or rope_theta + rope_scaling."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
@@ -46,7 +51,7 @@ def _rope(hf: dict, where: str) -> dict:
         refuse(where, f"{key}.rope_type", kind, f"implemented rope types: {sorted(ROPE_TYPES)}")
     scaling, needed = ROPE_TYPES[kind]
     out = {
-        "rope_theta": float(params.pop("rope_theta", hf.get("rope_theta", 10000.0))),
+        "rope_theta": float(params.pop("rope_theta", hf.get("rope_theta", default_theta))),
         "rope_scaling": scaling,
     }
     for name in needed:
@@ -69,50 +74,64 @@ def _rope_to_hf(cfg: model.ModelConfig) -> dict:
     return params
 
 
-def config_from_hf(hf: dict, where: str) -> model.ModelConfig:
+def _llama_windows(hf: dict, where: str, n_layers: int) -> dict:
+    """Sliding-window fields: Qwen2's (and Qwen3's) windowed layers, Mistral's window on every layer."""
     model_type = hf["model_type"]
+    if model_type == "mistral":
+        return windows(where, hf.get("sliding_window"), ["sliding_attention"] * n_layers)
+    if model_type in ("qwen2", "qwen3"):
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        first = hf.get("max_window_layers", 28)
+        kinds = hf.get("layer_types") or [
+            "sliding_attention" if window and i >= first else "full_attention" for i in range(n_layers)
+        ]
+        return windows(where, window, kinds)
+    kinds = set(hf.get("layer_types") or ["full_attention"])
+    if kinds != {"full_attention"}:
+        refuse(where, "layer_types", sorted(kinds), "LLaMA has full attention in every layer")
+    return windows(where, None, [])
+
+
+def config_kwargs(hf: dict, where: str) -> dict:
+    """The ModelConfig fields every LLaMA-like family (LLaMA, Mistral, Qwen2, Qwen3) reads alike."""
     require(hf, where, "hidden_act", ("silu",), "silu", "only SwiGLU (silu-gated) MLPs are implemented")
     require(hf, where, "mlp_bias", (False,), False, "a bias on the gate projection, which our SwiGLU lacks")
-    max_len = field(hf, where, "max_position_embeddings")
-    if model_type == "qwen2":
-        require(hf, where, "use_sliding_window", (False,), False, "sliding-window attention")
-        qkv_bias, out_bias = True, False
-    else:
-        qkv_bias = out_bias = bool(hf.get("attention_bias", False))
-    window = hf.get("sliding_window")
-    if model_type == "mistral" and window is not None and window < max_len:
-        refuse(
-            where, "sliding_window", window, f"sliding-window attention shorter than the context ({max_len})"
-        )
-    layer_types = set(hf.get("layer_types") or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        refuse(where, "layer_types", sorted(layer_types), "only full attention in every layer")
     n_heads = field(hf, where, "num_attention_heads")
     d = field(hf, where, "hidden_size")
-    return model.ModelConfig.llama(
+    n_layers = field(hf, where, "num_hidden_layers")
+    return dict(
         vocab_size=field(hf, where, "vocab_size"),
         d_model=d,
-        n_layers=field(hf, where, "num_hidden_layers"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or d // n_heads,
         d_ff=field(hf, where, "intermediate_size"),
-        max_len=max_len,
+        max_len=field(hf, where, "max_position_embeddings"),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         **_rope(hf, where),
+        **_llama_windows(hf, where, n_layers),
         tie_embeddings=hf.get("tie_word_embeddings", False),
-        qkv_bias=qkv_bias,
-        out_bias=out_bias,
         mlp_bias=False,
         init_std=hf.get("initializer_range", 0.02),
     )
 
 
-def config_to_hf(cfg: model.ModelConfig) -> dict:
-    # q/k/v biases without an output bias is Qwen2; LLaMA's attention_bias covers all four projections.
-    model_type = "qwen2" if cfg.qkv_bias and not cfg.out_bias else "llama"
-    out = {
-        "architectures": [ARCHITECTURES[model_type]],
+def config_from_hf(hf: dict, where: str) -> model.ModelConfig:
+    model_type = hf["model_type"]
+    if model_type == "qwen2":
+        qkv_bias, out_bias = True, False
+    elif model_type == "mistral":
+        qkv_bias = out_bias = False  # MistralForCausalLM has no attention biases
+    else:
+        qkv_bias = out_bias = bool(hf.get("attention_bias", False))
+    return model.ModelConfig.llama(**config_kwargs(hf, where), qkv_bias=qkv_bias, out_bias=out_bias)
+
+
+def config_to_hf_common(cfg: model.ModelConfig, model_type: str, architecture: str) -> dict:
+    """The config.json entries every LLaMA-like family writes alike."""
+    return {
+        "architectures": [architecture],
         "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -133,10 +152,35 @@ def config_to_hf(cfg: model.ModelConfig) -> dict:
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
     }
+
+
+def qwen_windows_to_hf(cfg: model.ModelConfig) -> dict:
+    """Qwen2 / Qwen3's window settings: layer_types (transformers 5) and max_window_layers (4.x: the layers
+    from it on are windowed)."""
+    window, kinds = windows_to_hf(cfg)
+    first = next((i for i, k in enumerate(kinds) if k == "sliding_attention"), cfg.n_layers)
+    return {
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+        "max_window_layers": first,
+        "layer_types": kinds,
+    }
+
+
+def config_to_hf(cfg: model.ModelConfig) -> dict:
+    # q/k/v biases without an output bias is Qwen2; LLaMA's attention_bias covers all four projections;
+    # windows without biases are Mistral's.
+    if cfg.qkv_bias and not cfg.out_bias:
+        model_type = "qwen2"
+    else:
+        model_type = "mistral" if cfg.sliding_window and any(cfg.local_layers) else "llama"
+    out = config_to_hf_common(cfg, model_type, ARCHITECTURES[model_type])
     if model_type == "llama":
         out["attention_bias"] = cfg.qkv_bias
+    elif model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
     else:
-        out["use_sliding_window"] = False
+        out.update(qwen_windows_to_hf(cfg))
     return out
 
 

@@ -1,6 +1,7 @@
-"""The vocabulary the per-family mapping files (``hf_gpt2``, ``hf_opt``, ``hf_llama``) are written in: an
-``Entry`` per Hugging Face tensor with both conversions, the conversion helpers, and the refusals that name a
-config field gptjax cannot represent exactly (``UnsupportedConfig``).
+"""The vocabulary the per-family mapping files (``hf_gpt2``, ``hf_opt``, ``hf_llama``, ``hf_qwen3``,
+``hf_gemma``) are written in: an ``Entry`` per Hugging Face tensor with both conversions, the conversion
+helpers, the sliding-window translation they share, and the refusals that name a config field gptjax
+cannot represent exactly (``UnsupportedConfig``).
 """
 
 from __future__ import annotations
@@ -83,3 +84,25 @@ def field(hf_cfg: dict, where: str, name: str) -> Any:
     if hf_cfg.get(name) is None:
         raise ValueError(f"{where}: required field {name!r} is missing")
     return hf_cfg[name]
+
+
+# Hugging Face's per-layer attention kinds -> ModelConfig.layer_types
+HF_LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
+
+
+def windows(where: str, window: int | None, layer_types: list[str]) -> dict:
+    """ModelConfig's sliding_window and layer_types for HF's window (None = none) and per-layer kinds:
+    (0, ()) when no layer is windowed, () when every layer is."""
+    unknown = sorted(set(layer_types) - set(HF_LAYER_TYPES))
+    if unknown:
+        refuse(where, "layer_types", unknown, f"implemented layer types: {sorted(HF_LAYER_TYPES)}")
+    ours = tuple(HF_LAYER_TYPES[t] for t in layer_types)
+    if not window or "local" not in ours:
+        return {"sliding_window": 0, "layer_types": ()}
+    return {"sliding_window": int(window), "layer_types": () if set(ours) == {"local"} else ours}
+
+
+def windows_to_hf(cfg: Any) -> tuple[int | None, list[str]]:
+    """(HF sliding_window or None, HF layer_types) of a ModelConfig."""
+    kinds = ["sliding_attention" if local else "full_attention" for local in cfg.local_layers]
+    return (cfg.sliding_window or None), kinds

@@ -38,16 +38,21 @@ def _terms_of_logits(logits_BCV, targets_BC, temperature, scaled: bool, entropy:
     return out
 
 
-def _logits(f_BCD, w_DV):
+def _raw_logits(f_BCD, w_DV):
     return jnp.einsum("bcd,dv->bcv", f_BCD, w_DV, preferred_element_type=jnp.float32)
 
 
-def _chunked_forward(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy):
+def _cap(logits_BCV, softcap: float):
+    """The final soft-cap c * tanh(logits / c) (Gemma 2); 0: none."""
+    return logits_BCV if not softcap else softcap * jnp.tanh(logits_BCV / softcap)
+
+
+def _chunked_forward(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy, softcap):
     """Terms and argmax hits of every chunk, [N, B, C] each; ``w_DV`` already in the features' dtype."""
 
     def chunk(_, xs):
         f_BCD, t_BC = xs
-        logits_BCV = _logits(f_BCD, w_DV)
+        logits_BCV = _cap(_raw_logits(f_BCD, w_DV), softcap)
         out = _terms_of_logits(logits_BCV, t_BC, temperature, scaled, entropy)
         out["hit"] = (jnp.argmax(logits_BCV, axis=-1) == t_BC).astype(jnp.float32)
         return None, out
@@ -55,18 +60,18 @@ def _chunked_forward(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy):
     return jax.lax.scan(chunk, None, (f_NBCD, t_NBC))[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked(f_NBCD, w_DV, t_NBC, temperature, scaled: bool, entropy: bool):
-    return _chunked_forward(f_NBCD, w_DV.astype(f_NBCD.dtype), t_NBC, temperature, scaled, entropy)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked(f_NBCD, w_DV, t_NBC, temperature, scaled: bool, entropy: bool, softcap: float):
+    return _chunked_forward(f_NBCD, w_DV.astype(f_NBCD.dtype), t_NBC, temperature, scaled, entropy, softcap)
 
 
-def _chunked_fwd(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy):
+def _chunked_fwd(f_NBCD, w_DV, t_NBC, temperature, scaled, entropy, softcap):
     w_c = w_DV.astype(f_NBCD.dtype)  # once, not per chunk
-    out = _chunked_forward(f_NBCD, w_c, t_NBC, temperature, scaled, entropy)
+    out = _chunked_forward(f_NBCD, w_c, t_NBC, temperature, scaled, entropy, softcap)
     return out, (f_NBCD, w_c, t_NBC, temperature, jnp.zeros((0,), w_DV.dtype))
 
 
-def _chunked_bwd(scaled, entropy, res, ct):
+def _chunked_bwd(scaled, entropy, softcap, res, ct):
     """Each chunk's logits recomputed; the logits' cotangent meets the matmuls in the features' dtype (bf16
     products on an accelerator, not fp32 ones), and the head's gradient is summed over chunks in fp32, then
     returned in w's dtype."""
@@ -74,8 +79,9 @@ def _chunked_bwd(scaled, entropy, res, ct):
 
     def chunk(dw_DV, xs):
         f_BCD, t_BC, ct_chunk = xs
-        logits_BCV = _logits(f_BCD, w_c)
-        _, vjp = jax.vjp(lambda lg: _terms_of_logits(lg, t_BC, temperature, scaled, entropy), logits_BCV)
+        raw_BCV = _raw_logits(f_BCD, w_c)
+        terms = lambda lg: _terms_of_logits(_cap(lg, softcap), t_BC, temperature, scaled, entropy)
+        _, vjp = jax.vjp(terms, raw_BCV)
         (g_BCV,) = vjp({k: ct_chunk[k] for k in ("logp", "entropy") if k in ct_chunk})
         g_BCV = g_BCV.astype(f_BCD.dtype)
         df_BCD = jnp.einsum("bcv,dv->bcd", g_BCV, w_c, preferred_element_type=jnp.float32)
@@ -98,10 +104,12 @@ def head_terms(
     temperature: float | jax.Array = 1.0,
     entropy: bool = False,
     budget_mb: float = 256.0,
+    softcap: float = 0.0,
 ) -> dict[str, jax.Array]:
     """{'logp': log p(target), 'hit': argmax == target (no gradient), 'entropy' if asked}, each [B, L] fp32.
 
-    The logits are ``features @ w / temperature`` in fp32 (the product in the features' dtype with fp32
+    The logits are ``features @ w`` (with ``softcap`` > 0: c * tanh(that / c), Gemma 2's final cap), over
+    ``temperature``, in fp32 (the product in the features' dtype with fp32
     accumulation); they are built ``chunk_len`` positions at a time (the sequence is zero-padded to a whole
     number of chunks and the padding dropped from the outputs). The backward pass (a custom VJP) recomputes
     each chunk's logits, casts their cotangent to the features' dtype for the two products (as mixed
@@ -116,7 +124,7 @@ def head_terms(
     t_NBC = jnp.pad(targets_BL, ((0, 0), (0, pad))).reshape(B, n, C).transpose(1, 0, 2)
     scaled = not (isinstance(temperature, (int, float)) and temperature == 1.0)  # may be traced
     temp = jnp.asarray(temperature, jnp.float32)
-    out_N = _chunked(f_NBCD, w_DV, t_NBC, temp, scaled, entropy)
+    out_N = _chunked(f_NBCD, w_DV, t_NBC, temp, scaled, entropy, float(softcap))
     out_N["hit"] = jax.lax.stop_gradient(out_N["hit"])
     return {k: v.transpose(1, 0, 2).reshape(B, n * C)[:, :L] for k, v in out_N.items()}
 
@@ -151,9 +159,10 @@ def model_head_terms(
     """``head_terms`` with the model's LM head and its config's chunk budget (``cfg.logits_chunk_mb``)."""
     return head_terms(
         features_BLD,
-        model.lm_head_weight(cfg, params),
+        model.lm_head_weight(cfg, params, capped=True),
         targets_BL,
         temperature=temperature,
         entropy=entropy,
         budget_mb=cfg.logits_chunk_mb,
+        softcap=cfg.final_softcap,
     )

@@ -1,6 +1,7 @@
 """The model room: config, layers, attention, the decoder, decoding and sharding.
 
-    cfg = gptjax.model.ModelConfig(...)                 # config.py (presets: .gpt2(), .llama(), .opt())
+    cfg = gptjax.model.ModelConfig(...)                 # config.py (presets: .gpt2(), .llama(), .opt(),
+                                                        #   .qwen3(), .gemma2(), .gemma3())
     params = gptjax.model.init(cfg, rng, mesh=None)     # transformer.py
     logits_BLV = gptjax.model.apply(cfg, params, tokens_BL)
 
@@ -10,10 +11,13 @@
 
 from gptjax.model.config import (  # noqa: F401
     ARCH_FIELDS,
+    CHECKPOINT_FIELDS,
+    FAMILIES,
     LORA_TARGETS,
     REMAT_POLICIES,
     UNSHAPED_FIELDS,
     ModelConfig,
+    arch_differences,
     config_from_dict,
     head_params,
     unknown_fields,
@@ -22,6 +26,7 @@ from gptjax.model.transformer import (  # noqa: F401
     GPT,
     Params,
     apply,
+    cap_logits,
     decode,
     flops_per_token,
     init,

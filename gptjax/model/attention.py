@@ -7,6 +7,10 @@ Conventions shared by every implementation (and by ``gptjax.kernels``):
 - segment ids (int, 0 = padding; any id <= 0 is padding) restrict attention to keys of the same segment;
   padding tokens attend to nothing and are attended by nothing; a query row with no visible key outputs
   zeros, never NaN.
+- a sliding ``window`` W (an int, or a traced int32 when scanned layers mix local and global attention;
+  None = no window) keeps the keys less than W behind each query's own slot: query i sees keys
+  i + (S - L) - W < j <= i + (S - L) (Mistral, Qwen2, Gemma local layers).
+- ``softcap`` c > 0 caps the scaled scores at c * tanh(s / c) before the mask (Gemma 2).
 
 Implementations: 'xla' materialises the scores (reference); 'cudnn' is ``jax.nn.dot_product_attention``'s
 cuDNN flash attention (GPU, bf16/fp16; segment ids become an equivalent dense [B, 1, L, S] mask, as cuDNN in
@@ -34,12 +38,15 @@ def attention_mask(
     causal: bool,
     q_segment_ids_BL: jax.Array | None = None,
     kv_segment_ids_BS: jax.Array | None = None,
+    window: int | jax.Array | None = None,
 ) -> jax.Array:
     """Boolean mask [B or 1, L, S]: True where query may attend to key."""
     mask_LS = jnp.ones((q_len, kv_len), dtype=bool)
+    q_idx = jnp.arange(q_len)[:, None] + (kv_len - q_len)
     if causal:
-        q_idx = jnp.arange(q_len)[:, None] + (kv_len - q_len)
         mask_LS = q_idx >= jnp.arange(kv_len)[None, :]
+    if window is not None:
+        mask_LS = mask_LS & (q_idx - jnp.arange(kv_len)[None, :] < window)
     mask_BLS = mask_LS[None]
     if q_segment_ids_BL is not None:
         if kv_segment_ids_BS is None:
@@ -57,6 +64,7 @@ def xla_attention(
     mask_BLS: jax.Array,
     softmax_scale: float | None = None,
     chunks: int = 1,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Plain-jnp grouped-query attention with an explicit mask; fp32 softmax. Output dtype = q dtype.
 
@@ -72,7 +80,7 @@ def xla_attention(
     """
     D = q_BLHD.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    return _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks)
+    return _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks, float(softcap))
 
 
 def _bmm(x, y, contract_x: int, contract_y: int):
@@ -104,7 +112,12 @@ def _chunk_keys(L: int, S: int, chunks: int, c: int) -> int:
     return S if chunks == 1 else (c + 1) * (L // chunks) + S - L
 
 
-def _chunk_probs(q_BKRD, k_BKSD, mask_BnS, G: int):
+def _capped(s, softcap: float):
+    """Soft-capped scores c * tanh(s / c) (Gemma 2); the scores themselves when c = 0."""
+    return softcap * jnp.tanh(s / softcap) if softcap else s
+
+
+def _chunk_probs(q_BKRD, k_BKSD, mask_BnS, G: int, softcap: float = 0.0):
     """Softmax probabilities p_BKRS (fp32) of one query chunk; rows with no visible key are all zero.
 
     Masked scores get a finite -1e30 bias (cheaper than a select over the scores, and a fully masked row
@@ -112,7 +125,7 @@ def _chunk_probs(q_BKRD, k_BKSD, mask_BnS, G: int):
     folded into the normalisation, so no score-sized pass is spent on guards.
     """
     B, K, R, _ = q_BKRD.shape
-    s_BKGnS = _bmm(q_BKRD, k_BKSD, 3, 3).reshape(B, K, G, R // G, -1)
+    s_BKGnS = _capped(_bmm(q_BKRD, k_BKSD, 3, 3), softcap).reshape(B, K, G, R // G, -1)
     s_BKGnS = s_BKGnS + jnp.where(mask_BnS, 0.0, -1e30)[:, None, None]
     p_BKGnS = jnp.exp(s_BKGnS - jnp.max(s_BKGnS, axis=-1, keepdims=True))
     visible_B11n1 = jnp.any(mask_BnS, axis=-1, keepdims=True)[:, None, None].astype(jnp.float32)
@@ -125,7 +138,7 @@ def _sum_key_chunks(chunks_BKSD, S: int):
     return sum(jnp.pad(x, ((0, 0), (0, 0), (0, S - x.shape[2]), (0, 0))) for x in chunks_BKSD)
 
 
-def _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks):
+def _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks, softcap):
     L, H = q_BLHD.shape[1:3]
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G, n = H // K, L // chunks
@@ -136,20 +149,22 @@ def _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks):
     for c in range(chunks):
         Sc = _chunk_keys(L, S, chunks, c)
         mask_BnS = mask_BLS[:, c * n : (c + 1) * n, :Sc]
-        p_BKRS = _chunk_probs(q_BKCRD[:, :, c], k_BKSD[:, :, :Sc], mask_BnS, G)
+        p_BKRS = _chunk_probs(q_BKCRD[:, :, c], k_BKSD[:, :, :Sc], mask_BnS, G, softcap)
         p_chunks.append(p_BKRS)
         o_chunks.append(_bmm(p_BKRS.astype(v_BSKD.dtype), v_BKSD[:, :, :Sc], 3, 2))
     o_BKCRD = jnp.stack(o_chunks, axis=2).astype(q_BLHD.dtype)
     return _from_rows(o_BKCRD, G), (q_BKCRD, k_BKSD, v_BKSD, mask_BLS, tuple(p_chunks), o_BKCRD)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks):
-    return _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks, softcap):
+    return _xla_attention_fwd(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale, chunks, softcap)[0]
 
 
-def _xla_attention_bwd(scale, chunks, res, dout_BLHD):
-    """dS = P * (dP - rowsum(dO * O)): the softmax Jacobian applied in one pass (FlashAttention's form)."""
+def _xla_attention_bwd(scale, chunks, softcap, res, dout_BLHD):
+    """dS = P * (dP - rowsum(dO * O)): the softmax Jacobian applied in one pass (FlashAttention's form).
+    Soft-capped scores also take the cap's derivative 1 - tanh^2, from the scores recomputed (one product
+    more, where keeping them would hold a second score-sized array per chunk)."""
     q_BKCRD, k_BKSD, v_BKSD, mask_BLS, p_chunks, o_BKCRD = res
     H = dout_BLHD.shape[2]
     L, S, K = dout_BLHD.shape[1], k_BKSD.shape[2], k_BKSD.shape[1]
@@ -164,7 +179,11 @@ def _xla_attention_bwd(scale, chunks, res, dout_BLHD):
         dout_BKRD = dout_BKCRD[:, :, c].astype(kv_dt)
         dv_chunks.append(_bmm(p_BKRS.astype(kv_dt), dout_BKRD, 2, 2))
         dp_BKRS = _bmm(dout_BKRD, v_BKSD[:, :, :Sc], 3, 3)
-        ds_BKRS = (p_BKRS * (dp_BKRS - delta_BKCR1[:, :, c])).astype(dt)
+        ds_BKRS = p_BKRS * (dp_BKRS - delta_BKCR1[:, :, c])
+        if softcap:
+            t_BKRS = jnp.tanh(_bmm(q_BKCRD[:, :, c], k_BKSD[:, :, :Sc], 3, 3) / softcap)
+            ds_BKRS = ds_BKRS * (1.0 - t_BKRS * t_BKRS)
+        ds_BKRS = ds_BKRS.astype(dt)
         dq_chunks.append(_bmm(ds_BKRS, k_BKSD[:, :, :Sc].astype(dt), 3, 2))
         dk_chunks.append(_bmm(ds_BKRS, q_BKCRD[:, :, c], 2, 2))
     dq_BLHD = _from_rows(jnp.stack(dq_chunks, axis=2) * scale, H // K)
@@ -213,21 +232,25 @@ def _shard_call(call, mesh, args, specs, out_spec):
     return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)
 
 
-def _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS):
+def _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS, window=None):
     """Run the flash kernel per device under the context mesh (``jax.set_mesh``): batch over the batch axes,
     heads over 'tensor'. A Pallas call has no partitioning rule, so without a context mesh XLA would gather
     its inputs onto every device; with none set (single device, tests) the kernel is called directly.
     """
 
-    def call(q, k, v, seg, kv_seg):
-        return fn(q, k, v, segment_ids_BL=seg, kv_segment_ids_BS=kv_seg)
+    def call(q, k, v, seg, kv_seg, win):
+        return fn(q, k, v, segment_ids_BL=seg, kv_segment_ids_BS=kv_seg, window=win)
 
+    if window is not None and not isinstance(window, int):  # traced: an argument, replicated
+        window = jnp.asarray(window, jnp.int32)
     args = (q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS)
     mesh, b, h = _mesh_axes(q_BLHD.shape[0], (q_BLHD.shape[2], k_BSKD.shape[2]))
     if mesh is None:
-        return call(*args)
+        return call(*args, window)
     qkv, seg = P(b, None, h, None), P(b, None)
-    return _shard_call(call, mesh, args, (qkv, qkv, qkv, seg, seg), qkv)
+    if window is None or isinstance(window, int):
+        return _shard_call(lambda *a: call(*a, window), mesh, args, (qkv, qkv, qkv, seg, seg), qkv)
+    return _shard_call(call, mesh, (*args, window), (qkv, qkv, qkv, seg, seg, P()), qkv)
 
 
 def cudnn_attention(
@@ -239,15 +262,25 @@ def cudnn_attention(
     segment_ids_BL: jax.Array | None = None,
     kv_segment_ids_BS: jax.Array | None = None,
     softmax_scale: float | None = None,
+    window: int | jax.Array | None = None,
+    softcap: float = 0.0,
     implementation: str = "cudnn",
 ) -> jax.Array:
-    """``jax.nn.dot_product_attention`` with our conventions (GQA native, bottom-right causal, segments).
+    """``jax.nn.dot_product_attention`` with our conventions (GQA native, bottom-right causal, segments,
+    sliding windows).
 
     cuDNN in JAX has no segment ids, so packed batches get the equivalent dense mask [B, 1, L, S] (correct,
-    but it reads an L x S mask and skips no blocks). Rows with no visible key are zeroed afterwards, since
-    a dense mask alone would give them a uniform average. ``implementation='xla'`` runs the same masking
-    through XLA (how CPU tests check this path).
+    but it reads an L x S mask and skips no blocks); so does a traced window (scanned layers that mix local
+    and global attention), where a static one is cuDNN's own local window. Rows with no visible key are
+    zeroed afterwards, since a dense mask alone would give them a uniform average.
+    ``implementation='xla'`` runs the same masking through XLA (how CPU tests check this path). Soft-capped
+    scores (Gemma 2) are refused: jax's cuDNN attention has no soft-cap.
     """
+    if softcap:
+        raise ValueError(
+            "attention_impl='cudnn' has no attention soft-cap (this model's attn_softcap="
+            f"{softcap}); use 'pallas' or 'xla'"
+        )
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(
@@ -260,11 +293,18 @@ def cudnn_attention(
                 "to bfloat16 or use 'pallas'"
             )
     L, S = q_BLHD.shape[1], k_BSKD.shape[1]
-    if segment_ids_BL is None and kv_segment_ids_BS is None and (not causal or L == S):
+    static_window = window is None or (isinstance(window, int) and causal)
+    if segment_ids_BL is None and kv_segment_ids_BS is None and (not causal or L == S) and static_window:
         return jax.nn.dot_product_attention(
-            q_BLHD, k_BSKD, v_BSKD, scale=softmax_scale, is_causal=causal, implementation=implementation
+            q_BLHD,
+            k_BSKD,
+            v_BSKD,
+            scale=softmax_scale,
+            is_causal=causal,
+            local_window_size=None if window is None else (window - 1, 0),
+            implementation=implementation,
         )
-    mask_BLS = attention_mask(L, S, causal, segment_ids_BL, kv_segment_ids_BS)
+    mask_BLS = attention_mask(L, S, causal, segment_ids_BL, kv_segment_ids_BS, window)
     mask_BLS = jnp.broadcast_to(mask_BLS, (q_BLHD.shape[0], L, S))
     out_BLHD = jax.nn.dot_product_attention(
         q_BLHD, k_BSKD, v_BSKD, mask=mask_BLS[:, None], scale=softmax_scale, implementation=implementation
@@ -283,13 +323,15 @@ def attention(
     segment_ids_BL: jax.Array | None = None,
     kv_segment_ids_BS: jax.Array | None = None,
     softmax_scale: float | None = None,
+    window: int | jax.Array | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Self/cross attention over full sequences (training and prefill)."""
     if impl == "xla":
         L, S = q_BLHD.shape[1], k_BSKD.shape[1]
-        mask_BLS = attention_mask(L, S, causal, segment_ids_BL, kv_segment_ids_BS)
+        mask_BLS = attention_mask(L, S, causal, segment_ids_BL, kv_segment_ids_BS, window)
         chunks = causal_chunks(L, S) if causal else 1
-        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale, chunks)
+        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale, chunks, softcap)
     if impl == "cudnn":
         return cudnn_attention(
             q_BLHD,
@@ -299,6 +341,8 @@ def attention(
             segment_ids_BL=segment_ids_BL,
             kv_segment_ids_BS=kv_segment_ids_BS,
             softmax_scale=softmax_scale,
+            window=window,
+            softcap=softcap,
         )
     if impl == "pallas":
         # Pallas: imported only when the kernel is asked for
@@ -306,8 +350,10 @@ def attention(
 
         if segment_ids_BL is None and kv_segment_ids_BS is not None:
             segment_ids_BL = jnp.ones(q_BLHD.shape[:2], kv_segment_ids_BS.dtype)
-        fn = functools.partial(fa.flash_attention, causal=causal, softmax_scale=softmax_scale)
-        return _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS)
+        fn = functools.partial(
+            fa.flash_attention, causal=causal, softmax_scale=softmax_scale, softcap=softcap
+        )
+        return _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, kv_segment_ids_BS, window)
     raise ValueError(f"attention_impl={impl!r} is not available; choose one of {IMPLS} ('xla' always works)")
 
 
@@ -319,8 +365,11 @@ def cached_attention(
     *,
     impl: str = "xla",
     softmax_scale: float | None = None,
+    window: int | jax.Array | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
-    """Queries at absolute cache slots ``q_positions_BL`` attend to cache slots <= their own slot.
+    """Queries at absolute cache slots ``q_positions_BL`` attend to cache slots <= their own slot (and,
+    with a ``window`` W, > their slot - W).
 
     The caches (``gptjax.model.init_cache``: keys [B, K, D, S], values [B, K, S, D]) hold slots in order, so
     this is causal attention by slot index; slots past a row's current position are never read (they hold
@@ -328,14 +377,21 @@ def cached_attention(
     (prefill at arbitrary per-row slots) the XLA attention against all slots, masked by slot.
     """
     if q_BLHD.shape[1] == 1:
-        return _decode_attention(q_BLHD, k_cache_BKDS, v_cache_BKSD, q_positions_BL, impl, softmax_scale)
+        return _decode_attention(
+            q_BLHD, k_cache_BKDS, v_cache_BKSD, q_positions_BL, impl, softmax_scale, window, softcap
+        )
     S = v_cache_BKSD.shape[2]
-    mask_BLS = q_positions_BL[:, :, None] >= jnp.arange(S)[None, None, :]
+    behind_BLS = q_positions_BL[:, :, None] - jnp.arange(S)[None, None, :]
+    mask_BLS = behind_BLS >= 0
+    if window is not None:
+        mask_BLS = mask_BLS & (behind_BLS < window)
     k_BSKD, v_BSKD = jnp.transpose(k_cache_BKDS, (0, 3, 1, 2)), jnp.swapaxes(v_cache_BKSD, 1, 2)
-    return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale)
+    return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, softmax_scale, softcap=softcap)
 
 
-def _decode_attention(q_B1HD, k_cache_BKDS, v_cache_BKSD, q_positions_B1, impl, softmax_scale):
+def _decode_attention(
+    q_B1HD, k_cache_BKDS, v_cache_BKSD, q_positions_B1, impl, softmax_scale, window=None, softcap=0.0
+):
     """One query token per row over cache slots [0, position]: the Pallas decode kernel (impl 'pallas') or
     its plain-jnp reference at default precision (every other impl).
 
@@ -349,15 +405,29 @@ def _decode_attention(q_B1HD, k_cache_BKDS, v_cache_BKSD, q_positions_B1, impl, 
     from gptjax.kernels import decode_attention as da
 
     lengths_B = q_positions_B1[:, 0].astype(jnp.int32) + 1
+    # The window's first visible slot per row: the kernel skips the cache blocks before it.
+    starts_B = None if window is None else jnp.maximum(lengths_B - window, 0).astype(jnp.int32)
     if impl != "pallas":
         out_BHD = da.decode_attention_reference(
-            q_B1HD[:, 0], k_cache_BKDS, v_cache_BKSD, lengths_B, softmax_scale, precision=None
+            q_B1HD[:, 0],
+            k_cache_BKDS,
+            v_cache_BKSD,
+            lengths_B,
+            softmax_scale,
+            precision=None,
+            starts_B=starts_B,
+            softcap=softcap,
         )
         return out_BHD[:, None]
-    call = functools.partial(da.decode_attention, softmax_scale=softmax_scale)
-    args = (q_B1HD[:, 0], k_cache_BKDS, v_cache_BKSD, lengths_B)
+    call = functools.partial(da.decode_attention, softmax_scale=softmax_scale, softcap=softcap)
+    args = (q_B1HD[:, 0], k_cache_BKDS, v_cache_BKSD, lengths_B, starts_B)
     mesh, b, h = _mesh_axes(q_B1HD.shape[0], (q_B1HD.shape[2], k_cache_BKDS.shape[1]))
     if mesh is None:
-        return call(*args)[:, None]
+        return call(*args[:4], starts_B=starts_B)[:, None]
     cache = P(b, h, None, None)
-    return _shard_call(call, mesh, args, (P(b, h, None), cache, cache, P(b)), P(b, h, None))[:, None]
+    specs = (P(b, h, None), cache, cache, P(b), P(b))
+
+    def per_shard(q, k, v, lengths, starts):
+        return call(q, k, v, lengths, starts_B=starts)
+
+    return _shard_call(per_shard, mesh, args, specs, P(b, h, None))[:, None]

@@ -4,6 +4,7 @@ rotary embeddings, attention, MLP and the pre-norm block. gptjax.model assembles
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -83,27 +84,57 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
 
 
 class Norm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """LayerNorm or RMSNorm over the last axis (``dim`` wide: d_model, or head_dim for q / k norms); with
+    ``norm_plus_one`` (Gemma) the scale is 1 + w, w starting at 0."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dim: int | None = None, axis: str = "embed"):
         self.cfg = cfg
-        pd = jnp.dtype(cfg.param_dtype)
-        self.scale = make_param(rngs, (cfg.d_model,), ("embed",), "ones", pd)
+        pd, dim = jnp.dtype(cfg.param_dtype), dim or cfg.d_model
+        self.scale = make_param(rngs, (dim,), (axis,), None if cfg.norm_plus_one else "ones", pd)
         if cfg.norm == "layernorm":
-            self.bias = make_param(rngs, (cfg.d_model,), ("embed",), None, pd)
+            self.bias = make_param(rngs, (dim,), (axis,), None, pd)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         x = x_BLD.astype(jnp.float32)
         if self.cfg.norm == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        x = x * self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        x = x * (1.0 + scale if self.cfg.norm_plus_one else scale)
         if self.cfg.norm == "layernorm":
             x = x + self.bias[...].astype(jnp.float32)
         return x.astype(x_BLD.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Rotary inverse frequencies [head_dim // 2], with the config's long-context scaling."""
+def layer_local(cfg: ModelConfig, layer) -> bool | jax.Array:
+    """Whether layer ``layer`` attends through the sliding window: a Python bool when every layer agrees or
+    the index is static (unrolled layers), a traced bool for a traced index (scanned mixed layers)."""
+    flags = cfg.local_layers
+    if all(flags) or not any(flags):
+        return flags[0]
+    if isinstance(layer, int):
+        return flags[layer]
+    return jnp.asarray(flags)[layer]
+
+
+# A window no sequence reaches: a traced global layer's "window" (one compiled body for every layer).
+UNBOUNDED = 2**30
+
+
+def layer_window(cfg: ModelConfig, local: bool | jax.Array) -> int | jax.Array | None:
+    """The attention window of a layer (``layer_local``'s answer): None (global), an int, or traced."""
+    if isinstance(local, bool):
+        return cfg.sliding_window if local else None
+    return jnp.where(local, cfg.sliding_window, UNBOUNDED)
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool | jax.Array = False) -> jax.Array:
+    """Rotary inverse frequencies [head_dim // 2], with the config's long-context scaling; a local layer
+    with its own base (``rope_local_theta``, Gemma 3) gets plain frequencies of that base."""
     D = cfg.dim_head
+    if cfg.rope_local_theta and local is not False:
+        own = 1.0 / (cfg.rope_local_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+        return own if local is True else jnp.where(local, own, rope_inv_freq(cfg))
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
     if cfg.rope_scaling == "linear":
         return inv_freq / cfg.rope_factor
@@ -149,6 +180,9 @@ class Attention(nnx.Module):
             self.bv = make_param(rngs, (K, E), ("kv_heads", "head_dim"), None, pd)
         if cfg.out_bias:
             self.bo = make_param(rngs, (D,), ("embed",), None, pd)
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, rngs, E, "head_dim")
+            self.k_norm = Norm(cfg, rngs, E, "head_dim")
         _add_lora(self, cfg, rngs, "wq", ("embed",), ("heads", "head_dim"))
         _add_lora(self, cfg, rngs, "wk", ("embed",), ("kv_heads", "head_dim"))
         _add_lora(self, cfg, rngs, "wv", ("embed",), ("kv_heads", "head_dim"))
@@ -160,13 +194,16 @@ class Attention(nnx.Module):
         y = _plus(y, _lora_delta(self, name, x_BLD, 1, lora_key))
         return y if b is None else y + b[...].astype(dt)
 
-    def qkv(self, x_BLD, positions_BL, lora_key=None):
+    def qkv(self, x_BLD, positions_BL, lora_key=None, local: bool | jax.Array = False):
+        """q, k, v of the normed input; ``local``: the layer is a sliding-window one (its rope base)."""
         cfg = self.cfg
         q_BLHD = self._proj(x_BLD, self.wq, getattr(self, "bq", None), "wq", lora_key)
         k_BLKD = self._proj(x_BLD, self.wk, getattr(self, "bk", None), "wk", lora_key)
         v_BLKD = self._proj(x_BLD, self.wv, getattr(self, "bv", None), "wv", lora_key)
+        if cfg.qk_norm:
+            q_BLHD, k_BLKD = self.q_norm(q_BLHD), self.k_norm(k_BLKD)
         if cfg.pos == "rope":
-            inv_freq = rope_inv_freq(cfg)
+            inv_freq = rope_inv_freq(cfg, local)
             q_BLHD = rope(q_BLHD, positions_BL, cfg.rope_theta, inv_freq)
             k_BLKD = rope(k_BLKD, positions_BL, cfg.rope_theta, inv_freq)
         return q_BLHD, k_BLKD, v_BLKD
@@ -184,14 +221,14 @@ class MLP(nnx.Module):
         D, F = cfg.d_model, cfg.dim_ff
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
         self.w_in = make_param(rngs, (D, F), ("embed", "mlp"), std, pd)
-        if cfg.mlp == "swiglu":
+        if cfg.gated:
             self.w_gate = make_param(rngs, (D, F), ("embed", "mlp"), std, pd)
         self.w_out = make_param(rngs, (F, D), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd)
         if cfg.mlp_bias:
             self.b_in = make_param(rngs, (F,), ("mlp",), None, pd)
             self.b_out = make_param(rngs, (D,), ("embed",), None, pd)
         _add_lora(self, cfg, rngs, "w_in", ("embed",), ("mlp",))
-        if cfg.mlp == "swiglu":
+        if cfg.gated:
             _add_lora(self, cfg, rngs, "w_gate", ("embed",), ("mlp",))
         _add_lora(self, cfg, rngs, "w_out", ("mlp",), ("embed",))
 
@@ -200,10 +237,11 @@ class MLP(nnx.Module):
         h_BLF = _plus(dense(x_BLD, self.w_in[...].astype(dt)), _lora_delta(self, "w_in", x_BLD, 1, lora_key))
         if cfg.mlp_bias:
             h_BLF = h_BLF + self.b_in[...].astype(dt)
-        if cfg.mlp == "swiglu":
+        if cfg.gated:
             gate_BLF = dense(x_BLD, self.w_gate[...].astype(dt))
             gate_BLF = _plus(gate_BLF, _lora_delta(self, "w_gate", x_BLD, 1, lora_key))
-            h_BLF = jax.nn.silu(gate_BLF) * h_BLF
+            act = jax.nn.silu if cfg.mlp == "swiglu" else functools.partial(jax.nn.gelu, approximate=True)
+            h_BLF = act(gate_BLF) * h_BLF
         elif cfg.mlp == "relu":
             h_BLF = jax.nn.relu(h_BLF)
         else:
@@ -214,7 +252,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block; with ``post_norms`` (Gemma) the attention and MLP outputs are normed too
+    before their residual adds."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -222,34 +261,56 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        if cfg.post_norms:
+            self.attn_post_norm = Norm(cfg, rngs)
+            self.mlp_post_norm = Norm(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL, lora_key=None):
-        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL, lora_key)
-        o_BLHD = attn_lib.attention(
-            q, k, v, impl=self.cfg.attention_impl, causal=True, segment_ids_BL=segment_ids_BL
+    def _attn_kw(self, local) -> dict:
+        cfg = self.cfg
+        return dict(
+            impl=cfg.attention_impl,
+            softmax_scale=cfg.softmax_scale,
+            window=layer_window(cfg, local),
+            softcap=cfg.attn_softcap,
         )
-        x_BLD = x_BLD + self.attn.out(o_BLHD, lora_key)
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD), lora_key)
+
+    def _residual(self, x_BLD, o_BLHD, lora_key):
+        """The attention output added to the residual stream, then the MLP's."""
+        y_BLD = self.attn.out(o_BLHD, lora_key)
+        x_BLD = x_BLD + (self.attn_post_norm(y_BLD) if self.cfg.post_norms else y_BLD)
+        y_BLD = self.mlp(self.mlp_norm(x_BLD), lora_key)
+        return x_BLD + (self.mlp_post_norm(y_BLD) if self.cfg.post_norms else y_BLD)
+
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, lora_key=None, layer=0):
+        """``layer``: this block's index (an int, or traced under scan), which picks local or global
+        attention."""
+        local = layer_local(self.cfg, layer)
+        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL, lora_key, local)
+        o_BLHD = attn_lib.attention(
+            q, k, v, causal=True, segment_ids_BL=segment_ids_BL, **self._attn_kw(local)
+        )
+        return self._residual(x_BLD, o_BLHD, lora_key)
 
     def decode(self, x_BLD, positions_BL, k_cache, v_cache, layer, prefill: bool = False):
         """Write this chunk's K/V into cache layer ``layer`` at slots ``positions_BL`` and attend to that
-        layer's cache up to each slot. The caches (``gptjax.model.init_cache``: keys [B, K, D, S], values
-        [B, K, S, D], stacked [N, ...] or a tuple of N) take the new keys and values in one scatter each, in
-        place.
+        layer's cache up to each slot (within the window on a local layer). The caches (keys [B, K, D, S],
+        values [B, K, S, D] of ``gptjax.model.init_cache``, stacked [N, ...] or a tuple of N) take the new
+        keys and values in one scatter each, in place. A local layer's cache keeps every slot
+        too (no rolling buffer): its attention skips the slots behind the window.
 
         ``prefill``: the chunk fills slots 0..L-1 of an empty cache, so attending to the cache up to each
         slot is causal self-attention over the chunk: the training attention (fused kernels on
         accelerators), with no [B, H, L, S] scores against the whole cache.
         """
-        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL)
+        local = layer_local(self.cfg, layer)
+        q, k, v = self.attn.qkv(self.attn_norm(x_BLD), positions_BL, local=local)
         k_cache, k_BKDS = _cache_write(k_cache, layer, positions_BL, k, slot_axis=3)
         v_cache, v_BKSD = _cache_write(v_cache, layer, positions_BL, v, slot_axis=2)
         if prefill:
-            o_BLHD = attn_lib.attention(q, k, v, impl=self.cfg.attention_impl, causal=True)
+            o_BLHD = attn_lib.attention(q, k, v, causal=True, **self._attn_kw(local))
         else:
-            o_BLHD = attn_lib.cached_attention(q, k_BKDS, v_BKSD, positions_BL, impl=self.cfg.attention_impl)
-        x_BLD = x_BLD + self.attn.out(o_BLHD)
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), k_cache, v_cache
+            o_BLHD = attn_lib.cached_attention(q, k_BKDS, v_BKSD, positions_BL, **self._attn_kw(local))
+        return self._residual(x_BLD, o_BLHD, None), k_cache, v_cache
 
 
 def _cache_write(cache, layer, positions_BL, new_BLKD, slot_axis: int):

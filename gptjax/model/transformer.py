@@ -1,4 +1,5 @@
-"""GPT decoder in Flax NNX: GPT-2 family and LLaMA family, LM head or scalar head, KV-cache decode path.
+"""GPT decoder in Flax NNX: the GPT-2, OPT, LLaMA (Mistral, Qwen2), Qwen3 and Gemma 2 / 3 families, LM head
+or scalar head, KV-cache decode path.
 
 Outside this module a model is a config plus a params pytree (a nested dict of arrays):
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from gptjax.model import sharding
@@ -45,8 +47,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     n = num_params(cfg, embeddings=False)
     if cfg.head == "lm":
         n += cfg.vocab_size * cfg.d_model
-    attn = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len / 2
+    keys = sum(_mean_keys(seq_len, cfg.sliding_window if local else 0) for local in cfg.local_layers)
+    attn = 2 * 2 * cfg.n_heads * cfg.dim_head * keys
     return 6.0 * n + 3.0 * attn
+
+
+def _mean_keys(seq_len: int, window: int) -> float:
+    """Keys a query reads on average: half the sequence (causal), or about the window when it is shorter."""
+    if not window or window >= seq_len:
+        return seq_len / 2
+    return window - window * (window - 1) / (2 * seq_len)
 
 
 class GPT(nnx.Module):
@@ -73,7 +83,10 @@ class GPT(nnx.Module):
 
     def embed_tokens(self, tokens_BL, positions_BL):
         dt = jnp.dtype(self.cfg.dtype)
-        x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(dt)
+        x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0)
+        if self.cfg.embed_scale:  # in the table's dtype, as Gemma scales them
+            x_BLD = x_BLD * jnp.asarray(self.cfg.d_model**0.5, x_BLD.dtype)
+        x_BLD = x_BLD.astype(dt)
         if self.cfg.pos == "learned":
             x_BLD = x_BLD + jnp.take(self.pos_embed[...], positions_BL, axis=0).astype(dt)
         return x_BLD
@@ -85,7 +98,10 @@ class GPT(nnx.Module):
             w_D = self.value_head[...].astype(jnp.float32)
             return x_BLD.astype(jnp.float32) @ w_D + self.value_bias[...].astype(jnp.float32)
         w_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype), preferred_element_type=jnp.float32
+        )
+        return cap_logits(cfg, logits)
 
     def __call__(
         self, tokens_BL, positions_BL, segment_ids_BL, return_hidden=False, dropout_rng=None, head=True
@@ -95,12 +111,14 @@ class GPT(nnx.Module):
         use_dropout = dropout_rng is not None and self.cfg.lora_rank > 0 and self.cfg.lora_dropout > 0
         keys_N = jax.random.split(dropout_rng, self.cfg.n_layers) if use_dropout else None
 
-        def body(x_BLD, xs):
+        def body(x_BLD, xs, layer):
             layer_params, key = xs
-            return nnx.merge(graphdef, layer_params)(x_BLD, positions_BL, segment_ids_BL, key), None
+            return nnx.merge(graphdef, layer_params)(x_BLD, positions_BL, segment_ids_BL, key, layer), None
 
-        body = _remat(body, self.cfg.remat)
-        x_BLD, _ = over_layers(self.cfg, lambda x_BLD, xs, _: body(x_BLD, xs), x_BLD, (stacked, keys_N))
+        def run(x_BLD, xs, layer):  # the layer index closed over: static where the layers are unrolled
+            return _remat(lambda x, p: body(x, p, layer), self.cfg.remat)(x_BLD, xs)
+
+        x_BLD, _ = over_layers(self.cfg, run, x_BLD, (stacked, keys_N))
         out = self.head_out(x_BLD) if head else self.final_norm(x_BLD)
         return (out, x_BLD) if return_hidden else out
 
@@ -270,10 +288,26 @@ def apply(
     )
 
 
-def lm_head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
-    """The LM head's [D, V] matrix (the embedding, transposed, when tied): logits = features @ it."""
+def cap_logits(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
+    """The final soft-cap c * tanh(logits / c) (Gemma 2's final_softcap; the logits as they are when 0)."""
+    if not cfg.final_softcap:
+        return logits
+    return cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+
+
+def lm_head_weight(cfg: ModelConfig, params: Params, capped: bool = False) -> jax.Array:
+    """The LM head's [D, V] matrix (the embedding, transposed, when tied): logits = features @ it, then
+    ``cap_logits`` for a model with a final soft-cap (Gemma 2). ``capped``: the caller applies it (without,
+    such a model's caller is warned once per trace that its logits lack the cap)."""
     if cfg.head != "lm":
         raise ValueError(f"lm_head_weight: this model has head={cfg.head!r}, not an LM head")
+    if cfg.final_softcap and not capped:
+        logging.warning(
+            "lm_head_weight: family=%r caps its logits (final_softcap=%s) and this caller does not apply "
+            "model.cap_logits: its logits differ from model.apply's",
+            cfg.family,
+            cfg.final_softcap,
+        )
     return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 

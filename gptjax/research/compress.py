@@ -182,8 +182,9 @@ def _mlp_hidden(mlp, cfg: model.ModelConfig, x_BLD):
     h = layers.dense(x_BLD, mlp.w_in[...].astype(x_BLD.dtype))
     if cfg.mlp_bias:
         h = h + mlp.b_in[...].astype(h.dtype)
-    if cfg.mlp == "swiglu":
-        return jax.nn.silu(layers.dense(x_BLD, mlp.w_gate[...].astype(x_BLD.dtype))) * h
+    if cfg.gated:
+        gate = layers.dense(x_BLD, mlp.w_gate[...].astype(x_BLD.dtype))
+        return (jax.nn.silu(gate) if cfg.mlp == "swiglu" else jax.nn.gelu(gate, approximate=True)) * h
     if cfg.mlp == "relu":
         return jax.nn.relu(h)
     return jax.nn.gelu(h, approximate=cfg.mlp == "gelu")

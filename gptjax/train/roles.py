@@ -7,6 +7,9 @@ trained roles (PPO's policy and value; GRPO's policy alone) list them in ``confi
 ``init_from``, ``init_role``, ``init_ema``, ``optim``): the params tree is then keyed by role, each role with
 its own optimizer. Frozen roles are ``config.frozen.<name>`` (``init_from``, ``role``, ``ema``): a workdir
 (one role of it, or its EMA) or a Hugging Face directory; their model config comes from that checkpoint.
+A trained role's does too with ``model.from_checkpoint=True`` (``checkpoint.load.resolve_model_config``): its
+architecture is read from its ``init_from`` before any weight is made; the model keys set on the command
+line are checked against it (``check_model_overrides``, from scripts/train.py).
 """
 
 from __future__ import annotations
@@ -73,7 +76,44 @@ def trained_roles(config: ConfigDict, stage: Stage) -> list[Role]:
         ]
     if keyed(roles) and any(r.cfg.lora_rank for r in roles):
         raise ValueError("LoRA adapters are supported for single-model stages only")
-    return roles
+    return [
+        dataclasses.replace(
+            r, cfg=checkpoint.load.resolve_model_config(r.cfg, r.init_from, r.init_role, where=w)
+        )
+        for r, w in zip(roles, _model_sections(config), strict=True)
+    ]
+
+
+def _model_sections(config: ConfigDict) -> list[str]:
+    """Each trained role's model section, as a command line names it: 'config.model' or
+    'config.roles.<name>.model'."""
+    return [f"config.roles.{name}.model" for name in config.get("roles") or {}] or ["config.model"]
+
+
+def check_model_overrides(config: ConfigDict, overrides: dict) -> None:
+    """One error naming every model key set on the command line (``overrides``: ml_collections' flat
+    {'model.n_layers': 4, ...}) that a ``from_checkpoint`` role's checkpoint contradicts, before anything
+    is built; keys that agree with it, or name no architecture field, are kept."""
+    if config.get("roles"):
+        sections = [
+            (f"config.roles.{n}.model", r.model, r.init_from, r.get("init_role", ""))
+            for n, r in config.roles.items()
+        ]
+    else:
+        t = config.train
+        sections = [("config.model", config.model, t.init_from, t.get("init_role", ""))]
+    problems = []
+    for where, section, init_from, init_role in sections:
+        prefix = where.removeprefix("config.") + "."
+        keys = {k.removeprefix(prefix): v for k, v in overrides.items() if k.startswith(prefix)}
+        if section.get("from_checkpoint") and init_from and keys:
+            problems += checkpoint.load.explicit_mismatches(keys, init_from, init_role, where=where)
+    if problems:
+        raise ValueError(
+            "the command line sets model keys that contradict the checkpoint the model is read from "
+            "(from_checkpoint=True): " + "; ".join(problems) + ". Drop them, or set from_checkpoint=False "
+            "to describe the model yourself."
+        )
 
 
 def keyed(roles: list[Role]) -> bool:
