@@ -11,7 +11,7 @@ LOCK := constraints.txt
 # -P: the repository root is not put on sys.path, so no folder there can stand in for an installed package.
 PYTEST := $(BIN)/python -P -m pytest
 
-.PHONY: install install-test demo test lint lock clean
+.PHONY: install install-test demo rlvr test lint lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/python scripts/pipeline.py --workdir runs/demo
+
+# RL with verifiable rewards: pretrain -> SFT -> GRPO on the arithmetic task's checker (CPU, <= 15 minutes)
+rlvr: install
+	$(BIN)/python scripts/pipeline.py --recipe rlvr --workdir runs/rlvr
 
 test: install-test
 	$(PYTEST) -n $(PYTEST_WORKERS) --dist worksteal --durations=15 tests

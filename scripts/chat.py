@@ -6,9 +6,12 @@
 
 Each turn renders the whole conversation with the vocabulary's chat template (a workdir's training config
 names its vocabulary, data.vocab; an HF directory has its tokenizer) and streams the reply as it is decoded;
-EOS ends the reply. A conversation that no longer fits the model's context (prompt + --max_new_tokens >
-max_len) drops its oldest turns, saying so on stderr. Type 'exit' or Ctrl-D to quit; Ctrl-C stops a reply.
-With --prompt it runs those turns of one conversation, prints each reply (one a line) and exits.
+EOS ends the reply. A reply takes at most --max_new_tokens tokens; by default up to 128, fewer where the
+conversation leaves less of the model's context (max_len), and a conversation keeps at least
+min(128, max_len / 2) tokens free for the reply. A conversation that no longer leaves that room drops its
+oldest turns, saying so on stderr. Type 'exit' or Ctrl-D to quit; Ctrl-C stops a reply. With --prompt it runs
+those turns of one conversation, prints each reply (one a line) and exits. --verbose: library logs and
+tracebacks.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import itertools
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from gptjax import checkpoint, model
 from gptjax.model import stream
+from gptjax.train import console
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or Hugging Face checkpoint dir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step in a workdir (default: latest).")
@@ -31,36 +35,54 @@ _PROMPT = flags.DEFINE_multi_string(
 )
 _SYSTEM = flags.DEFINE_string("system", None, "A system message to start the conversation with.")
 _BOS = flags.DEFINE_bool("bos", True, "Prepend BOS, as the training converters do.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per reply.")
+_MAX_NEW = flags.DEFINE_integer(
+    "max_new_tokens", None, "Most tokens per reply (default: up to 128, as the model's context allows)."
+)
 _TEMP = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (turn i uses fold_in(seed, i)).")
 flags.mark_flag_as_required("checkpoint")
+DEFAULT_MAX_NEW = 128
+
+
+def reply_room(max_len: int, asked: int | None) -> int:
+    """Tokens of the model's context a conversation leaves free for the reply: --max_new_tokens, or by
+    default min(128, max_len / 2) (the reply may then take more, up to 128, where the context has it)."""
+    if asked is None:
+        return min(DEFAULT_MAX_NEW, max_len // 2)
+    if not 0 < asked < max_len:
+        raise ValueError(
+            f"--max_new_tokens={asked} must be in [1, {max_len - 1}]: the model's context is {max_len} "
+            "tokens, the prompt included"
+        )
+    return asked
 
 
 def notice(msg: str) -> None:
     print(f"[chat] {msg}", file=sys.stderr, flush=True)
 
 
-def fit(messages: list[dict], vocab, max_len: int, max_new: int) -> list[int]:
+def fit(messages: list[dict], vocab, max_len: int, room: int) -> list[int]:
     """Token ids of the conversation plus the generation prompt; drops the oldest turns (from ``messages``,
-    a system message stays) until it fits ``max_len`` with room for the reply, raises if the newest cannot."""
+    a system message stays) until it fits ``max_len`` with ``room`` tokens left for the reply, raises if the
+    newest cannot."""
     first = int(bool(messages) and messages[0]["role"] == "system")
     while True:
         text = vocab.render_chat(messages, add_generation_prompt=True)
         ids = ([vocab.bos_id] if _BOS.value else []) + vocab.encode(text)
-        if len(ids) + max_new <= max_len:
+        if len(ids) + room <= max_len:
             return ids
         if len(messages) - first <= 1:
+            lower = "lower --max_new_tokens" if _MAX_NEW.value else "set a smaller --max_new_tokens"
             raise ValueError(
-                f"the newest message alone renders to {len(ids)} tokens; with max_new_tokens={max_new} it "
-                f"does not fit the model's context of {max_len}: shorten it or lower --max_new_tokens"
+                f"the newest message alone renders to {len(ids)} tokens and leaves {max_len - len(ids)} of "
+                f"the model's context of {max_len} for the reply, which needs {room}: shorten it or {lower}"
             )
         dropped = 2 if messages[first + 1]["role"] == "assistant" and len(messages) - first > 2 else 1
         del messages[first : first + dropped]
         notice(
-            f"the conversation ({len(ids)} tokens + {max_new} for the reply) passes the model's context of "
+            f"the conversation ({len(ids)} tokens + {room} for the reply) passes the model's context of "
             f"{max_len}: dropped the oldest turn"
         )
 
@@ -68,8 +90,9 @@ def fit(messages: list[dict], vocab, max_len: int, max_new: int) -> list[int]:
 def reply(cfg, params, vocab, ids: list[int], rng) -> str:
     """Stream one reply to stdout as it is decoded; returns its text."""
     tokens, shown, ended = [], "", False
+    max_new = _MAX_NEW.value or min(DEFAULT_MAX_NEW, cfg.max_len - len(ids))
     gen = stream.stream(
-        cfg, params, ids, rng, max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value,
+        cfg, params, ids, rng, max_new_tokens=max_new, temperature=_TEMP.value,
         top_k=_TOP_K.value, top_p=_TOP_P.value, eos_id=vocab.eos_id,
     )  # fmt: skip
     try:
@@ -89,19 +112,19 @@ def reply(cfg, params, vocab, ids: list[int], rng) -> str:
     text = vocab.decode(tokens)
     # A tokenizer may re-decode earlier text differently once more tokens follow: then show the whole reply.
     print(text[len(shown) :] if text.startswith(shown) else f"\n{text}", flush=True)
-    if not ended and len(tokens) == _MAX_NEW.value:
-        notice(f"the reply stopped at --max_new_tokens={_MAX_NEW.value} without EOS")
+    if not ended and len(tokens) == max_new:
+        notice(f"the reply stopped at {max_new} tokens (--max_new_tokens) without EOS")
     return text
 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:  # library INFO logs would bury the conversation
-        logging.set_verbosity(logging.WARNING)
+    console.setup_logging(logging.WARNING)  # INFO logs would bury the conversation
     try:
         cfg, params, vocab = checkpoint.load_lm(
             _CHECKPOINT.value, _STEP.value, role=_ROLE.value, ema=_EMA.value
         )
+        room = reply_room(cfg.max_len, _MAX_NEW.value)
     except (ValueError, OSError) as e:
         sys.exit(f"chat.py: error: {e}")
     if not cfg.scan:  # slice the stacked layers once, not every turn
@@ -129,7 +152,7 @@ def main(argv):
                 return
         messages.append({"role": "user", "content": user})
         try:
-            ids = fit(messages, vocab, cfg.max_len, _MAX_NEW.value)
+            ids = fit(messages, vocab, cfg.max_len, room)
         except ValueError as e:
             if not interactive:
                 sys.exit(f"chat.py: error: {e}")
@@ -143,4 +166,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.main(main)

@@ -8,9 +8,10 @@ checkpoint dir.
 Prompts come from --prompt (repeatable) and --prompts_file: one prompt per line, or for a ``.jsonl`` file
 one ``{"prompt": ...}`` object per line (blank lines are skipped). --checkpoint, --workdir and --hf_dir all
 name the model (a workdir or an HF dir); --role picks a role of a multi-role run (PPO's 'policy'), --ema its
-EMA weights. A reward model (scalar head) is refused.
+EMA weights. A reward model (scalar head) is refused. A completion takes --max_new_tokens tokens at most: by
+default up to 64, fewer where the longest prompt leaves less of the model's context (max_len).
 The vocabulary is, in order: --vocab / --vocab_path, the HF dir's tokenizer, the workdir's training config
-(data.vocab), else bytes (0..255 plus PAD/BOS/EOS).
+(data.vocab), else bytes (0..255 plus PAD/BOS/EOS). --verbose: library logs and tracebacks.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import types
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from gptjax import checkpoint
 from gptjax.data import vocab as vocab_lib
 from gptjax.model import sample
+from gptjax.train import console
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or Hugging Face checkpoint dir.")
 _HF_DIR = flags.DEFINE_string(
@@ -43,13 +45,24 @@ _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user message wit
 _BOS = flags.DEFINE_bool("bos", True, "Prepend BOS, as the training converters do.")
 _NUM = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Completions sampled per generate call.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per completion.")
+_MAX_NEW = flags.DEFINE_integer(
+    "max_new_tokens", None, "Most tokens per completion (default: up to 64, as the model's context allows)."
+)
 _TEMP = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_VOCAB = flags.DEFINE_enum("vocab", None, ["byte", "sentencepiece", "hf"], "Vocabulary kind override.")
+# --vocab's names -> data.vocab.kind ('byte' as the config spells it works too)
+VOCABS = {"bytes": "byte", "byte": "byte", "sentencepiece": "sentencepiece", "hf": "hf"}
+_VOCAB = flags.DEFINE_enum(
+    "vocab",
+    None,
+    list(VOCABS),
+    "Vocabulary override: bytes (0..255 plus PAD/BOS/EOS), sentencepiece or hf (a tokenizer.json or HF "
+    "directory), the last two with --vocab_path.",
+)
 _VOCAB_PATH = flags.DEFINE_string("vocab_path", "", "Vocabulary file for --vocab sentencepiece / hf.")
+DEFAULT_MAX_NEW = 64
 
 
 def read_prompts(path: str) -> list[str]:
@@ -73,15 +86,36 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def vocab_override(kind: str | None, path: str):
+def vocab_override(name: str | None, path: str):
     """The vocabulary named by --vocab / --vocab_path, or None."""
-    if not kind:
+    if not name:
         return None
+    kind = VOCABS[name]
+    if kind != "byte" and not path:
+        raise ValueError(f"--vocab={name} needs --vocab_path (the tokenizer's file or directory)")
     return vocab_lib.get_vocabulary(types.SimpleNamespace(vocab=types.SimpleNamespace(kind=kind, path=path)))
+
+
+def max_new_tokens(max_len: int, prompt_lengths: list[int], asked: int | None) -> int:
+    """--max_new_tokens, or by default up to 64 where the longest prompt leaves that much of the model's
+    context; raises naming the prompt that leaves no room (an explicit --max_new_tokens is checked by
+    ``sample.generate``: past max_len a rotary model only warns)."""
+    if asked is not None:
+        if asked < 1:
+            raise ValueError(f"--max_new_tokens={asked} must be >= 1")
+        return asked
+    longest = max(prompt_lengths)
+    if longest >= max_len:
+        raise ValueError(
+            f"prompt {prompt_lengths.index(longest)} is {longest} tokens: it leaves no room for a completion "
+            f"in the model's context of {max_len} tokens: shorten it"
+        )
+    return min(DEFAULT_MAX_NEW, max_len - longest)
 
 
 def main(argv):
     del argv
+    console.setup_logging(logging.WARNING)  # the completions on stdout; only warnings on stderr
     paths = [p for p in (_CHECKPOINT.value, _HF_DIR.value, _WORKDIR.value) if p]
     if len(paths) != 1:
         raise app.UsageError("pass exactly one of --checkpoint, --hf_dir or --workdir")
@@ -99,6 +133,10 @@ def main(argv):
     ids = [([vocab.bos_id] if _BOS.value else []) + vocab.encode(t) for t in texts for _ in range(_NUM.value)]
     if min(map(len, ids)) == 0:
         raise app.UsageError("an empty prompt needs --bos")
+    try:
+        max_new = max_new_tokens(cfg.max_len, [len(x) for x in ids[:: _NUM.value]], _MAX_NEW.value)
+    except ValueError as e:
+        sys.exit(f"generate.py: error: {e}")
     rng = jax.random.key(_SEED.value)
     for start in range(0, len(ids), _BATCH.value):  # the first batch keeps the seed's own key (as before)
         batch = ids[start : start + _BATCH.value]
@@ -109,7 +147,7 @@ def main(argv):
         key = jax.random.fold_in(rng, start) if start else rng
         try:  # e.g. a prompt longer than the model's context
             out = sample.generate(
-                cfg, params, prompts_BP, key, prompt_lengths_B=lengths, max_new_tokens=_MAX_NEW.value,
+                cfg, params, prompts_BP, key, prompt_lengths_B=lengths, max_new_tokens=max_new,
                 temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                 eos_id=vocab.eos_id, pad_id=vocab.pad_id, return_info=True,
             )  # fmt: skip
@@ -122,4 +160,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.main(main)

@@ -3,6 +3,7 @@
     python scripts/pipeline.py --workdir runs/demo            # `make demo`: pretrain -> SFT -> RM -> PPO
     python scripts/pipeline.py --workdir runs/q --quick       # a smaller, faster run (smoke test)
     python scripts/pipeline.py --stages pretrain,sft,rm,dpo   # DPO from the SFT model instead of PPO
+    python scripts/pipeline.py --recipe rlvr --workdir runs/rlvr   # `make rlvr`: verifiable rewards, GRPO
 
 Each stage starts from the checkpoints its recipe names (SFT from pretrain; RM and DPO from SFT; PPO's policy
 and frozen reference from SFT, its critic and frozen reward model from the RM) and is resumable: a finished
@@ -26,13 +27,22 @@ from absl import app, flags, logging
 
 from gptjax import checkpoint, evals, train
 from gptjax.data import get_vocabulary, tiny
-from gptjax.research import iterate, report
+from gptjax.research import iterate, report, rlvr
 from gptjax.train import defaults, provenance
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
 INIT_FROM = {"pretrain": "", "sft": "pretrain", "rm": "sft", "dpo": "sft", "ppo": ""}
 finished = iterate.finished
 
+flags.DEFINE_enum(
+    "recipe",
+    "demo",
+    ["demo", "rlvr"],
+    "demo: the tiny task's InstructGPT recipe (pretrain -> SFT -> RM -> PPO / DPO); rlvr: RL with verifiable "
+    "rewards on the arithmetic task (pretrain -> SFT -> --methods on the checker; gptjax.research.rlvr).",
+)
+flags.DEFINE_list("methods", ["grpo"], f"rlvr: the RL objectives to train, from {list(rlvr.METHODS)}.")
+flags.DEFINE_list("seeds", ["0"], "rlvr: seeds of each method's RL run (pretraining and SFT run once).")
 flags.DEFINE_string("workdir", "runs/demo", "Where each stage's run and the report go.")
 flags.DEFINE_string("config", "configs/tiny.py", "Config file; its arg selects the stage.")
 flags.DEFINE_list(
@@ -119,6 +129,19 @@ def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
 def main(argv):
     del argv
     train.setup_logging()
+    if FLAGS.recipe == "rlvr":
+        steps = {"grpo": FLAGS.steps} if FLAGS.steps else {}
+        if FLAGS.quick:
+            steps = {stage: 10 for stage in ("pretrain", "sft", *FLAGS.methods)}
+        rlvr.run(
+            FLAGS.workdir,
+            methods=FLAGS.methods,
+            seeds=[int(s) for s in FLAGS.seeds],
+            steps=steps,
+            prompts=eval_prompts(),
+            samples=FLAGS.eval_samples,
+        )
+        return
     os.makedirs(FLAGS.workdir, exist_ok=True)
     unknown = [s for s in FLAGS.stages if s not in STAGES]
     if unknown:
@@ -182,20 +205,57 @@ def policy_rows(results: dict) -> dict[str, dict]:
     return rows
 
 
+# Each stage's figure in the report: its loss (an RL stage: policy and value loss) and, for the pairwise
+# stages, how often the chosen response wins
+STAGE_CURVES = {"rm": ("loss", "accuracy"), "dpo": ("loss", "accuracy")}
+
+
+def rollout_references(policies: dict, ppo_dir: str) -> dict:
+    """The PPO figure's references (``report.plot_rollouts``): the SFT model's held-out numbers as lines,
+    the final policy's and its EMA's held-out numbers as points at the last step."""
+    sft = policies.get("sft", {})
+    baselines = {"kl": ("SFT (the reference)", 0.0)}
+    for metric, key in (("gold_reward", "gold_reward_mean"), ("reward", "rm_reward_mean")):
+        if sft.get(key) is not None:
+            baselines[metric] = ("SFT, held out", sft[key])
+    last = report.last_row(ppo_dir).get("step", 0)
+    se_of = {"gold_reward_mean": "gold_reward_se", "kl_to_ref": "kl_to_ref_se"}
+    marks: dict = {}
+    for name, label in (("ppo", "PPO, held out"), ("ppo_ema", "PPO EMA, held out")):
+        r = policies.get(name, {})
+        for metric, key in report.HELD_OUT.items():
+            if r.get(key) is not None:
+                se = r.get(se_of[key]) if key in se_of else None
+                marks.setdefault(metric, {})[label] = (last, r[key], se)
+    return {"baselines": baselines, "marks": marks}
+
+
+def plot_report(results: dict, policies: dict) -> list[str]:
+    """The report's figures in the workdir, as markdown image lines: PPO per rollout (smoothed, with the SFT
+    baseline and the final policy and its EMA held out), then one small figure per stage's training."""
+    workdir, plots = FLAGS.workdir, []
+    runs = {s: os.path.join(workdir, s) for s in results if s in STAGES}
+    if "ppo" in runs:
+        path = os.path.join(workdir, "ppo.png")
+        report.plot_rollouts(runs["ppo"], path, **rollout_references(policies, runs["ppo"]))
+        plots += [
+            "![PPO per rollout](ppo.png)",
+            "",
+            "PPO per rollout: each rollout's value faint, its moving average (EMA) bold; dashed: the SFT "
+            "model on held-out prompts; points: the final policy and its EMA weights on held-out prompts (+- "
+            "standard error). Rollout numbers are on training prompts.",
+            "",
+        ]
+    for stage, run in runs.items():
+        if report.plot_stage(run, os.path.join(workdir, f"{stage}_loss.png"), stage, STAGE_CURVES.get(stage)):
+            plots.append(f"![{stage} training]({stage}_loss.png)")
+    return plots
+
+
 def write_report(results: dict) -> None:
     workdir = FLAGS.workdir
-    runs = {s: os.path.join(workdir, s) for s in results}
-    report.plot_curves({s: w for s, w in runs.items() if s != "ppo"}, os.path.join(workdir, "loss.png"))
-    plots = ["![losses](loss.png)"]
-    if "rm" in runs:
-        report.plot_curves({"reward model": runs["rm"]}, os.path.join(workdir, "rm_accuracy.png"), "accuracy")
-        plots.append("![reward model accuracy](rm_accuracy.png)")
-    if "ppo" in runs:
-        report.plot_split(
-            runs["ppo"], os.path.join(workdir, "ppo.png"), "rollout", ("reward", "kl", "gold_reward")
-        )
-        plots.insert(0, "![PPO per rollout](ppo.png)")
     policies = policy_rows(results)
+    plots = plot_report(results, policies)
     lines = [
         "# gptjax demo: the tiny task",
         "",
@@ -296,6 +356,7 @@ def write_report(results: dict) -> None:
         total = sum(r["train_s"] + r["eval_s"] for r in timed.values())
         parts = ", ".join(f"{s} {r['train_s']:.0f} + {r['eval_s']:.0f}" for s, r in timed.items())
         lines += [f"Wall time, seconds (train + evaluation): {parts}; {total / 60:.1f} minutes in all.", ""]
+    figures = len(lines)
     lines += [*plots, ""]
     for stage, r in results.items():
         if not isinstance(r, dict) or "samples" not in r:
@@ -308,7 +369,7 @@ def write_report(results: dict) -> None:
         lines.append("")
     path = os.path.join(workdir, "report.md")
     report.write(path, lines, {"stages": {**results, **policies}})  # policies: merged numbers, ppo_ema
-    print("\n".join(lines[: lines.index(plots[0])]))
+    print("\n".join(lines[:figures]))
     print(f"report: {path}")
 
 

@@ -1,6 +1,7 @@
 """Checkpoints that changed on disk and runs that explode while staying finite: a bit flipped inside an array
 file is damage (moved aside, the older step resumed), and a diverging run stops before it writes a checkpoint,
-so rotation never deletes the last good one."""
+so rotation never deletes the last good one, also when the damage shows only in the loss after a save step's
+update."""
 
 import glob
 import os
@@ -13,7 +14,7 @@ import pytest
 from helpers import CHECKPOINT_CFG, TINY, logged, tiny_config
 
 from gptjax import checkpoint, train
-from gptjax.train import guard
+from gptjax.train import build, guard
 from gptjax.train import state as state_lib
 
 
@@ -94,6 +95,39 @@ def test_a_spike_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monk
     # steps 1..4 of a normal tiny run pass the guard; step 4's checkpoint, the last before the spike, is kept
     assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5]
     assert checkpoint.manager(workdir, create=False).all_steps() == [4]
+    cfg, params = checkpoint.load_model(workdir)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_an_update_seen_only_in_the_next_loss_is_not_saved_at_a_save_step(tmp_path, monkeypatch):
+    """Step 4 (a save step) lands the params where the loss explodes while its own numbers (update and param
+    norms, its loss, measured before the update) stay normal: the step after it would show it, after the
+    save. The loss of the params about to be saved is measured first, so step 4 is never written."""
+    make_step = build.Run.make_step
+
+    def poisoned_at_4(self, batch):
+        train_step = make_step(self, batch)
+
+        def step(state, batch, rng, ctx):
+            state, metrics = train_step(state, batch, rng, ctx)
+            if int(state.step) == 4:  # finite, but far from where training was
+                state = state.replace(params=jax.tree.map(lambda x: x * 1000, state.params))
+            return state, metrics
+
+        return step
+
+    monkeypatch.setattr(build.Run, "make_step", poisoned_at_4)
+    workdir = str(tmp_path / "run")
+    over = {**TINY, "train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 1}
+    with pytest.raises(guard.Diverged) as e:
+        train.run(tiny_config("pretrain", **over), workdir)
+    msg = str(e.value)
+    assert msg.startswith("step 4: the run diverged: the params after this step's update have loss=")
+    assert "on the step's own batch" in msg and "checkpoint is not written" in msg
+    rows = logged(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 4 looked normal to the step's own checks
+    assert rows[3]["update_norm"] < rows[3]["param_norm"] / 10
+    assert checkpoint.manager(workdir, create=False).all_steps() == [2]  # kept; step 4 never written
     cfg, params = checkpoint.load_model(workdir)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 

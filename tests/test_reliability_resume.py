@@ -1,15 +1,17 @@
-"""A resume compares what it resumes: a changed lr, a swapped data file or a moved-on upstream checkpoint is
-refused naming each key (``train.resume_changes`` allows a deliberate change); a longer ``train.steps``
-resumes; a checkpoint that records no identity (an older workdir) resumes with a warning."""
+"""A resume compares what it resumes: a changed lr, a swapped data file, a moved-on upstream checkpoint or one
+retrained in place to the same step is refused naming each key (``train.resume_changes`` allows a
+deliberate change); a longer ``train.steps`` resumes; a checkpoint that records no identity (an older
+workdir) resumes with a warning."""
 
 import logging
 import os
+import re
 import shutil
 
 import pytest
 from helpers import logged, tiny_config
 
-from gptjax import train
+from gptjax import checkpoint, train
 from gptjax.train import defaults, loop, provenance
 
 TINY = {
@@ -84,14 +86,18 @@ def test_a_longer_run_resumes_and_a_stage_started_from_it_sees_its_upstream_move
     workdir, data_file = copy(base, tmp_path)
     sft = tiny_config("sft", **{"train.init_from": workdir})
     started = provenance.identity(sft)
-    assert started["train.init_from@checkpoint"] == f"{workdir}@2"
+    assert re.fullmatch(
+        rf"{re.escape(workdir)}@2 checksums [0-9a-f]{{16}}", started["train.init_from@checkpoint"]
+    )
 
     train.run(config(data_file, **{"train.steps": 3}), workdir)  # train.steps is harmless
     assert [r["step"] for r in logged(workdir)] == [1, 2, 3]
 
     with pytest.raises(provenance.ResumeMismatch) as e:
         provenance.check({"identity": started}, provenance.identity(sft), "", "sft", 2)
-    assert f"  train.init_from@checkpoint: checkpoint {workdir}@2, now {workdir}@3" in str(e.value)
+    w = re.escape(workdir)
+    line = rf"  train.init_from@checkpoint: checkpoint {w}@2 checksums \w+, now {w}@3 checksums \w+\n"
+    assert re.search(line, str(e.value))
     assert "--config.train.resume_changes=train.init_from" in str(e.value)
     provenance.check({"identity": started}, provenance.identity(sft), "train.init_from", "sft", 2)
 
@@ -114,3 +120,40 @@ def test_a_checkpoint_without_identity_resumes_with_a_warning(tmp_path, monkeypa
     assert "records no run identity" in caplog.text
     assert [r["step"] for r in logged(workdir)] == [1, 2, 3]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+
+
+def test_an_upstream_retrained_in_place_to_the_same_step_is_refused(base, tmp_path):
+    """The upstream's path and step are unchanged; the checksums its step recorded tell the two apart."""
+    upstream, data_file = copy(base, tmp_path)
+    down = str(tmp_path / "down")
+    train.run(config(data_file, **{"train.init_from": upstream}), down)
+    recorded = checkpoint.load_meta(down)[1]["identity"]["train.init_from@checkpoint"]
+    assert recorded.startswith(f"{upstream}@2 checksums ")
+
+    shutil.rmtree(upstream)  # retrained into the same directory, to the same step, with another seed and lr
+    train.run(config(data_file, **{"train.seed": 7, "optim.lr": 1e-3}), upstream)
+    assert checkpoint.manager(upstream, create=False).all_steps() == [2]
+    longer = config(data_file, **{"train.init_from": upstream, "train.steps": 3})
+    with pytest.raises(provenance.ResumeMismatch) as e:
+        train.run(longer, down)
+    (line,) = [line for line in str(e.value).splitlines() if line.startswith("  ")]
+    now = provenance.upstream(upstream)
+    assert line == f"  train.init_from@checkpoint: checkpoint {recorded}, now {now}" and now != recorded
+    assert now.startswith(f"{upstream}@2 checksums ")
+    assert "--config.train.resume_changes=train.init_from" in str(e.value)
+    assert [r["step"] for r in logged(down)] == [1, 2]  # nothing trained
+
+    longer.train.resume_changes = "train.init_from"  # a deliberate change
+    train.run(longer, down)
+    assert [r["step"] for r in logged(down)] == [1, 2, 3]
+
+
+def test_an_upstream_recorded_without_checksums_compares_by_path_and_step():
+    """A workdir written before upstream checksums were recorded resumes; a moved-on step is still refused."""
+    key = "train.init_from@checkpoint"
+    old, now = {key: "/runs/sft@4"}, {key: "/runs/sft@4 checksums 0123456789abcdef"}
+    assert provenance.differences(old, now) == ([], [])
+    moved = {key: "/runs/sft@5 checksums 0123456789abcdef"}
+    assert provenance.differences(old, moved)[0] == [f"{key}: checkpoint /runs/sft@4, now {moved[key]}"]
+    other = {key: "/runs/sft@4 checksums fedcba9876543210"}
+    assert provenance.differences(now, other)[0] == [f"{key}: checkpoint {now[key]}, now {other[key]}"]

@@ -1,6 +1,8 @@
 """Checkpoints: ``store.py`` saves, restores and resumes a run's state (orbax: params, EMA, optimizer, the
-batch source's position, meta); ``load.py`` loads models out of workdirs or Hugging Face directories for
-``init_from``, frozen roles, chat and the evaluators: ``gptjax.checkpoint.load_model(path, role=, ema=)``.
+batch source's position, meta); ``integrity.py`` keeps non-finite arrays out and checksums in; ``disk.py``
+turns an unwritable path or a full disk into one line; ``load.py`` loads models out of workdirs or Hugging
+Face directories for ``init_from``, frozen roles, chat and the evaluators:
+``gptjax.checkpoint.load_model(path, role=, ema=)``.
 """
 
 from gptjax.checkpoint.load import (  # noqa: F401

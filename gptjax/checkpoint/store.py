@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 import jax
@@ -30,6 +28,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gptjax import model
+from gptjax.checkpoint.disk import (  # noqa: F401 (store.DiskFull)
+    DiskFull,
+    NotWritable,
+    leave_out_library_logs,
+    probe_folder,
+    writing,
+)
 from gptjax.checkpoint.integrity import (  # noqa: F401 (store.DamagedCheckpoint, store._name)
     CHECKSUMS,
     DamagedCheckpoint,
@@ -46,55 +51,11 @@ def _ckpt_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-class DiskFull(OSError):
-    """A checkpoint that could not be written for lack of disk space (errno ENOSPC); the earlier ones are
-    left as they were (orbax renames a step into place only once it is complete)."""
-
-    def __init__(self, directory: str, detail: str):
-        try:
-            free = f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        super().__init__(
-            f"checkpoint not written: no space left on the disk of {os.path.dirname(directory)} ({free}; "
-            f"{detail}); the checkpoints already in {directory} are left as they were: free some space "
-            "(or use another --workdir) and rerun to resume"
-        )
-        self.errno = errno.ENOSPC
-
-
-def _no_space(e: BaseException) -> BaseException | None:
-    """The error in ``e``'s chain that says the disk is full (orbax may wrap it, e.g. from its commit
-    thread), or None."""
-    seen: list[BaseException] = []
-    x: BaseException | None = e
-    while x is not None and x not in seen and len(seen) < 8:
-        seen.append(x)
-        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x):
-            return x
-        x = x.__cause__ or x.__context__
-    return None
-
-
-@contextlib.contextmanager
-def _writing(directory: str):
-    """Raise a full disk met while writing a checkpoint as one clear ``DiskFull`` line."""
-    try:
-        yield
-    except DiskFull:
-        raise
-    except Exception as e:
-        cause = _no_space(e)
-        if cause is None:
-            raise
-        raise DiskFull(directory, _first_line(str(cause))) from None
-
-
 class _Manager(ocp.CheckpointManager):
-    # orbax commits a save in a background thread: a full disk surfaces in wait_until_finished (also called
-    # by close) or in the next save, so both say it in one line.
+    # orbax commits a save in a background thread: a full disk (or a folder that turned read-only) surfaces
+    # in wait_until_finished (also called by close) or in the next save, so both say it in one line.
     def wait_until_finished(self):
-        with _writing(str(self.directory)):
+        with writing(str(self.directory)):
             super().wait_until_finished()
 
 
@@ -105,6 +66,7 @@ def manager(workdir: str, *, keep: int = 3, create: bool = True) -> ocp.Checkpoi
         raise ValueError(
             f"{directory} is a file, not a checkpoints directory: move it aside or use another --workdir"
         )
+    leave_out_library_logs()  # its tracebacks of a full disk: ``writing`` raises that as one line
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     handlers = {
         # PyTree handler (same format as Standard) so that init_from can restore a subset of the params
@@ -138,7 +100,8 @@ def save(mngr: ocp.CheckpointManager, state: Any, *, data_state: dict | None, me
     )
     if state.ema_params is not None:
         items["ema"] = ocp.args.PyTreeSave(state.ema_params)
-    with _writing(str(mngr.directory)):  # a full disk: one line naming the workdir and its free space
+    with writing(str(mngr.directory)):  # a full disk: one line naming the workdir and its free space
+        probe_folder(str(mngr.directory))  # before the library's threads start waiting on a folder
         mngr.save(step, args=ocp.args.Composite(**items))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from gptjax import data, losses, model
@@ -204,6 +205,29 @@ def check_config(config: ConfigDict, model_cfg: model.ModelConfig, mesh) -> None
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
+# Stages that train from random weights by design; every other stage starts from an earlier one (SFT from
+# pretraining, the reward model, DPO, KTO, rejection sampling and RL from SFT, a critic from the RM).
+SCRATCH_STAGES = ("pretrain",)
+
+
+def random_init_warnings(config: ConfigDict, roles: list) -> list[str]:
+    """Warn (and return) one line per trained role with no ``init_from`` in a stage that needs a starting
+    model: an SFT, RM, DPO, KTO or RL run from random weights trains on noise, which no error would show."""
+    if config.stage in SCRATCH_STAGES:
+        return []
+    lines = []
+    for role in roles:
+        if role.init_from:
+            continue
+        key = f"roles.{role.name}.init_from" if roles_lib.keyed(roles) else "train.init_from"
+        lines.append(
+            f"stage {config.stage!r} trains role {role.name!r} from random weights: {key} is empty. This "
+            f"stage starts from an earlier one: set --config.{key}=<its workdir or a Hugging Face directory>"
+        )
+        logging.warning("%s", lines[-1])
+    return lines
+
+
 def trained_roles(config: ConfigDict, mesh, adjust: Callable | None = None) -> list:
     """The stage's trained roles with their configs checked (``adjust``: applied to each model config first,
     e.g. the planner's scanned layers)."""
@@ -258,6 +282,8 @@ def build(
     roles = trained_roles(config, mesh, adjust)
     if fresh or abstract:
         roles = [dataclasses.replace(r, init_from="") for r in roles]
+    else:
+        random_init_warnings(config, roles)
     vocab = None if abstract else data.get_vocabulary(config.data)  # a plan reads no files
     for role in roles if vocab is not None else ():
         if vocab.vocab_size > role.cfg.vocab_size:

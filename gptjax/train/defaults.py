@@ -60,6 +60,9 @@ def base_config(stage: str) -> ConfigDict:
             # a resume refuses a checkpoint trained with another config, data or upstream checkpoint, except
             # in these keys (a comma list, e.g. 'optim.lr,data.sources.main.path', or 'all')
             "resume_changes": "",
+            # Weights & Biases project: every logged row also goes there ('' = off; WANDB_MODE=offline needs
+            # no network; pip install -e '.[wandb]')
+            "wandb_project": "",
         }
     )
     # Evaluators the loop runs on their own cadence: {name: gptjax.evals.entry(fn, every=..., **options)}

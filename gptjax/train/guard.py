@@ -4,8 +4,9 @@ The train step itself skips an update whose loss or gradients are not finite and
 ``gptjax.train.step``); ``NonFinite`` applies ``train.nonfinite`` to the metrics the loop fetches anyway, so
 the check costs no extra host sync. ``Signals`` turns SIGTERM / SIGINT into a request the loop serves after
 its current step: checkpoint, then ``Interrupted`` (exit status 128 + the signal number). ``WorkdirLock``
-keeps a second run off a workdir that a run is using. ``Divergence`` stops a finite but exploding run before
-it writes a checkpoint (``train.divergence_factor``).
+keeps a second run off a workdir that a run is using, and ``make_workdir`` refuses one it cannot write, before
+anything is built. ``Divergence`` stops a finite but exploding run before it writes a checkpoint
+(``train.divergence_factor``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,6 +28,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from gptjax.checkpoint import disk
 from gptjax.train import sources
 
 POLICIES = ("skip", "stop")
@@ -110,14 +113,22 @@ class Divergence:
     its median over the last ``window`` checked steps, or whose update is about as large as the params it
     changes (that one needs no history, so the first step of a run is guarded too). 0 turns the guard off.
 
-    It reads the metrics the loop fetches anyway and raises before the step's checkpoint is written, so no
-    diverged state is ever saved and rotation keeps every checkpoint from before it. Losses are compared
-    only while every loss in the window is positive (cross-entropy, ranking, DPO): an RL objective's loss
-    crosses zero, and a ratio to a median near zero means nothing. Skipped (non-finite) steps are left to
-    ``NonFinite``.
+    It reads the metrics the loop fetches anyway and raises before the step's checkpoint is written. A step's
+    loss is measured before its update, so an update whose damage shows only in the loss (its norm looks
+    normal) is seen one step late: at a save step that is after the checkpoint. So before each save the loop
+    measures the loss of the params it is about to write on the step's own batch (``check_saved``, one
+    forward pass per checkpoint): no diverged state is saved, and rotation keeps every checkpoint from
+    before it. Losses are compared only while every loss in the window is positive (cross-entropy, ranking,
+    DPO): an RL objective's loss crosses zero, and a ratio to a median near zero means nothing. Skipped
+    (non-finite) steps are left to ``NonFinite``.
     """
 
     MIN_HISTORY = 3  # steps in the window before a spike is judged against it
+    ADVICE = (
+        "Stopped before writing another checkpoint: the checkpoints kept are all from before this step. "
+        "Resume from the last one with a lower optim.lr (or a smaller optim.clip_norm), or raise "
+        "train.divergence_factor (0 turns this check off) if such a spike is expected"
+    )
 
     def __init__(self, factor: float, window: int):
         self.factor, self.window = factor, window
@@ -146,16 +157,30 @@ class Divergence:
             if loss > self.factor * median:
                 problems.append(self._spike("loss", loss, median, len(self.losses)))
         if problems:
-            raise Diverged(
-                f"step {step}: the run diverged: {'; '.join(problems)}. Stopped before writing another "
-                "checkpoint: the checkpoints kept are all from before this step. Resume from the last one "
-                "with a lower optim.lr (or a smaller optim.clip_norm), or raise train.divergence_factor "
-                "(0 turns this check off) if such a spike is expected"
-            )
+            raise Diverged(f"step {step}: the run diverged: {'; '.join(problems)}. {self.ADVICE}")
         for seq, x in ((self.losses, loss), (self.updates, update)):
             if x is not None:
                 seq.append(x)
                 del seq[: -self.window]
+
+    def judges_loss(self) -> bool:
+        """Whether ``check_saved`` would judge a loss now (the loop measures one only then)."""
+        return bool(self.factor) and bool(self.losses) and min(self.losses) > 0
+
+    def check_saved(self, step: int, loss: float) -> None:
+        """Before step ``step``'s checkpoint: raise when ``loss``, that of the params about to be saved on the
+        step's own batch, is not finite or is more than ``factor`` times the window's median. One loss in the
+        window is enough: it holds the same batch's loss before the update."""
+        median = statistics.median(self.losses)
+        if math.isfinite(loss) and loss <= self.factor * median:
+            return
+        ratio = f"{loss / median:.3g}x" if math.isfinite(loss) else "not finite, against"
+        raise Diverged(
+            f"step {step}: the run diverged: the params after this step's update have loss={loss:.4g} on "
+            f"the step's own batch, {ratio} its median {median:.4g} over the last {len(self.losses)} steps "
+            f"(train.divergence_factor={self.factor:g}); the step's own numbers did not show it. Its "
+            f"checkpoint is not written. {self.ADVICE}"
+        )
 
     def _spike(self, name: str, value: float, median: float, n: int) -> str:
         return (
@@ -234,6 +259,17 @@ def remove_unused_workdir(workdir: str) -> None:
 
 
 LOCK_NAME = "run.lock"  # in the workdir, beside checkpoints/ and metrics.jsonl (neither reads it)
+# what a run writes in its workdir, besides new files there: folders it adds files to, files it appends to
+WRITTEN_FOLDERS = ("checkpoints", "checkpoints-damaged", "tb")
+APPENDED = ("metrics.jsonl",)
+
+
+def make_workdir(workdir: str) -> bool:
+    """Create ``workdir`` if needed; raise ``disk.NotWritable`` (one line naming the path and the fix) when
+    this process cannot write it or a folder or file in it the run writes: a read-only mount, another
+    owner. Before anything is built, instead of a traceback at the first checkpoint. Returns whether it
+    was created."""
+    return disk.make_writable_dir(workdir, WRITTEN_FOLDERS, APPENDED)
 
 
 class WorkdirLocked(RuntimeError):

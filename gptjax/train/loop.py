@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging as py_logging
 import os
+import secrets
 import sys
 import time
 from typing import Any
@@ -31,20 +31,6 @@ from gptjax import checkpoint, evals, model
 from gptjax.model import flops, sharding
 from gptjax.train import build, guard, provenance, sources, stages
 from gptjax.train import step as step_lib
-
-
-def setup_logging() -> None:
-    """INFO from gptjax itself; only warnings and errors from libraries (orbax, seqio, TF are chatty)."""
-    logging.set_verbosity(logging.INFO)
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gptjax/
-    repo = os.path.dirname(package)
-    ours = (package + os.sep, os.path.join(repo, "scripts") + os.sep, os.path.join(repo, "kernels") + os.sep)
-
-    def keep(record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or record.pathname.startswith(ours)
-
-    logging.get_absl_handler().addFilter(keep)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def drop_rows_after(path: str, step: int) -> None:
@@ -71,12 +57,48 @@ def drop_rows_after(path: str, step: int) -> None:
         )
 
 
-class MetricLog:
-    """Console (progress bar), TensorBoard and metrics.jsonl in the workdir; process 0 only."""
+def wandb_run(config: ConfigDict, workdir: str):
+    """A Weights & Biases run beside TensorBoard when ``train.wandb_project`` names a project ('' = none):
+    one W&B run per workdir (its id kept in the workdir, so a resume continues it; the replayed steps after
+    the checkpoint are logged again), files under ``<workdir>/wandb``. ``WANDB_MODE=offline`` needs no
+    network (``wandb sync`` uploads later)."""
+    project = config.train.get("wandb_project", "")
+    if not project:
+        return None
+    try:
+        import wandb  # optional (the 'wandb' extra): only runs that log there need it
+    except ImportError:
+        raise ValueError(
+            f"train.wandb_project={project!r} needs the wandb package: pip install 'gptjax[wandb]' (or set "
+            "train.wandb_project='' to log to TensorBoard and metrics.jsonl only)"
+        ) from None
+    id_path = os.path.join(workdir, "wandb_run_id")
+    if not os.path.exists(id_path):
+        with open(id_path, "w") as f:
+            f.write(secrets.token_hex(4))
+    with open(id_path) as f:
+        run_id = f.read().strip()
+    run = wandb.init(
+        project=project,
+        dir=workdir,
+        id=run_id,
+        resume="allow",
+        name=os.path.basename(os.path.abspath(workdir)),
+        config=json.loads(config.to_json_best_effort()),
+        # where the run is, not its 30-line summary at the end (WANDB_QUIET / WANDB_SILENT still choose)
+        settings=None if {"WANDB_QUIET", "WANDB_SILENT"} & set(os.environ) else wandb.Settings(quiet=True),
+    )
+    run.define_metric("*", step_metric="step")  # our step: splits arrive out of order (rollout t+1, train t)
+    return run
 
-    def __init__(self, workdir: str, total: int, initial: int):
+
+class MetricLog:
+    """Console (progress bar), TensorBoard, metrics.jsonl in the workdir and, with ``train.wandb_project``,
+    Weights & Biases; process 0 only."""
+
+    def __init__(self, workdir: str, total: int, initial: int, config: ConfigDict | None = None):
         self.enabled = jax.process_index() == 0
-        self.writer, self.bar, self.file = None, None, None
+        self.writer, self.bar, self.file, self.wandb = None, None, None, None
         if not self.enabled:
             return
 
@@ -88,12 +110,15 @@ class MetricLog:
         drop_rows_after(path, initial)  # steps after the resumed checkpoint are replayed: log them once
         self.file = open(path, "a")
         self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, disable=not sys.stderr.isatty())
+        self.wandb = wandb_run(config, workdir) if config is not None else None
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
         for k, v in metrics.items():
             self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({**{f"{prefix}/{k}": v for k, v in metrics.items()}, "step": step})
         self.file.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
         self.file.flush()
         text = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
@@ -127,6 +152,8 @@ class MetricLog:
             self.bar.close()
             self.writer.close()
             self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
 
 def validation_metrics(
@@ -141,6 +168,17 @@ def validation_metrics(
     return {k: float(v) for k, v in jax.device_get(step_lib.reduce_metrics(totals)).items()}
 
 
+def loss_after_update(eval_step, params, batch, rng, ctx, mesh, t: ConfigDict) -> float:
+    """The loss of ``params`` on ``batch``, the batch of the update that made them (in the step's
+    micro-batches, so that it needs no more memory than the step)."""
+    totals: dict[str, Any] = {}
+    for i in range(t.micro_batches):
+        part = jax.tree.map(lambda x, i=i: x[i :: t.micro_batches], batch)
+        m = eval_step(params, sharding.shard_batch(part, mesh), rng, ctx)
+        totals = m if not totals else jax.tree.map(jnp.add, totals, m)
+    return float(jax.device_get(step_lib.reduce_metrics(totals))["loss"])
+
+
 def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train one stage; resumes from ``workdir`` if it holds a checkpoint. Returns the last train metrics."""
     sharding.maybe_initialize_distributed()
@@ -150,11 +188,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh)
     build.trained_roles(config, mesh)  # the config's checks, before the workdir is made
     evals.configured(config)  # an unknown evaluator or option: named before anything is made
-    created = not os.path.exists(workdir)
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--workdir {workdir!r} cannot be created ({e.strerror}): choose a path") from None
+    created = guard.make_workdir(workdir)  # a workdir this process cannot write: one line, now
     lock = guard.WorkdirLock(workdir).acquire()  # a second run on this workdir is refused here, naming us
     try:
         prepare = stages.prepare_fn(stage)
@@ -178,6 +212,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
     run_ = build.build(config, mesh, rng=init_rng)
     roles, train_state, ctx, source = run_.roles, run_.state, run_.ctx, run_.source
     mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
+    checkpoint.disk.check_space(str(mngr.directory), train_state, t.keep_checkpoints)  # room for one
     run_identity = provenance.identity(config)
     meta = checkpoint.meta_for(
         roles[0].cfg,
@@ -206,7 +241,7 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
         eval_start = eval_source.get_state()
 
     start = int(jax.device_get(train_state.step))
-    log = MetricLog(workdir, t.steps, start)
+    log = MetricLog(workdir, t.steps, start, config)
     evaluators = evals.Runner(config, workdir, run_, eval_rng)  # config.evals, on their own cadence
     speed = Speed(
         sum(model.flops_per_token(r.cfg, t.seq_len) for r in roles),
@@ -251,6 +286,9 @@ def _train(config: ConfigDict, workdir: str, mesh, stage) -> dict[str, float]:
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps or stop:
                 if pending is not None:  # the step's row is logged (and checked) before its checkpoint exists
                     last, pending = _flush(log, speed, nonfinite, pending, t, divergence), None
+                if divergence.judges_loss():  # this step's update shows in the loss only after it: look now
+                    loss = loss_after_update(eval_step, train_state.params, batch, train_rng, ctx, mesh, t)
+                    divergence.check_saved(step + 1, loss)
                 log.flush()
                 # a run that trained nothing ends with no checkpoint and no exit 0; the save refuses NaN / inf
                 if step + 1 == t.steps:

@@ -7,12 +7,15 @@ A run's identity is one flat dict:
   its size, first and last MiB instead. Content, not mtime: a copied or touched file is the same data, and
   an edited one with an unchanged size is still caught; the cap keeps the start of a multi-GB corpus short;
 - ``<key>@checkpoint`` for each ``init_from`` (trained and frozen roles; a frozen role without one names the
-  trained model's): a workdir as ``path@step`` of its latest checkpoint, a Hugging Face directory as ``hf`` +
-  a hash of its config.json and its weight files' names and sizes.
+  trained model's): a workdir as ``path@step checksums XXXX`` of its latest checkpoint, where XXXX hashes the
+  per-array checksums that step recorded when it was written (its meta only: no array is read), so an
+  upstream retrained in place to the same step is told apart; a Hugging Face directory as ``hf`` + a hash of
+  its config.json and its weight files' names and sizes.
 
 On resume, keys that change what is trained must match (``train.resume_changes`` lists the ones allowed to
 differ, or ``all``); ``HARMLESS`` keys (a longer ``train.steps``, cadences, the mesh, exact accumulation, the
-evaluators) may always differ. A key absent on one side (a config key added or removed since) only warns.
+evaluators) may always differ. A key absent on one side (a config key added or removed since) only warns;
+an upstream recorded as ``path@step`` alone (before checksums were recorded) is compared by path and step.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ HARMLESS = (
     "train.max_nonfinite_in_a_row",
     "train.divergence_factor",
     "train.divergence_window",
+    "train.wandb_project",
     "rollout.score_rows",
+    "rollout.reward_fn_timeout_s",
     "rollout.generate_rows",
     "rollout.mesh",
     "evals",
@@ -113,8 +118,12 @@ def file_fingerprint(pattern: str) -> str:
     return f"{len(files)} file(s), {total} bytes, sha256 {h.hexdigest()[:16]}"
 
 
+CHECKSUMS = " checksums "  # between an upstream's path@step and the hash of its recorded checksums
+
+
 def upstream(path: str) -> str:
-    """``path@step`` of a workdir's latest checkpoint, ``hf <hash>`` of a Hugging Face directory."""
+    """``path@step checksums XXXX`` of a workdir's latest checkpoint (``path@step`` when it records no
+    checksums), ``hf <hash>`` of a Hugging Face directory."""
     if checkpoint.is_hf_dir(path):
         h = hashlib.sha256()
         for name in sorted(os.listdir(path)):
@@ -129,7 +138,27 @@ def upstream(path: str) -> str:
         step = checkpoint.manager(path, create=False).latest_step()
     except (FileNotFoundError, OSError, ValueError):
         step = None
-    return f"{path}@{step}" if step is not None else f"{path} (no checkpoint)"
+    if step is None:
+        return f"{path} (no checkpoint)"
+    try:
+        recorded = checkpoint.load_meta(path, step)[1].get(checkpoint.store.CHECKSUMS)
+    except Exception as e:  # whatever the checkpoint library raises for an unreadable meta
+        logging.warning("%s: checkpoint %d's meta is unreadable (%s): recorded by step only", path, step, e)
+        recorded = None
+    if not recorded:
+        return f"{path}@{step}"
+    digest = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{path}@{step}{CHECKSUMS}{digest}"
+
+
+def _same(key: str, recorded: Any, current: Any) -> bool:
+    """Equal values; an upstream recorded without checksums (an older workdir) matches by path and step."""
+    if recorded == current:
+        return True
+    if key.endswith("@checkpoint") and isinstance(recorded, str) and isinstance(current, str):
+        if CHECKSUMS not in recorded or CHECKSUMS not in current:
+            return recorded.split(CHECKSUMS)[0] == current.split(CHECKSUMS)[0]
+    return False
 
 
 def identity(config: ConfigDict) -> dict[str, Any]:
@@ -164,7 +193,7 @@ def differences(recorded: dict, current: dict, allowed: str = "") -> tuple[list[
             continue
         if key not in recorded or key not in current:
             one_sided.append(key)
-        elif recorded[key] != current[key]:
+        elif not _same(key, recorded[key], current[key]):
             lines.append(f"{key}: checkpoint {_show(recorded[key])}, now {_show(current[key])}")
     return lines, one_sided
 
