@@ -1,4 +1,4 @@
-"""Data: seqio tasks and mixtures over JSONL / text / TFDS, cleaning, vocabularies, packing, the tiny task.
+"""Data: seqio tasks and mixtures over JSONL / text / TFDS, cleaning, vocabularies, packing, built-in tasks.
 
 Contract with the train loop::
 
@@ -23,7 +23,10 @@ the held-out data in a fixed order and loops. Batch keys by stage (each stage's 
                   along K.
   prompts         ``prompt_BP`` (BOS + prompt; right-padded, or left with ``data.pad_side='left'``),
                   ``prompt_lengths_B``, ``prompt_ids_B``; ``it.prompt_text(batch['prompt_ids_B'])`` gives the
-                  raw prompt strings back (e.g. for ``gptjax.data.tiny.gold_reward``).
+                  raw prompt strings back (e.g. for ``gptjax.data.tiny.gold_reward``), and
+                  ``it.prompt_fields(batch['prompt_ids_B'])`` the prompt records' other fields (any JSON
+                  value, e.g. a task's ``answer``) as {field: [value per row]}: every field any record has,
+                  None for a row whose record lacks it (reward functions get them as keyword arguments).
 
 For ``stage='prompts'`` ``seq_len`` is the prompt length P; for 'rm' it is the prompt+response length L.
 Records longer than that follow ``data.overflow`` ('truncate' | 'drop'; pretraining documents are split across
@@ -40,15 +43,18 @@ model for ``data.vocab.kind='sentencepiece'``.
 
 Configs: ``default_config()`` documents every option, ``source(...)`` builds one source, and
 ``tiny_config(stage)`` is the built-in tiny task's section (``gptjax.data.tiny``: ``gold_reward``,
-``eval_prompts``). TensorFlow and seqio are imported only when a pipeline is built, and never see a GPU.
+``eval_prompts``); ``arith_config(stage)`` the built-in arithmetic task's, problems with exact answers for RL
+with verifiable rewards (``gptjax.data.arith``: ``verified_reward``, ``format_reward``, ``eval_problems``,
+``evaluate_accuracy``; settings in ``data.arith``). TensorFlow and seqio are imported only when a pipeline
+is built, and never see a GPU.
 """
 
 from __future__ import annotations
 
-from gptjax.data.config import default_config, source, tiny_config
+from gptjax.data.config import arith_config, default_config, source, tiny_config
 from gptjax.data.vocab import get_vocabulary
 
-__all__ = ["default_config", "get_vocabulary", "make_iterator", "source", "tiny_config"]
+__all__ = ["arith_config", "default_config", "get_vocabulary", "make_iterator", "source", "tiny_config"]
 
 
 def make_iterator(

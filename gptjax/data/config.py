@@ -1,4 +1,4 @@
-"""The ``config.data`` section: every option for users' own data, and the built-in tiny task's section.
+"""The ``config.data`` section: every option for users' own data, and the built-in tasks' sections.
 
     data = default_config()
     data.sources.web = source(format="text", path="/data/web/*.jsonl", clean=dict(dedup=True, near_dup=True))
@@ -80,7 +80,8 @@ def source(**kw: Any) -> ml_collections.ConfigDict:
             "data_dir": "",  # where that TFDS dataset is prepared ('' = TFDS default)
             "split": "train",  # TFDS split for training
             "validation_split": "",  # TFDS split for validation ('' = carve data.validation_fraction)
-            "builtin": "",  # 'tiny': the built-in synthetic task (settings in data.tiny)
+            # a built-in task (BUILTINS): 'tiny' (settings in data.tiny) | 'arith' (settings in data.arith)
+            "builtin": "",
             "fields": fields_config(),
             "rate": 1.0,  # mixing rate (relative; data.mixture overrides)
             "stages": "",  # comma list of stages this source feeds; '' = every stage its format can feed
@@ -119,6 +120,29 @@ def tiny_section(**overrides: Any) -> ml_collections.ConfigDict:
     return t
 
 
+def arith_section(**overrides: Any) -> ml_collections.ConfigDict:
+    """Settings of the built-in arithmetic task (see gptjax.data.arith)."""
+    t = _locked(
+        seed=0,
+        num_docs=20000,  # pretraining documents of one worked problem each
+        num_sft=256,  # demonstrations: few, so SFT leaves RL headroom
+        num_prompts=2000,  # RL prompts (each record carries its answer)
+        num_eval=200,  # held-out problems in the validation split
+        min_terms=3,  # numbers per problem
+        max_terms=4,
+        max_value=9,  # every number and every partial result in [0, max_value]
+        text_noise=0.1,  # share of wrong worked problems in the pretraining text
+        sft_noise=0.25,  # share of flawed demonstrations (a slipped step, a miscopied answer, no final
+        # answer form, or the answer without the work), a quarter each
+    )
+    t.update(overrides)
+    return t
+
+
+# The built-in tasks: data.sources.<name>.builtin names one; its settings are the section data.<name>.
+BUILTINS = ("tiny", "arith")
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The data section with every option at its default and no sources (add them with ``source``)."""
     c = ml_collections.ConfigDict(
@@ -141,6 +165,7 @@ def default_config() -> ml_collections.ConfigDict:
             "dedup_across_sources": True,
             "near_dup": _locked(threshold=0.8, ngram=5, num_perm=64, bands=16),  # MinHash LSH settings
             "tiny": tiny_section(),
+            "arith": arith_section(),
         }
     )
     c.lock()
@@ -154,4 +179,14 @@ def tiny_config(stage: str) -> ml_collections.ConfigDict:
         raise ValueError(f"tiny_config: stage={stage!r}; use one of {STAGES}")
     c = default_config()
     c.sources.tiny = source(format=formats.get(stage).record, builtin="tiny")
+    return c
+
+
+def arith_config(stage: str) -> ml_collections.ConfigDict:
+    """``config.data`` for the built-in arithmetic task at ``stage`` ('pretrain' | 'sft' | 'prompts'; it has
+    no rankings)."""
+    if stage not in STAGES or stage == "rm":
+        raise ValueError(f"arith_config: stage={stage!r}; use one of {tuple(s for s in STAGES if s != 'rm')}")
+    c = default_config()
+    c.sources.arith = source(format=formats.get(stage).record, builtin="arith")
     return c

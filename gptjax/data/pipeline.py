@@ -66,6 +66,8 @@ def validate(data_cfg) -> None:
                 raise ValueError(f"{where}.stage_split: unknown stage {stage!r}; use {config_lib.STAGES}")
         if sum(shares.values()) > 1.0 + 1e-9:
             raise ValueError(f"{where}.stage_split={src.stage_split!r}: shares add up to more than 1")
+        if src.builtin:
+            sources.check_builtin(name, src)
         if src.clean.unicode not in ("", "NFC", "NFKC", "NFD", "NFKD"):
             raise ValueError(
                 f"{where}.clean.unicode={src.clean.unicode!r}; use '', 'NFC', 'NFKC', 'NFD' or 'NFKD'"
@@ -209,6 +211,7 @@ class DataIterator:
         # One table of token items for all sources; each source owns a range of row ids.
         self.items: list = []
         self.texts: list[str] = []  # prompt (or text) of each row, for gold-reward evaluation
+        self.fields: list[dict | None] = []  # each row's record's other fields (prompt records'), or None
         uids: dict[str, np.ndarray] = {}
         for name, records in per_source.items():
             try:
@@ -219,6 +222,7 @@ class DataIterator:
             uids[name] = np.arange(len(self.items), len(self.items) + len(keep), dtype=np.int64)
             self.items.extend(items[i] for i in keep)
             self.texts.extend(_prompt_of(records[i]) for i in keep)
+            self.fields.extend(records[i].get("fields") for i in keep)
             counts[name]["examples"] += len(keep)
             mine = len(range(shard_index, len(keep), num_shards))
             if mine == 0:
@@ -243,6 +247,8 @@ class DataIterator:
         rates = _stage_sources(data_cfg, stage)
         self._mixture = _register(stage, split, uids, {n: rates[n] for n in uids}, data_cfg.shuffle_buffer)
         self.num_examples = sum(len(u) for u in uids.values())
+        # every field any row has, in order of first appearance: prompt_fields' keys, the same every batch
+        self.field_names = list(dict.fromkeys(k for f in self.fields if f for k in f))
         self.set_state({"consumed": 0, "offset": 0})
 
     def _dataset(self, skip: int):
@@ -317,6 +323,13 @@ class DataIterator:
     def prompt_text(self, ids) -> list[str]:
         """Raw prompt strings for ``prompt_ids_B`` (e.g. to call a gold reward)."""
         return [self.texts[int(i)] for i in np.asarray(ids).reshape(-1)]
+
+    def prompt_fields(self, ids) -> dict[str, list]:
+        """The prompt records' other fields for ``prompt_ids_B`` (e.g. a reward function's ground truth):
+        {field: values aligned with ids} for every field any record of this iterator has, None where a row's
+        record lacks it (a JSONL record without it, or another source of a mixture); {} when none has any."""
+        rows = [self.fields[int(i)] or {} for i in np.asarray(ids).reshape(-1)]
+        return {k: [row.get(k) for row in rows] for k in self.field_names}
 
 
 def _quiet_seqio_shuffle_warning(record) -> bool:

@@ -1,4 +1,4 @@
-"""Reading records: local JSONL, text files, any TFDS dataset, or the built-in tiny task.
+"""Reading records: local JSONL, text files, any TFDS dataset, or a built-in task (tiny, arith).
 
 Every source yields records in one of four canonical shapes (field names in the input are remapped by the
 source's ``fields`` section); each is parsed by the batch format it belongs to (``gptjax.data.formats``):
@@ -6,7 +6,8 @@ source's ``fields`` section); each is parsed by the batch format it belongs to (
     text    {"text": str}                                    pretraining documents
     sft     {"prompt": str, "response": str}                 demonstrations (or chat ``messages``)
     rank    {"prompt": str, "responses": [str, ...]}         best -> worst, K >= 2 (chosen/rejected: K=2)
-    prompt  {"prompt": str}                                  prompts for RL (or chat ``messages``)
+    prompt  {"prompt": str, "fields": {name: value}}         prompts for RL (or chat ``messages``); ``fields``
+                                                             (optional): the raw record's other fields
 
 Bad input fails with ``ValueError``/``TypeError``/``FileNotFoundError`` naming the file and line (or dataset
 and example) and the field. Ties in rankings (equal ``scores`` or identical responses) are dropped and
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.data import formats, tiny
+from gptjax.data import arith, formats, readers, tiny
+from gptjax.data import config as config_lib
 from gptjax.data.formats.fields import RenderChat
 
 
@@ -140,15 +142,37 @@ def _tfds(name: str, data_dir: str, split: str) -> Iterable[tuple[str, Any]]:
         raise ValueError(f"{what}[{split}] is empty")
 
 
+# Each built-in task's module: records(fmt, split, section) from its section data.<builtin>.
+_BUILTIN_MODULES = {"tiny": tiny, "arith": arith}
+
+
+def check_builtin(name: str, src) -> None:
+    """A clear error for an unknown built-in task name."""
+    if src.builtin not in config_lib.BUILTINS:
+        raise ValueError(
+            f"data.sources.{name}.builtin={src.builtin!r}: unknown built-in task; choose one of "
+            f"{config_lib.BUILTINS}"
+        )
+
+
+def builtin_records(name: str, src, split: str, data_cfg) -> list[dict]:
+    """All records of a built-in task's source for 'train' or 'validation'."""
+    check_builtin(name, src)
+    if src.builtin not in data_cfg:
+        raise KeyError(
+            f"data.sources.{name}.builtin={src.builtin!r} needs the section data.{src.builtin}; build the "
+            "data section with gptjax.data.default_config()"
+        )
+    return _BUILTIN_MODULES[src.builtin].records(src.format, split, data_cfg[src.builtin])
+
+
 def read(
     name: str, src, split: str, data_cfg, render_chat: RenderChat, counts: collections.Counter
 ) -> list[dict] | None:
     """All records of source ``name`` for 'train' or 'validation' (None: the source has no such data)."""
     fmt = src.format
     if src.builtin:
-        if src.builtin != "tiny":
-            raise ValueError(f"data.sources.{name}.builtin={src.builtin!r}: the only built-in task is 'tiny'")
-        records = tiny.records(fmt, split, data_cfg.tiny)
+        records = builtin_records(name, src, split, data_cfg)
         counts["records_read"] += len(records)
         return records
     if split == "train":
@@ -164,7 +188,13 @@ def read(
         raw = (
             item
             for p in files
-            for item in (_text_file(p, src.doc_separator) if p.endswith(".txt") else _jsonl(p))
+            for item in (
+                readers.rows(p, tfds_split or split)  # a Parquet file or a saved `datasets` folder
+                if readers.handles(p)
+                else _text_file(p, src.doc_separator)
+                if p.endswith(".txt")
+                else _jsonl(p)
+            )
         )
         if any(p.endswith(".txt") for p in files) and fmt != "text":
             raise ValueError(f"data.sources.{name}: text files hold format 'text' only, not {fmt!r}")

@@ -1,10 +1,13 @@
 """'prompts': prompts for RL (rollouts generate the responses).
 
-Record ``{"prompt": str}`` (or chat ``messages``, rendered with the generation prompt); demonstrations and
-rankings feed it their prompts. Item int32[m] = BOS prompt; here ``seq_len`` is the prompt length P, and a
-longer prompt keeps its end (the question and the generation prompt sit there). Batch: ``prompt_BP``
-(right-padded, or left with ``data.pad_side='left'``), ``prompt_lengths_B``, ``prompt_ids_B`` (rows of the
-iterator's prompt table: ``it.prompt_text(ids)`` gives the strings back).
+Record ``{"prompt": str, "fields": {name: value}}``: the prompt (or chat ``messages``, rendered with the
+generation prompt) and every other field of the raw record, any JSON value, kept as it was (never cleaned):
+a task's ground truth, e.g. ``{"prompt": "Q: 7+12-5 A:", "answer": "14"}`` keeps ``answer``; ``fields`` is
+absent when there are none. Demonstrations and rankings feed it their prompts. Item int32[m] = BOS prompt;
+here ``seq_len`` is the prompt length P, and a longer prompt keeps its end (the question and the generation
+prompt sit there). Batch: ``prompt_BP`` (right-padded, or left with ``data.pad_side='left'``),
+``prompt_lengths_B``, ``prompt_ids_B`` (rows of the iterator's prompt table: ``it.prompt_text(ids)`` gives
+the strings back, ``it.prompt_fields(ids)`` the records' other fields by name).
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from gptjax.data.formats import Format, batching, fields
 
 
 def parse(rec: dict, f, where: str, render_chat, counts) -> dict:
-    del counts
-    return {"prompt": fields.prompt(rec, f, where, "prompt", render_chat)}
+    out = {"prompt": fields.prompt(rec, f, where, "prompt", render_chat, counts)}
+    used = f.prompt if f.prompt in rec else f.messages  # the field the prompt came from
+    other = {k: v for k, v in rec.items() if k != used}
+    if other:
+        out["fields"] = other
+    return out
 
 
 def prompt_only(rec: dict) -> dict:
-    return {"prompt": rec["prompt"]}
+    """A demonstration's or ranking's prompt (and its ``fields``, where its record kept any)."""
+    return {"prompt": rec["prompt"], **({"fields": rec["fields"]} if rec.get("fields") else {})}
 
 
 def tokenize(records: list[dict], vocab, seq_len: int, overflow: str, counts) -> list:
