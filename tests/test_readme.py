@@ -28,6 +28,8 @@ NOT_RUN = {
     "docs/results.md) and no step-count flag; tests/test_sweep.py runs the script on a 2-point sweep",
     "scripts/overoptimization.py": "a reward model, best-of-n pools and a PPO run per proxy size (36 min "
     "here, docs/results.md); tests/test_bon.py tests its fits and best-of-n",
+    "--recipe rlvr": "pretraining, SFT and GRPO on the arithmetic task (about 9 min here); "
+    "tests/test_reward_terms.py trains GRPO on a reward function, tests/test_arith.py checks the task",
     "--rounds": "the demo's four stages then 3 rounds of labelling, RM retraining and PPO (16 min for the "
     "rounds, docs/results.md); tests/test_train.py runs scripts/pipeline.py",
 }

@@ -89,6 +89,13 @@ def gold_reward(prompt: str, response: str, finished: bool = True) -> float:
     return float(min(1.0, max(0.0, score)))
 
 
+def gold_rewards(prompts: list[str], responses: list[str], **_) -> list[float]:
+    """``gold_reward`` as an RL reward function, one score per response
+    (``--config.rollout.reward_fn=gptjax.data.tiny:gold_rewards``; an unfinished response is left to
+    ``rollout.missing_eos_penalty``)."""
+    return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Noisy responses: each corruption is a plausible mistake with a different gold reward.
 
