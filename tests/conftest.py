@@ -1,18 +1,16 @@
 """Every test sees 8 simulated CPU devices, so sharding tests can build (2, 2, 2) meshes.
 
-Compiling dominates this suite on CPU, so the session shares one persistent XLA compilation cache: the
-pytest-xdist workers and the scripts the tests start as subprocesses read what another process compiled
-(the same program: a train step built again by a later ``train.run``, a resumed run, a rerun script). It
-lives in a fresh directory per session, removed at exit; set JAX_COMPILATION_CACHE_DIR to use your own.
+No persistent XLA compilation cache: with one shared by the pytest-xdist workers, a worker aborted inside
+XLA running an executable another test had cached (test_evals' resumed evaluator run, 3 times in 4 with
+test_reliability_resume beside it; never with the cache off), and the suite is no slower without it. Set
+JAX_COMPILATION_CACHE_DIR (and JAX_ENABLE_COMPILATION_CACHE=true) to use one anyway.
 ``built_once`` builds an artifact several tests read (a trained workdir) once for all workers; the session
 fixtures below (``pretrained``, ``sft``, ``rl_base``, ``small_base``) are the runs several files start from.
 What test files share as code (configs, fake workdirs, log readers) is in ``helpers.py``.
 """
 
-import atexit
 import os
 import shutil
-import tempfile
 
 # LLVM's optimisation level 0: the tests' programs are small and run a few steps, so code generation, not
 # execution, is where the time goes (about a third less CPU time for the suite); HLO optimisations still run.
@@ -21,14 +19,7 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    # Set here, before jax is imported, in the xdist controller: the workers inherit the same directory.
-    _cache_dir = tempfile.mkdtemp(prefix="gptjax-tests-xla-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
-    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-# A size bound turns on jax's LRU cache, which takes a file lock: two workers never read a half-written entry.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")  # set before jax is imported (module doc)
 
 import pytest  # noqa: E402
 
@@ -47,23 +38,6 @@ LONG_FIRST = (
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: each file keeps its order
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _drop_compiled_programs():
-    """At the end of each test file, jax's in-memory caches of compiled programs are dropped, so a worker's
-    memory does not grow over the session (one process running test_train, test_ppo and test_evals held
-    3.9 GB at its peak); a later file that needs a program again reads it from the persistent cache."""
-    yield
-    import sys
-
-    if "jax" in sys.modules:
-        import gc
-
-        import jax
-
-        jax.clear_caches()
-        gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -127,6 +127,8 @@ class Runner:
         due = [s for s in self.scheduled if s.due(step, self.total)]
         if not due:
             return {}
+        # the step that made ``state`` is finished before anything reads it (its inputs were donated)
+        state = jax.block_until_ready(state)
         inputs = self.inputs(step, state, ctx)
         out = {}
         for i, s in enumerate(due):
