@@ -212,11 +212,16 @@ def test_dynamic_sampling_replaces_tied_groups_with_new_prompts_and_counts_them(
     assert metrics["dynamic_sampling/tied_groups"] == 2.0
     assert metrics["dynamic_sampling/extra_generations"] == 1.0 and prompts.batches == 2
     assert metrics["dynamic_sampling/tied_groups_kept"] == 0.0
+    # the extra generation's tokens count as generated though only 16 of the 32 rows are kept
+    kept_tokens = metrics["response_length"] * 16
+    assert metrics["tokens_generated"] > 1.5 * kept_tokens
     score_B = source.buffer["advantages_BL"].any(axis=1)
     assert score_B.sum() > 8  # responses of the informative groups carry advantages
     # without it, the tied groups stay (their advantages are 0)
     source, prompts = function_rollout(reward_fn=fn)
-    assert prompts.batches == 1 and "dynamic_sampling/tied_groups" not in source.pop_metrics()
+    metrics = source.pop_metrics()
+    assert prompts.batches == 1 and "dynamic_sampling/tied_groups" not in metrics
+    assert metrics["tokens_generated"] == pytest.approx(metrics["response_length"] * 16)
     assert not source.buffer["advantages_BL"][[0, 1, 2, 3, 8, 9, 10, 11]].any()
     # the sampler's log-probs agree with the trainer's in fp32: importance weights of 1
     source, _ = function_rollout(reward_fn=fn, tis_cap=2.0)

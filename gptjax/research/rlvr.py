@@ -134,8 +134,12 @@ def run_method(root: str, method: str, seed: int, sft_result: dict, *, steps: in
         train_s=train_s or evals.read_results(workdir).get("train_s", 0.0),
         eval_s=time.perf_counter() - start,
         rollouts=len(rollouts),
+        # every generate call's tokens (DAPO's extra generations too); older runs logged only the kept rows
         tokens_generated=float(
-            sum(r.get("response_length", 0.0) for r in rollouts) * config.rollout.batch_size
+            sum(
+                r.get("tokens_generated", r.get("response_length", 0.0) * config.rollout.batch_size)
+                for r in rollouts
+            )
         ),
         accuracy_per_rollout=[r.get(REWARD_METRIC) for r in rollouts],
     )

@@ -301,7 +301,8 @@ class RolloutSource:
         prompts = {k: np.repeat(v, G, axis=0) for k, v in next(self.prompts).items()}
         gen = self._generate(policy, prompts)
         values, seconds = self._function_scores(prompts, gen)
-        counts = {}
+        # every token generated this rollout, extra generations too (every process: rows split evenly)
+        counts = {"tokens_generated": float(np.sum(gen.lengths_B)) * jax.process_count()}
         if not r.dynamic_sampling:
             return prompts, gen, values, seconds, counts
         parts = [(prompts, gen, values)]
@@ -322,13 +323,14 @@ class RolloutSource:
             seconds = {k: seconds.get(k, 0.0) + v for k, v in more_seconds.items()}
             parts.append((more, more_gen, more_values))
             informative += int(np.sum(~tied(more_values)))
+            counts["tokens_generated"] += float(np.sum(more_gen.lengths_B)) * jax.process_count()
         # the informative groups in the order generated, then (if short) the first tied groups
         keep, fill = [], []
         for i, (_, _, vals) in enumerate(parts):
             for g, t in enumerate(tied(vals)):
                 (fill if t else keep).append((i, g))
         chosen = (keep + fill)[: rows // G]
-        counts = {
+        counts |= {
             "dynamic_sampling/tied_groups": float(int(np.sum(tied(values)))),
             "dynamic_sampling/extra_generations": float(extra),
             "dynamic_sampling/tied_groups_kept": float(sum(1 for c in chosen if c in fill)),
