@@ -5,13 +5,16 @@
 
     # a training workdir (latest step or --step) -> HF directory; LoRA adapters are merged into the base
     python scripts/convert_hf.py --to-hf out/hf_model --from runs/sft [--base runs/llama_base]
+    # one role of a run with several (PPO's policy, its EMA), a LoRA policy's adapters merged the same way
+    python scripts/convert_hf.py --to-hf out/hf_policy --from runs/ppo --role policy [--ema]
 
 The tokenizer travels along: copied into WORKDIR/tokenizer on import (with its chat template) and back out on
 export (``--tokenizer`` overrides); a run on the byte vocabulary (or on an HF tokenizer named in its
 ``data.vocab``) exports that vocabulary as an HF tokenizer. Exports carry bos / eos / pad ids and a
 generation_config.json, so transformers' AutoTokenizer + AutoModelForCausalLM + generate work on them as they
 are. A LoRA run stores only its adapters; its base comes from ``--base`` (a workdir or an HF directory) or, by
-default, from the run's own ``train.init_from``.
+default, from the run's own ``train.init_from`` (the role's ``roles.<role>.init_from``); a base the run
+held quantised comes back as the quantised weights it trained on.
 """
 
 from __future__ import annotations
@@ -57,14 +60,21 @@ def _copy_tokenizer(src: str, dst: str) -> list[str]:
 
 
 def to_hf(
-    workdir: str, dst: str, step: int | None, base: str | None, tokenizer: str | None, max_shard_gb: float
+    workdir: str,
+    dst: str,
+    step: int | None,
+    base: str | None,
+    tokenizer: str | None,
+    max_shard_gb: float,
+    role: str | None = None,
+    ema: bool = False,
 ) -> None:
     step, meta = checkpoint.load_meta(workdir, step)
     # a LoRA run comes back with its adapters on the base it was trained on; hf.save merges them
-    cfg, params = checkpoint.load_model(workdir, step, base=base)
+    cfg, params = checkpoint.load_model(workdir, step, base=base, role=role, ema=ema)
     tok_src = [os.path.join(workdir, "tokenizer")]
     if cfg.lora_rank:
-        base_path = base or checkpoint.lora_base_path(workdir, meta)
+        base_path = base or checkpoint.lora_base_path(workdir, meta, role)
         tok_src += [os.path.join(base_path, "tokenizer"), base_path]
     tok = tokenizer or next(
         (
@@ -105,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from", dest="src", metavar="WORKDIR", help="with --to-hf: the workdir to read")
     p.add_argument("--step", type=int, default=None, help="with --to-hf: checkpoint step (default: latest)")
     p.add_argument("--base", default=None, help="with --to-hf of a LoRA run: base workdir or HF directory")
+    p.add_argument("--role", default=None, help="with --to-hf: the role of a run with several (e.g. policy)")
+    p.add_argument("--ema", action="store_true", help="with --to-hf: the role's EMA weights")
     p.add_argument(
         "--tokenizer", default=None, help="with --to-hf: tokenizer dir or tokenizer.json to copy, or 'byte'"
     )
@@ -119,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.src:
             p.error("--to-hf needs --from WORKDIR")
-        to_hf(args.src, args.to_hf, args.step, args.base, args.tokenizer, args.max_shard_gb)
+        to_hf(
+            args.src, args.to_hf, args.step, args.base, args.tokenizer, args.max_shard_gb, args.role, args.ema
+        )
 
 
 if __name__ == "__main__":

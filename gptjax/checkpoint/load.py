@@ -35,6 +35,7 @@ from gptjax.checkpoint.store import (
 )
 from gptjax.data import vocab as vocab_lib
 from gptjax.interop import hf, lora
+from gptjax.model import quant
 
 Params = dict[str, Any]
 
@@ -291,16 +292,24 @@ def _target(cfg: model.ModelConfig, mesh) -> Params:
     )
 
 
-def lora_base_path(workdir: str, meta: dict) -> str:
-    """Where a LoRA run's frozen base came from: its ``train.init_from`` (a workdir or an HF directory)."""
+def lora_base(workdir: str, meta: dict, role: str | None = None) -> tuple[str, str | None, bool]:
+    """(path, role, ema) a LoRA run's frozen base came from: the role's ``init_from`` (``roles.<role>`` of
+    a run with named roles, else ``train``), with its ``init_role`` / ``init_ema``."""
     config = meta.get("config")
     config = json.loads(config) if isinstance(config, str) else config or {}
-    base = (config.get("train") or {}).get("init_from")
+    section = ((config.get("roles") or {}).get(role) if role else None) or config.get("train") or {}
+    base = section.get("init_from")
     if not base:
-        raise ValueError(
-            f"{workdir} is a LoRA run without train.init_from in its meta: name its base explicitly"
+        key = (
+            f"roles.{role}.init_from" if role and (config.get("roles") or {}).get(role) else "train.init_from"
         )
-    return base
+        raise ValueError(f"{workdir} is a LoRA run without {key} in its meta: name its base explicitly")
+    return base, section.get("init_role") or None, bool(section.get("init_ema", False))
+
+
+def lora_base_path(workdir: str, meta: dict, role: str | None = None) -> str:
+    """Where a LoRA run's (role's) frozen base came from (``lora_base``): a workdir or an HF directory."""
+    return lora_base(workdir, meta, role)[0]
 
 
 def load_model(
@@ -317,7 +326,8 @@ def load_model(
     ``role`` picks one trained role of a multi-role run (e.g. PPO's 'policy' or 'value'; a single-model run
     needs none) and ``ema`` its EMA weights. A LoRA run stores only its adapters (and a fresh scalar head):
     they come back on top of the frozen base they were trained on, ``base`` or the run's own
-    ``train.init_from`` (itself a workdir or HF directory).
+    ``train.init_from`` (``roles.<role>.init_from`` with roles; itself a workdir or HF directory); a base
+    the run held quantised (``lora_base_quant``) comes back as those quantised weights, dequantised.
     """
     if is_hf_dir(path):
         if role or ema:
@@ -329,10 +339,12 @@ def load_model(
     if cfg.lora_rank == 0:
         return cfg, load_params(path, target, step=step, role=role, ema=ema)
 
-    base_path = base or lora_base_path(path, meta)
-    base_cfg, base_params = load_model(base_path, mesh=mesh)
+    base_path, base_role, base_ema = (base, None, False) if base else lora_base(path, meta, role)
+    base_cfg, base_params = load_model(base_path, mesh=mesh, role=base_role, ema=base_ema)
     if base_cfg.lora_rank:
         base_cfg, base_params = lora.merge(base_cfg, base_params)
+    if cfg.lora_base_quant:  # the base the adapters were trained on: its quantised weights, dequantised
+        base_params = quant.round_trip(base_cfg, base_params, cfg.lora_base_quant, cfg.lora_base_group_size)
     diff = arch_differences(base_cfg, cfg)
     if diff:
         raise ValueError(f"base {base_path} of the LoRA run {path} differs in {diff}; name the right base")

@@ -103,12 +103,12 @@ class Runner:
 
     def inputs(self, step: int, state: Any, ctx: Any) -> Inputs:
         names = tuple(r.name for r in self.run.roles)
-        if self.run.keyed:
-            params, ema = dict(state.params), dict(state.ema_params or {})
-        else:  # LoRA: adapters on their frozen base
-            params = {names[0]: full_params(state.params, ctx)}
-            ema = {} if state.ema_params is None else {names[0]: full_params(state.ema_params, ctx)}
-        params.update({k: v for k, v in ctx.frozen.items() if k != "base"})
+        # LoRA roles: adapters (the EMA's too) on their frozen base
+        params = full_params(state.params, ctx)
+        ema = {} if state.ema_params is None else full_params(state.ema_params, ctx)
+        if not self.run.keyed:
+            params, ema = {names[0]: params}, ({names[0]: ema} if ema else {})
+        params.update(ctx.frozen_models())
         return Inputs(
             step=step,
             cfgs=dict(ctx.role_cfgs + ctx.frozen_cfgs),

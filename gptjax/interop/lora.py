@@ -82,12 +82,18 @@ def _fold(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, stacked: bool)
     return (w.astype(jnp.float32) + delta * scale).astype(w.dtype)
 
 
+def merged_config(cfg: model.ModelConfig) -> model.ModelConfig:
+    """The config of a LoRA model once ``merge`` has folded its adapters in: no adapters, and no quantised
+    base to hold (the weights are what the merge made them)."""
+    return cfg.replace(lora_rank=0, lora_base_quant="")
+
+
 def merge(cfg: model.ModelConfig, params: Params) -> tuple[model.ModelConfig, Params]:
     """Fold every adapter into its base weight: (cfg with lora_rank=0, params without adapters).
 
     The merged model computes the same function as the unmerged one (dropout off), up to float rounding.
     """
-    base_cfg = cfg.replace(lora_rank=0)
+    base_cfg = merged_config(cfg)
     if cfg.lora_rank == 0:
         return base_cfg, params
     scale = cfg.lora_alpha / cfg.lora_rank

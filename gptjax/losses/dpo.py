@@ -8,7 +8,7 @@ policy and one reference forward over the B*K responses), whatever the number of
 
 Options (``OBJECTIVE``): ``beta``, ``label_smoothing`` (> 0: conservative DPO, the assumed probability
 that a preference label is flipped). Roles: the trained policy (``ctx.model_cfg``)
-and the frozen reference ``ctx.frozen['ref']`` with config ``ctx.cfg_of('ref')``.
+and the frozen reference ``ctx.frozen_params('ref')`` with config ``ctx.cfg_of('ref')``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
 
     dropout = rng if getattr(ctx.model_cfg, "lora_dropout", 0.0) > 0 else None
     pi_BK = sequence_logprobs(ctx.model_cfg, params, *seq, dropout_rng=dropout)
-    ref_BK = jax.lax.stop_gradient(sequence_logprobs(ctx.cfg_of("ref"), ctx.frozen["ref"], *seq))
+    ref_BK = jax.lax.stop_gradient(sequence_logprobs(ctx.cfg_of("ref"), ctx.frozen_params("ref"), *seq))
     pi_BK = jnp.where(valid_BK, pi_BK, 0.0)
     ref_BK = jnp.where(valid_BK, ref_BK, 0.0)
 

@@ -62,7 +62,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
 
     dropout = rng if getattr(ctx.model_cfg, "lora_dropout", 0.0) > 0 else None
     pi_BK = sequence_logprobs(ctx.model_cfg, params, *seq, dropout_rng=dropout)
-    ref_BK = jax.lax.stop_gradient(sequence_logprobs(ctx.cfg_of("ref"), ctx.frozen["ref"], *seq))
+    ref_BK = jax.lax.stop_gradient(sequence_logprobs(ctx.cfg_of("ref"), ctx.frozen_params("ref"), *seq))
     rho_BK = jnp.where(valid_BK, pi_BK - ref_BK, 0.0)
 
     n_valid = jnp.sum(valid_BK).astype(jnp.float32)

@@ -10,6 +10,7 @@ import jax
 from gptjax.model import attention as attn_lib
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out")  # projections that can carry adapters
+LORA_BASE_QUANT = ("", "int8", "int4", "nf4")  # how a LoRA role holds its frozen base (lora_base_quant)
 FAMILIES = ("gpt2", "llama", "opt", "qwen3", "gemma2", "gemma3")
 MLPS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
 GATED_MLPS = ("swiglu", "geglu")  # MLPs with a gate projection (w_gate)
@@ -84,6 +85,11 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("wq", "wv")
+    # How a LoRA role holds its frozen base (QLoRA): '' as loaded (the param dtype), 'int8' (per output
+    # channel), 'int4' (group-wise, lora_base_group_size inputs a scale); the blocks' matmul weights only,
+    # dequantised one layer at a time in the compute dtype (gptjax.model.quant)
+    lora_base_quant: str = ""
+    lora_base_group_size: int = 64
     # Read by the run builder only: the architecture fields (CHECKPOINT_FIELDS) come from the checkpoint the
     # role starts from (train.init_from, or the role's own), the rest from this config
     # (gptjax.checkpoint.load.resolve_model_config).
@@ -105,6 +111,15 @@ class ModelConfig:
             (self.pos != "rope" or self.dim_head % 2 == 0, "rope needs an even head_dim"),
             (self.rope_scaling in ("none", "linear", "llama3"), f"rope_scaling={self.rope_scaling!r}"),
             (self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0"),
+            (
+                self.lora_base_quant in LORA_BASE_QUANT,
+                f"lora_base_quant={self.lora_base_quant!r}: use one of {LORA_BASE_QUANT}",
+            ),
+            (
+                not self.lora_base_quant or self.lora_rank > 0,
+                f"lora_base_quant={self.lora_base_quant!r} is for a LoRA role's frozen base: set lora_rank",
+            ),
+            (self.lora_base_group_size > 0, f"lora_base_group_size={self.lora_base_group_size} must be > 0"),
             (self.logits_chunk_mb > 0, f"logits_chunk_mb={self.logits_chunk_mb} must be > 0"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
             (

@@ -1,5 +1,5 @@
-"""Weight-only quantisation of a finished model: int8 per output channel and group-wise int4, as pure
-functions over the params pytree.
+"""Weight-only quantisation of a finished model or a frozen base: int8 per output channel, group-wise int4
+and NF4, as pure functions over the params pytree.
 
     q = quantize_int8(w_IO)                    # Int8(q int8 [I, O], scale [1, O])
     q = quantize_int4(w_IO, group_size=64)     # Int4(packed uint8 [I/2, O], scale [I/g, O], zero or None)
@@ -8,6 +8,8 @@ functions over the params pytree.
     params = dequantize_params(cfg, params, qparams)                # the model's params, dtype kept
     quant_bytes(qparams), quant_bytes(params)                      # memory of each form
     arrays = to_arrays(qparams)                                     # {'wq.q': ...} for np.savez; from_arrays
+    qbase = quantize_base(cfg, params, "nf4", group_size=64)        # the params tree, weights quantised
+    logits_BLV = model.apply(cfg, lora.combine(adapters, qbase), tokens_BL)   # QLoRA: a frozen 4-bit base
 
 Every function sees a weight as a matrix ``w_IO``: inputs I (the contracted dims, flattened) by outputs O,
 with any leading dims (the stacked layers) carried along. "Per output channel" is one scale per column
@@ -22,6 +24,20 @@ the one int4 choice that leans the gold reward down: docs/results.md). Norms, bi
 scalar head always stay in the model's dtype. The embedding's matrix view
 is its transpose, [D, V]: inputs are the model dim, one scale per vocabulary row, which is both a
 lookup's row and the tied head's output channel.
+
+A quantised base (``quantize_base``) is the params tree itself with each block weight replaced by its Int8 /
+Int4 / NF4 leaf: LoRA adapters combine with it as with a dense base, and the model's layer loop dequantises
+one layer at a time (``dequantize_layer``, in cfg.dtype), so a scanned model never holds the dequantised
+stack; the backward pass dequantises again rather than saving them (``remat='none'`` runs as 'dots'). NF4 is
+QLoRA's 4-bit NormalFloat: 16 fixed levels (``NF4_LEVELS``) times each group's absmax, packed like int4.
+
+Libraries (checked against jax 0.10.2 / flax 0.12.8): qwix 0.1.8 installs without upgrades and its
+``QArray`` (a pytree; ``qwix.quantize(w, 'nf4' | jnp.int4, tiled_axes=...)``, ``qwix.dequantize``) could hold
+these leaves and be dequantised in our scan, but it stores a 4-bit code per jnp.int4 / uint4 element (a byte
+each in jax's and numpy's accounting, in np.savez and in ``quant_bytes``), its API is pre-1.0 and built for
+module interception (``quantize_model``, providers), and it would be a second format beside the one
+``research/compress`` writes. aqtp 0.9.0 is Linen / Pax dot_general injection with no NNX support or
+NF4. So the primitives stay here: ~100 lines, packed two codes a byte, no new dependency.
 """
 
 from __future__ import annotations
@@ -32,9 +48,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from gptjax.model import transformer
-from gptjax.model.config import ModelConfig
+from gptjax.model import sharding, transformer
+from gptjax.model.config import ModelConfig, head_params
 
 Params = dict[str, Any]
 
@@ -57,6 +74,41 @@ class Int4(NamedTuple):
     packed: jax.Array  # uint8 [..., I/2, O]
     scale: jax.Array  # float16 [..., I/g, O]
     zero: jax.Array | None  # uint8 [..., I/g, O] (asymmetric), or None (symmetric: codes -8..7 stored + 8)
+
+
+class NF4(NamedTuple):
+    """4-bit NormalFloat (QLoRA), two codes a byte: w ~ NF4_LEVELS[code] * absmax of the code's group."""
+
+    packed: jax.Array  # uint8 [..., I/2, O]
+    scale: jax.Array  # float16 [..., I/g, O]: each group's max |w|
+
+
+Quantized = Int8 | Int4 | NF4
+MODES = ("int8", "int4", "nf4")
+
+# QLoRA's NF4 levels (Dettmers et al. 2023, appendix E): quantiles of N(0, 1) scaled to [-1, 1], with an
+# exact 0. A weight's code is its nearest level after dividing by the group's absmax.
+NF4_LEVELS = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 
 
 class Matrix(NamedTuple):
@@ -118,6 +170,32 @@ def quantize_int4(w_IO: jax.Array, group_size: int = 64, symmetric: bool = True)
     return Int4(pack_nibbles(codes.reshape(*lead, n_in, n_out).astype(jnp.uint8)), scale, zero)
 
 
+@functools.partial(jax.jit, static_argnames="group_size")
+def quantize_nf4(w_IO: jax.Array, group_size: int = 64) -> NF4:
+    """Group-wise NF4: each run of ``group_size`` inputs of a column is divided by its absmax and rounded to
+    the nearest of the 16 ``NF4_LEVELS`` (a tie to the lower level)."""
+    w = jnp.asarray(w_IO, jnp.float32)
+    *lead, n_in, n_out = w.shape
+    g = group_size_for(n_in, group_size)
+    w_G = w.reshape(*lead, n_in // g, g, n_out)
+    scale = _safe(jnp.max(jnp.abs(w_G), axis=-2)).astype(INT4_SCALE_DTYPE)
+    x_G = w_G / scale.astype(jnp.float32)[..., None, :]
+    midpoints = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
+    codes = jnp.sum(x_G[..., None] > midpoints, axis=-1)  # how many midpoints lie below: the nearest level
+    return NF4(pack_nibbles(codes.reshape(*lead, n_in, n_out).astype(jnp.uint8)), scale)
+
+
+def quantize_matrix(w_IO: jax.Array, mode: str, group_size: int = 64) -> Quantized:
+    """One matrix in ``mode``: 'int8' (per output channel), 'int4' (group-wise, symmetric) or 'nf4'."""
+    if mode == "int8":
+        return quantize_int8(w_IO)
+    if mode == "int4":
+        return quantize_int4(w_IO, group_size)
+    if mode == "nf4":
+        return quantize_nf4(w_IO, group_size)
+    raise ValueError(f"quantize: mode={mode!r}; use one of {MODES}")
+
+
 @jax.jit
 def pack_nibbles(codes_IO: jax.Array) -> jax.Array:
     """uint8 codes in [0, 16), [..., I, O] -> [..., I/2, O]: input 2i low nibble, 2i+1 high nibble."""
@@ -134,16 +212,19 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
-def dequantize(qt: Int8 | Int4, dtype: Any = jnp.float32) -> jax.Array:
-    """w_IO back from its quantised form, in ``dtype``."""
+def dequantize(qt: Quantized, dtype: Any = jnp.float32) -> jax.Array:
+    """w_IO back from its quantised form, in ``dtype`` (computed in fp32, cast once at the end)."""
     if isinstance(qt, Int8):
         return (qt.q.astype(jnp.float32) * qt.scale).astype(dtype)
-    codes = unpack_nibbles(qt.packed).astype(jnp.float32)
+    codes = unpack_nibbles(qt.packed)
     *lead, n_in, n_out = codes.shape
     groups = qt.scale.shape[-2]
-    zero = 8.0 if qt.zero is None else qt.zero.astype(jnp.float32)[..., None, :]
-    codes_G = codes.reshape(*lead, groups, n_in // groups, n_out)
-    w = (codes_G - zero) * qt.scale.astype(jnp.float32)[..., None, :]
+    if isinstance(qt, NF4):
+        levels_G = jnp.asarray(NF4_LEVELS)[codes].reshape(*lead, groups, n_in // groups, n_out)
+    else:
+        zero = 8.0 if qt.zero is None else qt.zero.astype(jnp.float32)[..., None, :]
+        levels_G = codes.astype(jnp.float32).reshape(*lead, groups, n_in // groups, n_out) - zero
+    w = levels_G * qt.scale.astype(jnp.float32)[..., None, :]
     return w.reshape(*lead, n_in, n_out).astype(dtype)
 
 
@@ -158,14 +239,8 @@ def matrices(cfg: ModelConfig, embeddings: bool = False) -> dict[str, Matrix]:
         name: Matrix(("blocks", "attn", name), 2 if name == "wo" else 1, False)
         for name in ("wq", "wk", "wv", "wo")
     }
-    mlp = transformer.param_shapes(cfg)["blocks"]["mlp"]  # a gated MLP's w_gate included
-    out.update(
-        {
-            name: Matrix(("blocks", "mlp", name), 1, False)
-            for name in ("w_in", "w_gate", "w_out")
-            if name in mlp
-        }
-    )
+    mlp = ("w_in", "w_gate", "w_out") if cfg.gated else ("w_in", "w_out")
+    out.update({name: Matrix(("blocks", "mlp", name), 1, False) for name in mlp})
     if embeddings:
         out["embed"] = Matrix(("embed",), 1, True)
         if cfg.head == "lm" and not cfg.tie_embeddings:
@@ -228,6 +303,100 @@ def dequantize_params(cfg: ModelConfig, params: Params, quantized: dict[str, Int
         w = get(params, m.path)
         params = replace(params, m.path, from_matrix(dequantize(quantized[name], w.dtype), m, w.shape))
     return params
+
+
+# ----------------------------------------------------------------------------------------------------
+# A quantised frozen base (QLoRA): the params tree with quantised leaves
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, (Int8, Int4, NF4))
+
+
+def has_quantized(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` (a params tree, an nnx State, a layer's slice) is a quantised weight."""
+    return any(is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+
+
+def quantize_base(cfg: ModelConfig, params: Params, mode: str, group_size: int = 64) -> Params:
+    """``params`` with each block matmul weight (``matrices(cfg)``) replaced by its quantised matrix view
+    [layers, I, O] in ``mode`` ('int8', 'int4', 'nf4'); embeddings, norms, biases, heads and any LoRA
+    adapters are the same arrays. ``model.apply`` / ``decode`` / ``sample.generate`` run on the result, alone
+    or under ``lora.combine(adapters, qbase)``."""
+    for m in matrices(cfg).values():
+        w = get(params, m.path)
+        params = replace(params, m.path, quantize_matrix(as_matrix(w, m), mode, group_size))
+    return params
+
+
+def _dequantized(cfg: ModelConfig, params: Params, layer: bool, dtype: Any) -> Params:
+    """``params`` (a whole tree, or with ``layer`` one block's slice of it) with each quantised weight a
+    plain array again, of its own shape, in ``dtype`` (None: the weight's param dtype)."""
+    shapes = transformer.param_shapes(cfg)
+    for m in matrices(cfg).values():
+        path = m.path[1:] if layer else m.path
+        qt = get(params, path)
+        if is_quantized(qt):
+            shape = get(shapes, m.path)
+            w = dequantize(qt, dtype or shape.dtype).reshape(shape.shape[1:] if layer else shape.shape)
+            params = replace(params, path, w)
+    return params
+
+
+def dequantize_base(cfg: ModelConfig, qparams: Params, dtype: Any = None) -> Params:
+    """The dense params of a quantised base: each quantised weight dequantised in ``dtype`` (None: the
+    config's param dtype), everything else as it is."""
+    return _dequantized(cfg, qparams, False, dtype)
+
+
+def dequantize_layer(cfg: ModelConfig, layer_params: Params) -> Params:
+    """One block's params (a layer's slice of ``params['blocks']``, a pure dict) with each quantised weight
+    dequantised in cfg.dtype, the dtype the layer computes in: what the layer loop merges into a Block."""
+    return _dequantized(cfg, layer_params, True, jnp.dtype(cfg.dtype))
+
+
+def round_trip(cfg: ModelConfig, params: Params, mode: str, group_size: int = 64) -> Params:
+    """``params`` with each block weight quantised and dequantised again, in its own dtype and shape: the
+    dense weights a quantised base computes with (e.g. a base to fold adapters trained on it into)."""
+    for m in matrices(cfg).values():
+        w = get(params, m.path)
+        w_IO = dequantize(quantize_matrix(as_matrix(w, m), mode, group_size), w.dtype)
+        params = replace(params, m.path, from_matrix(w_IO, m, w.shape))
+    return params
+
+
+def _base_shapes(cfg: ModelConfig) -> tuple[ModelConfig, Params]:
+    """(config, ShapeDtypeStructs) of the frozen base of ``cfg``: what ``lora.split(params,
+    also=head_params(cfg))`` leaves, no adapters and no scalar head."""
+    base = cfg.replace(lora_rank=0) if cfg.lora_rank else cfg
+    shapes = transformer.param_shapes(base)
+    return base, {k: v for k, v in shapes.items() if k not in head_params(cfg)}
+
+
+def quantized_base_shapes(cfg: ModelConfig, mode: str, group_size: int = 64) -> Params:
+    """ShapeDtypeStructs of ``quantize_base`` of the frozen base of ``cfg`` (no adapters, no scalar head),
+    allocating nothing."""
+    base, shapes = _base_shapes(cfg)
+    return jax.eval_shape(lambda p: quantize_base(base, p, mode, group_size), shapes)
+
+
+def quantized_base_shardings(
+    cfg: ModelConfig, mesh: jax.sharding.Mesh, mode: str, group_size: int = 64
+) -> Params:
+    """NamedShardings of ``quantized_base_shapes``. Unquantised leaves keep ``model.param_shardings``'s.
+    Every array of a quantised weight ([layers, I', O]: codes, scales, zeros) takes the logical axes
+    (layers, the weight's first input axis, its first output axis) through the same ``sharding.RULES``
+    table, and a dim that mesh axis does not divide (a scale's 1, few groups) is replicated. The flattened
+    I and O split in contiguous blocks, as the outermost of the dims they flatten does; packed int4 rows
+    2i, 2i+1 stay together."""
+    base, dense = _base_shapes(cfg)
+    axes = {k: v for k, v in transformer.logical_axes(base).items() if k in dense}
+    shapes = quantized_base_shapes(cfg, mode, group_size)
+    for m in matrices(base).values():
+        w_axes, qt = get(axes, m.path), get(shapes, m.path)
+        matrix_axes = (w_axes[0], w_axes[1], w_axes[1 + m.n_in])
+        axes = replace(axes, m.path, type(qt)(*(None if a is None else matrix_axes for a in qt)))
+    return sharding.shardings_for(axes, shapes, mesh)
 
 
 def quant_bytes(tree: Any) -> int:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
-from gptjax.model import sharding
+from gptjax.model import quant, sharding
 from gptjax.model.config import ModelConfig
 from gptjax.model.layers import Block, Norm, make_param
 
@@ -108,15 +108,17 @@ class GPT(nnx.Module):
     ):
         x_BLD = sharding.batch_sharded(self.embed_tokens(tokens_BL, positions_BL))
         graphdef, stacked = nnx.split(self.blocks)
+        quantized = quant.has_quantized(stacked)  # a quantised frozen base: static structure
         use_dropout = dropout_rng is not None and self.cfg.lora_rank > 0 and self.cfg.lora_dropout > 0
         keys_N = jax.random.split(dropout_rng, self.cfg.n_layers) if use_dropout else None
 
         def body(x_BLD, xs, layer):
             layer_params, key = xs
-            return nnx.merge(graphdef, layer_params)(x_BLD, positions_BL, segment_ids_BL, key, layer), None
+            block = nnx.merge(graphdef, _dense_layer(self.cfg, layer_params, quantized))
+            return block(x_BLD, positions_BL, segment_ids_BL, key, layer), None
 
         def run(x_BLD, xs, layer):  # the layer index closed over: static where the layers are unrolled
-            return _remat(lambda x, p: body(x, p, layer), self.cfg.remat)(x_BLD, xs)
+            return _remat(lambda x, p: body(x, p, layer), self.cfg.remat, quantized)(x_BLD, xs)
 
         x_BLD, _ = over_layers(self.cfg, run, x_BLD, (stacked, keys_N))
         out = self.head_out(x_BLD) if head else self.final_norm(x_BLD)
@@ -127,12 +129,13 @@ class GPT(nnx.Module):
         ``prefill``: see the function ``decode``."""
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
         graphdef, stacked = nnx.split(self.blocks)
+        quantized = quant.has_quantized(stacked if layers is None else layers)
 
         # The whole cache rides in the carry and each layer writes its own slots in place; as scanned xs/ys
         # it would be sliced out and stacked back (a copy of the cache per token).
         def body(carry, layer_params, layer):
             x_BLD, k_cache, v_cache = carry
-            return nnx.merge(graphdef, layer_params).decode(
+            return nnx.merge(graphdef, _dense_layer(self.cfg, layer_params, quantized)).decode(
                 x_BLD, positions_BL, k_cache, v_cache, layer, prefill
             ), None
 
@@ -167,7 +170,20 @@ def over_layers(cfg: ModelConfig, body, carry, xs, unstacked: bool = False):
     return carry, None
 
 
-def _remat(fn, policy: str):
+def _dense_layer(cfg: ModelConfig, layer_params, quantized: bool):
+    """A layer's params as ``nnx.merge`` takes them: as they are, or with a quantised base's weights
+    dequantised (``quant.dequantize_layer``), one layer at a time inside the layer loop."""
+    if not quantized:
+        return layer_params
+    pure = nnx.to_pure_dict(layer_params) if isinstance(layer_params, nnx.State) else layer_params
+    return quant.dequantize_layer(cfg, pure)
+
+
+def _remat(fn, policy: str, quantized: bool = False):
+    if policy == "none" and quantized:
+        # Saving everything would keep a quantised base's dequantised weights for the backward pass (under
+        # scan: every layer's, a dense base). No matmul outputs them, so 'dots' recomputes them per layer.
+        policy = "dots"
     if policy == "none":
         return fn
     cp = jax.checkpoint_policies

@@ -36,6 +36,7 @@ from gptjax import model
 from gptjax.data import formats as data_formats
 from gptjax.model import sample, sharding
 from gptjax.research.footprint import planned_attention
+from gptjax.rl import policy as policy_lib
 from gptjax.rl import rollout
 from gptjax.train import build, stages
 
@@ -199,7 +200,7 @@ def _plan_of(s: _Setup, compiled, held: float, flops: float, seconds, mesh, devi
     return Plan(
         devices=mesh.size,
         mesh=dict(mesh.shape),
-        params=sum(model.num_params(c) for c in s.cfgs.values()),
+        params=sum(math.prod(x.shape) for x in jax.tree.leaves(s.params)),  # LoRA: the adapters
         param_bytes_per_device=_bytes_per_device(s.params),
         state_bytes_per_device=_bytes_per_device(s.state),
         frozen_bytes_per_device=_bytes_per_device(s.frozen),
@@ -294,14 +295,19 @@ def plan_rollout(
 
     # -- generation, in the rollout layout: ``rollout.generate_rows`` prompts per call
     G = r.generate_rows or R
-    pcfg = cfgs["policy"]
+    # a LoRA policy generates with its adapters on the base, or merged into a copy (rl.policy)
+    pcfg = policy_lib.generation_config(cfgs["policy"], r.lora_generation)
     if r.mesh:  # the policy moved to the rollout layout, cast to the compute dtype first (a copy)
         gmesh = sharding.make_mesh(r.mesh, devices=list(mesh.devices.flat))
         shapes = jax.eval_shape(lambda p: sample.cast_to_compute_dtype(pcfg, p), model.param_shapes(pcfg))
         policy = build.placed(shapes, model.param_shardings(pcfg, gmesh))
         copy = _bytes_per_device(policy)
-    else:  # the train state's own params (already resident)
-        gmesh, policy, copy = mesh, s.params["policy"], 0.0
+    elif pcfg is not cfgs["policy"]:  # merged: a generation copy of the weights beside the base
+        gmesh, policy = mesh, build.abstract_params(pcfg, mesh)
+        copy = _bytes_per_device(policy)
+    else:  # the train state's own params (already resident; a LoRA policy's adapters on its base)
+        gmesh, copy = mesh, 0.0
+        policy = policy_lib.experience_params(s.run.ctx, s.params, ("policy",))["policy"]
     prompts = at(gmesh, (G, P), i32, sharding.batch_spec(2))
     lengths = at(gmesh, (G,), i32, sharding.batch_spec(1))
     rng = scalar(gmesh, jax.random.key(0).dtype)
@@ -323,8 +329,8 @@ def plan_rollout(
             cache_dtype=None,
         ).compile()
     held = resident + copy + _bytes_per_device((prompts, lengths))
-    weights = sum(  # what each new token reads: the device's weights in the compute dtype
-        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(pcfg.dtype).itemsize
+    weights = sum(  # what each new token reads: the device's weights in the compute dtype (or as held)
+        math.prod(x.sharding.shard_shape(x.shape)) * min(x.dtype.itemsize, jnp.dtype(pcfg.dtype).itemsize)
         for x in jax.tree.leaves(policy)
     )
     cache = jax.eval_shape(lambda: model.init_cache(pcfg, G, P + T))
@@ -338,7 +344,8 @@ def plan_rollout(
 
     # -- the experience pass, in the update layout
     L = P + T
-    params = {name: s.params[name] for name in s.cfgs} | s.frozen  # policy (and critic), ref, reward
+    # policy (and critic; LoRA roles on their base), ref (a LoRA policy's: its base), reward
+    params = policy_lib.experience_params(s.run.ctx, s.params, tuple(sorted(cfgs)))
     group = rollout.advantages_kwargs(config)  # a critic-free objective's advantages, as in the rollout
     batch = [at(mesh, (R, L), i32, sharding.batch_spec(2))]
     batch += [at(mesh, (R,), d, sharding.batch_spec(1)) for d in (i32, i32, jnp.bool_)]

@@ -35,7 +35,9 @@ from jax.sharding import NamedSharding
 from ml_collections import FrozenConfigDict
 
 from gptjax import data, model, rl
+from gptjax.losses.ctx import full_params
 from gptjax.model import sample, sharding
+from gptjax.rl import policy as policy_lib
 from gptjax.rl import reward_terms
 from gptjax.rl.rollout_config import (  # noqa: F401 (rollout.check_config etc.: the settings)
     ROLES,
@@ -124,7 +126,8 @@ class RolloutSource:
         # A critic-free objective's advantages replace GAE (static for jit: a function and its options).
         self.group = advantages_kwargs(config)
         self.reward_kl = reward_kl(config)
-        self.frozen = {name: ctx.frozen[name] for name in ("ref", "reward") if name in self.cfgs}
+        self.ctx = ctx  # the frozen roles' params, and a LoRA policy's base
+        self.gen_cfg = policy_lib.generation_config(self.cfgs["policy"], r.lora_generation)
         self.terms = reward_terms.function_terms(
             config
         )  # the reward's function terms (rm: in the experience)
@@ -149,7 +152,7 @@ class RolloutSource:
         self.rollout_mesh, self.rollout_shardings = mesh, None
         if r.mesh:
             self.rollout_mesh = sharding.make_mesh(r.mesh, devices=list(mesh.devices.flat))
-            self.rollout_shardings = model.param_shardings(self.cfgs["policy"], self.rollout_mesh)
+            self.rollout_shardings = model.param_shardings(self.gen_cfg, self.rollout_mesh)
         self.iteration, self.pos, self.kl_coef = 0, 0, float(r.kl_coef)
         self.buffer: dict[str, np.ndarray] | None = None
         self.order: np.ndarray | None = None  # [minibatches, minibatch] row indices of the current rollout
@@ -213,13 +216,17 @@ class RolloutSource:
 
     # -- one rollout ---------------------------------------------------------------------------------
 
-    def _policy_for_rollout(self, policy_params):
-        """The policy's params in the rollout layout: cast to the compute dtype where they are (sharded as
-        for training), then moved, so the rollout layout never holds a param-dtype (fp32) copy."""
+    def _policy_for_rollout(self, trained):
+        """The policy's params as generation runs them (``rl.policy``: a LoRA policy's adapters on its base,
+        or merged), in the rollout layout: cast to the compute dtype where they are (sharded as for
+        training), then moved, so the rollout layout never holds a param-dtype (fp32) copy."""
+        policy_params = policy_lib.generation_params(
+            self.cfgs["policy"], full_params(trained, self.ctx)["policy"], self.config.rollout.lora_generation
+        )
         if self.rollout_shardings is None:
             return policy_params, 0.0
         start = time.perf_counter()
-        cast = _compute_dtype_params(self.cfgs["policy"], policy_params)
+        cast = _compute_dtype_params(self.gen_cfg, policy_params)
         moved = jax.block_until_ready(jax.device_put(cast, self.rollout_shardings))
         return moved, time.perf_counter() - start
 
@@ -240,7 +247,7 @@ class RolloutSource:
             for i, start in enumerate(range(0, rows, chunk)):
                 part = slice(start, start + chunk)
                 out = sample.generate(
-                    self.cfgs["policy"],
+                    self.gen_cfg,
                     policy_params,
                     put(prompts["prompt_BP"][part]),
                     rng if chunk == rows else jax.random.fold_in(rng, i),
@@ -352,7 +359,7 @@ class RolloutSource:
         r = self.config.rollout
         start = time.perf_counter()
         train_time = start - self._last_end if self._last_end is not None else 0.0
-        policy, reshard_s = self._policy_for_rollout(train_state.params["policy"])
+        policy, reshard_s = self._policy_for_rollout(train_state.params)
         prompts, gen, values, fn_seconds, sampling_counts = self._sample(policy)
         del policy
         generated = time.perf_counter()
@@ -372,8 +379,7 @@ class RolloutSource:
             },
             self.mesh,
         )
-        params = {name: train_state.params[name] for name in self.cfgs if name not in self.frozen}
-        params.update(self.frozen)
+        params = policy_lib.experience_params(self.ctx, train_state.params, tuple(self.cfgs))
         exp = _experience(
             params,
             batch["tokens_BL"],

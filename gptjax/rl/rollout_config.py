@@ -15,6 +15,7 @@ import jax
 
 from gptjax import losses, model, rl
 from gptjax.rl import reward, reward_terms
+from gptjax.rl.policy import GENERATION_MODES
 
 ROLES = ("policy", "value", "ref", "reward")  # PPO's; a group objective has no 'value'
 
@@ -98,6 +99,14 @@ def check_config(config, cfgs: dict[str, model.ModelConfig], minibatch: int) -> 
     if r.get("tis_cap") and obj is losses.objective("gspo"):
         problems.append(
             "rollout.tis_cap: GSPO's ratio is per sequence; per-token importance weights do not apply (set 0)"
+        )
+    if r.get("lora_generation", "adapters") not in GENERATION_MODES:
+        problems.append(f"rollout.lora_generation={r.lora_generation!r}: use one of {GENERATION_MODES}")
+    policy_cfg = cfgs.get("policy")
+    if r.mesh and policy_cfg is not None and policy_cfg.lora_base_quant and r.lora_generation == "adapters":
+        problems.append(
+            "rollout.mesh moves the policy to another layout, which a quantised LoRA base "
+            "(model.lora_base_quant) does not have: set rollout.lora_generation='merged' or drop rollout.mesh"
         )
     if r.get("dynamic_sampling"):
         if n < 2:

@@ -26,9 +26,10 @@ from absl import logging
 from ml_collections import ConfigDict, FrozenConfigDict
 
 from gptjax import data, losses, model
+from gptjax.interop import lora
 from gptjax.losses import kl as losses_kl
 from gptjax.losses import ppo as losses_ppo
-from gptjax.model import sharding
+from gptjax.model import quant, sharding
 from gptjax.rl import rollout_config
 from gptjax.train import guard, sources, stages
 from gptjax.train import roles as roles_lib
@@ -249,12 +250,33 @@ def abstract_params(cfg: model.ModelConfig, mesh) -> Any:
     return placed(model.param_shapes(cfg), model.param_shardings(cfg, mesh))
 
 
-def standin_frozen_cfgs(stage: stages.Stage, roles: list) -> tuple:
-    """((name, ModelConfig), ...) of the stage's frozen roles shaped like the trained roles (FROZEN_HEADS)."""
+def standin_frozen_cfgs(stage: stages.Stage, roles: list) -> tuple[tuple, tuple]:
+    """(((name, ModelConfig), ...), aliases) of the stage's frozen roles shaped like the trained roles
+    (FROZEN_HEADS, adapters off); a LoRA policy's reference is its base (``roles.base_alias``)."""
     cfgs = {r.name: r.cfg for r in roles}
     policy = "policy" if "policy" in cfgs else roles[0].name
     like = {"ref": policy, "reward": "value" if "value" in cfgs else policy}
-    return tuple((name, cfgs[like[name]].replace(head=FROZEN_HEADS[name])) for name in stage.frozen)
+    out = tuple(
+        (name, roles_lib.adapters_off(cfgs[like[name]]).replace(head=FROZEN_HEADS[name]))
+        for name in stage.frozen
+    )
+    lora_ref = "ref" in stage.frozen and cfgs[policy].lora_rank > 0
+    return out, ((("ref", policy),) if lora_ref else ())
+
+
+def abstract_role(cfg: model.ModelConfig, mesh) -> tuple[Any, Any]:
+    """(trained params, frozen base or None) of one role as sharded ShapeDtypeStructs: a LoRA role's
+    adapters (and scalar head), and its base as held (``lora_base_quant``)."""
+    params = abstract_params(cfg, mesh)
+    if cfg.lora_rank == 0:
+        return params, None
+    adapters, base = lora.split(params, also=model.head_params(cfg))
+    if cfg.lora_base_quant:
+        args = (cfg, cfg.lora_base_quant, cfg.lora_base_group_size)
+        base = placed(
+            quant.quantized_base_shapes(*args), quant.quantized_base_shardings(args[0], mesh, *args[1:])
+        )
+    return adapters, base
 
 
 def build(
@@ -298,14 +320,14 @@ def build(
     ema = tuple(decays) if keyed else decays > 0
 
     if abstract:
-        if any(r.cfg.lora_rank > 0 for r in roles):
-            raise ValueError("LoRA roles are not planned yet: an abstract run holds full params only")
-        if keyed:
-            params = {r.name: abstract_params(r.cfg, mesh) for r in roles}
-        else:
-            params = abstract_params(roles[0].cfg, mesh)
-        frozen_cfgs = standin_frozen_cfgs(stage, roles)
-        frozen = {name: abstract_params(c, mesh) for name, c in frozen_cfgs}
+        held = {r.name: abstract_role(r.cfg, mesh) for r in roles}
+        params = {n: p for n, (p, _) in held.items()} if keyed else held[roles[0].name][0]
+        bases = {n: b for n, (_, b) in held.items() if b is not None}
+        frozen = {"base": bases if keyed else bases[roles[0].name]} if bases else {}
+        frozen_cfgs, aliases = standin_frozen_cfgs(stage, roles)
+        frozen.update(
+            {name: abstract_params(c, mesh) for name, c in frozen_cfgs if name not in dict(aliases)}
+        )
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
         state_shape = jax.eval_shape(lambda p: state_lib.create(p, optimizer, ema=ema), params)
         state_shardings = state_lib.state_shardings(state_shape, param_shardings, mesh)
@@ -314,12 +336,14 @@ def build(
         rng = jax.random.key(t.seed) if rng is None else rng
         params, frozen = roles_lib.init_trained(roles, mesh, rng)
         if fresh:
-            frozen_cfgs = standin_frozen_cfgs(stage, roles)
+            frozen_cfgs, aliases = standin_frozen_cfgs(stage, roles)
             keys = jax.random.split(jax.random.fold_in(rng, 1), max(len(frozen_cfgs), 1))
-            fresh_frozen = zip(frozen_cfgs, keys, strict=False)
+            fresh_frozen = [
+                (nc, k) for nc, k in zip(frozen_cfgs, keys, strict=False) if nc[0] not in dict(aliases)
+            ]
             frozen.update({name: model.init(c, k, mesh) for (name, c), k in fresh_frozen})
         else:
-            frozen_params, frozen_cfgs = roles_lib.load_frozen(config, stage, roles, mesh)
+            frozen_params, frozen_cfgs, aliases = roles_lib.load_frozen(config, stage, roles, mesh)
             frozen.update(frozen_params)
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
         state = state_lib.create(params, optimizer, ema=ema, param_shardings=param_shardings, mesh=mesh)
@@ -332,6 +356,7 @@ def build(
         frozen=frozen,
         frozen_cfgs=tuple(frozen_cfgs),
         role_cfgs=tuple((r.name, r.cfg) for r in roles),
+        aliases=tuple(aliases),
     )
     batch_source = None
     if stage.source == "rollout":

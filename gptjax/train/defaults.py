@@ -146,6 +146,9 @@ def rollout_section() -> ConfigDict:
             # > 0: truncated importance sampling: each sampled token's loss weighted by
             # min(pi_trainer / pi_sampler, tis_cap), for a sampler whose log-probs differ from the trainer's
             "tis_cap": 0.0,
+            # A LoRA policy generates with its adapters on the frozen base ('adapters': no copy of the
+            # weights) or merged into a generation copy ('merged': plain matmuls); gptjax.rl.policy
+            "lora_generation": "adapters",
         }
     )
 

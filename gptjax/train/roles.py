@@ -23,10 +23,12 @@ from ml_collections import ConfigDict
 
 from gptjax import checkpoint, model
 from gptjax.interop import lora
+from gptjax.losses import ctx as ctx_lib
+from gptjax.model import quant
 from gptjax.train import optim
 from gptjax.train.stages import Stage
 
-SINGLE = "model"  # the one trained role of a single-model stage
+SINGLE = ctx_lib.SINGLE  # the one trained role of a single-model stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +76,6 @@ def trained_roles(config: ConfigDict, stage: Stage) -> list[Role]:
         roles = [
             Role(SINGLE, cfg, t.init_from, t.get("init_role", ""), t.get("init_ema", False), config.optim)
         ]
-    if keyed(roles) and any(r.cfg.lora_rank for r in roles):
-        raise ValueError("LoRA adapters are supported for single-model stages only")
     return [
         dataclasses.replace(
             r, cfg=checkpoint.load.resolve_model_config(r.cfg, r.init_from, r.init_role, where=w)
@@ -122,61 +122,92 @@ def keyed(roles: list[Role]) -> bool:
     return len(roles) > 1 or roles[0].name != SINGLE
 
 
-def _init_one(role: Role, mesh, rng) -> tuple[Any, dict]:
-    """(trained params, frozen base) of one role: fresh or from ``init_from``; LoRA trains adapters only."""
+def _init_one(role: Role, mesh, rng) -> tuple[Any, Any]:
+    """(trained params, frozen base or None) of one role: fresh or from ``init_from``; a LoRA role trains
+    its adapters (and a scalar head) only, on a frozen base held as ``lora_base_quant`` says."""
     cfg = role.cfg
     params = model.init(cfg, rng, mesh)
-    frozen: dict = {}
-    if cfg.lora_rank > 0:
-        # a scalar head is new to every model that has one: it trains along with the adapters
-        adapters, base = lora.split(params, also=model.head_params(cfg))
-        params, frozen = adapters, {"base": base}
+    adapters = None
+    if cfg.lora_rank > 0:  # the adapters start fresh; the rest (base, a scalar head) loads as a model would
+        adapters, params = lora.split(params)
     if role.init_from:
-        target = frozen["base"] if cfg.lora_rank > 0 else params
         # A scalar-head model (reward / value) starts from an LM: the LM head is dropped and the scalar
-        # head keeps its fresh (zero) init.
-        loaded = checkpoint.load_params(
+        # head keeps its fresh (zero) init; from a reward model it keeps that model's head.
+        params = checkpoint.load_params(
             role.init_from,
-            target,
+            params,
             role=role.init_role or None,
             ema=role.init_ema,
             allow_missing=model.head_params(cfg),
             allow_extra=("lm_head",) if cfg.head == "scalar" else (),
             cfg=cfg,
         )
-        if cfg.lora_rank > 0:
-            frozen["base"] = loaded
-        else:
-            params = loaded
-    return params, frozen
+    base = None
+    if adapters is not None:  # a scalar head is new to the base model: it trains along with the adapters
+        head, base = lora.split(params, also=model.head_params(cfg))
+        params = lora.combine(adapters, head)
+    if base is not None and cfg.lora_base_quant:
+        base = quant.quantize_base(cfg, base, cfg.lora_base_quant, cfg.lora_base_group_size)
+    return params, base
 
 
 def init_trained(roles: list[Role], mesh, rng) -> tuple[Any, dict]:
-    """(params, frozen base weights for LoRA): the model's tree, or {role: tree} with several roles."""
+    """(params, frozen): the model's tree, or {role: tree} with roles; ``frozen`` holds the LoRA roles'
+    bases as ``{'base': tree}`` (single model) or ``{'base': {role: tree}}`` (``Ctx.frozen``)."""
     if not keyed(roles):
-        return _init_one(roles[0], mesh, rng)
-    rngs = jax.random.split(rng, len(roles))
-    return {r.name: _init_one(r, mesh, k)[0] for r, k in zip(roles, rngs, strict=True)}, {}
+        params, base = _init_one(roles[0], mesh, rng)
+        return params, ({} if base is None else {"base": base})
+    params, bases = {}, {}
+    for r, k in zip(roles, jax.random.split(rng, len(roles)), strict=True):
+        params[r.name], base = _init_one(r, mesh, k)
+        if base is not None:
+            bases[r.name] = base
+    return params, ({"base": bases} if bases else {})
 
 
-def load_frozen(config: ConfigDict, stage: Stage, roles: list[Role], mesh) -> tuple[dict, tuple]:
-    """({name: params}, ((name, ModelConfig), ...)) of the stage's frozen roles, sharded on ``mesh``.
+def base_alias(name: str, spec: tuple, roles: list[Role]) -> tuple[str, model.ModelConfig] | None:
+    """(trained role, its config with the adapters off) when frozen role ``name``, loading ``spec`` =
+    (path, role, ema), is exactly a LoRA role's base: the same checkpoint, an LM head, no quantisation
+    difference. Such a role (a LoRA policy's reference) is that base with the adapters off, not a copy."""
+    for r in roles:
+        same = (r.init_from, r.init_role or "", bool(r.init_ema)) == (spec[0], spec[1] or "", bool(spec[2]))
+        if r.cfg.lora_rank > 0 and r.init_from and same and not model.head_params(r.cfg):
+            return r.name, adapters_off(r.cfg)
+    return None
+
+
+def adapters_off(cfg: model.ModelConfig) -> model.ModelConfig:
+    """A LoRA role's config for its base alone (the reference it aliases)."""
+    return cfg.replace(lora_rank=0, lora_dropout=0.0, lora_base_quant="")
+
+
+def load_frozen(config: ConfigDict, stage: Stage, roles: list[Role], mesh) -> tuple[dict, tuple, tuple]:
+    """({name: params}, ((name, ModelConfig), ...), aliases) of the stage's frozen roles, sharded on
+    ``mesh``.
 
     A frozen role with an empty ``init_from`` starts where the trained model did (DPO's ``ref`` is the SFT
-    model the policy starts from). A role the run does without (``stage.unused``: an RL run's reward model
-    when ``rollout.rm_weight=0``) is not loaded.
+    model the policy starts from; with named roles, a LoRA policy's). A role the run does without
+    (``stage.unused``: an RL run's reward model when ``rollout.rm_weight=0``) is not loaded. A role that is
+    a LoRA role's base (``base_alias``) is not loaded either: ``aliases`` = ((name, trained role), ...).
     """
     section = config.get("frozen") or {}
     missing = [name for name in stage.frozen if name not in section]
     if missing:
         raise ValueError(f"stage {config.stage!r} needs frozen role(s) {missing}: add config.frozen.<name>")
-    params, cfgs = {}, []
+    params, cfgs, aliases = {}, [], []
     for name, spec in section.items():
         if name in stage.unused:
             continue
         path, role, ema = spec.init_from, spec.role, spec.ema
-        if not path and not keyed(roles):  # where the trained model starts: its role and EMA choice too
-            path, role, ema = roles[0].init_from, role or roles[0].init_role, ema or roles[0].init_ema
+        lora_policy = [r for r in roles if r.name in (SINGLE, "policy") and r.cfg.lora_rank > 0]
+        if not path and (not keyed(roles) or lora_policy):  # where the (LoRA) policy starts, role, EMA too
+            start = lora_policy[0] if lora_policy else roles[0]
+            path, role, ema = start.init_from, role or start.init_role, ema or start.init_ema
+        alias = base_alias(name, (path, role, ema), roles)
+        if alias is not None:
+            aliases.append((name, alias[0]))
+            cfgs.append((name, alias[1]))
+            continue
         if not path:
             raise ValueError(
                 f"config.frozen.{name}.init_from is empty and there is no single trained model's init_from "
@@ -184,7 +215,7 @@ def load_frozen(config: ConfigDict, stage: Stage, roles: list[Role], mesh) -> tu
             )
         cfg, params[name] = checkpoint.load_model(path, mesh=mesh, role=role or None, ema=ema)
         cfgs.append((name, cfg))
-    return params, tuple(cfgs)
+    return params, tuple(cfgs), tuple(aliases)
 
 
 def make_optimizer(roles: list[Role], total_steps: int) -> tuple[optax.GradientTransformation, dict]:
