@@ -70,9 +70,12 @@ def test_plan_of_a_reward_model_stage():
     c.train.update(batch_size=8, seq_len=256, micro_batches=1)
     p = plan_lib.plan(c, device_memory_gb=80)
     assert p.fits and p.flops_per_device > 0
-    c.model.lora_rank = 4
-    with pytest.raises(ValueError, match="not planned yet"):
-        plan_lib.plan(c, device_memory_gb=80)
+    c.model.lora_rank = 4  # LoRA: the adapters and the head train; the base is frozen, beside the state
+    lora_plan = plan_lib.plan(c, device_memory_gb=80)
+    lora_trained = 2 * 2 * (256 * 4 + 4 * 256) + 256 + 1  # wq, wv: A [D, R] + B [R, D] per layer; the head
+    assert lora_plan.params == lora_trained < p.params / 100
+    assert lora_plan.state_bytes_per_device < p.state_bytes_per_device / 20
+    assert lora_plan.frozen_bytes_per_device >= p.param_bytes_per_device - 257 * 4
     c.model.lora_rank = 0
     c.train.micro_batches = 3  # 8 rows do not split into 3 micro-batches over 8 devices: train.py refuses it
     with pytest.raises(ValueError, match="micro_batches"):

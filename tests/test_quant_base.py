@@ -62,10 +62,7 @@ def test_quantized_tree_and_its_abstract_shapes(mode):
     qbase = quant.quantize_base(cfg, lora.combine(adapters, base), mode, GROUP)
     for name, m in quant.matrices(cfg).items():
         qt = quant.get(qbase, m.path)
-        assert (
-            quant.is_quantized(qt)
-            and type(qt).__name__ == {"int8": "Int8", "int4": "Int4", "nf4": "NF4"}[mode]
-        )
+        assert isinstance(qt, {"int8": quant.Int8, "int4": quant.Int4, "nf4": quant.NF4}[mode])
         w_IO = quant.as_matrix(quant.get(base, m.path), m)  # its own weight's matrix view, to half a step
         half_step = {"int8": 1 / 254, "int4": 1 / 14, "nf4": np.diff(quant.NF4_LEVELS).max() / 2}[mode]
         np.testing.assert_allclose(quant.dequantize(qt), w_IO, atol=half_step * np.abs(w_IO).max() + 1e-6)
@@ -93,14 +90,17 @@ def test_quantized_base_shardings_place_and_run():
     qbase = quant.quantize_base(cfg, base, "int4", GROUP)
     shardings = quant.quantized_base_shardings(cfg, mesh, "int4", GROUP)
     placed = jax.device_put(qbase, shardings)
+    on_mesh = quant.quantize_base(cfg, base, "int4", GROUP, mesh=mesh)
+    for m in quant.matrices(cfg).values():  # the quantised weights placed; the rest is as it was given
+        got, want = jax.tree.leaves(quant.get(on_mesh, m.path)), jax.tree.leaves(quant.get(shardings, m.path))
+        assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(got, want, strict=True))
     wq, wo = placed["blocks"]["attn"]["wq"], placed["blocks"]["attn"]["wo"]
     assert wq.packed.sharding.spec == P(None, "fsdp", "tensor")  # [N, D/2, H*E]: embed, heads
     assert wq.scale.sharding.spec == P(None, "fsdp", "tensor")  # [N, D/g = 2, H*E]
     assert wo.packed.sharding.spec == P(None, "tensor", "fsdp")  # [N, H*E/2, D]: heads, embed
     assert placed["embed"].sharding.spec == model.param_shardings(cfg, mesh)["embed"].spec
-    cfg8 = CFG.replace(lora_rank=4)
     int8 = jax.device_put(
-        quant.quantize_base(cfg8, base, "int8"), quant.quantized_base_shardings(cfg8, mesh, "int8")
+        quant.quantize_base(cfg, base, "int8"), quant.quantized_base_shardings(cfg, mesh, "int8")
     )
     assert int8["blocks"]["attn"]["wq"].scale.sharding.spec == P(None, None, "tensor")  # [N, 1, H*E]
     adapters = lora.split(random_params(cfg, seed=1))[0]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import model
+from gptjax.model import quant
 
 Params = dict[str, Any]
 _SUFFIXES = ("_lora_a", "_lora_b")
@@ -91,9 +92,12 @@ def merged_config(cfg: model.ModelConfig) -> model.ModelConfig:
 def merge(cfg: model.ModelConfig, params: Params) -> tuple[model.ModelConfig, Params]:
     """Fold every adapter into its base weight: (cfg with lora_rank=0, params without adapters).
 
-    The merged model computes the same function as the unmerged one (dropout off), up to float rounding.
+    The merged model computes the same function as the unmerged one (dropout off), up to float rounding; a
+    quantised base (``lora_base_quant``) is dequantised first.
     """
     base_cfg = merged_config(cfg)
+    if quant.has_quantized(params):  # a quantised base: its weights as they compute, in the param dtype
+        params = quant.dequantize_base(cfg, params)
     if cfg.lora_rank == 0:
         return base_cfg, params
     scale = cfg.lora_alpha / cfg.lora_rank

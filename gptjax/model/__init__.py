@@ -6,7 +6,8 @@
     logits_BLV = gptjax.model.apply(cfg, params, tokens_BL)
 
 ``layers.py`` and ``attention.py`` are the decoder's building blocks, ``sample.py`` generates with a KV cache,
-``sharding.py`` maps logical axis names to the mesh and ``flops.py`` counts model FLOPs.
+``sharding.py`` maps logical axis names to the mesh, ``flops.py`` counts model FLOPs and ``quant.py``
+quantises weights (int8, int4, NF4; a frozen QLoRA base the model runs on as it is).
 """
 
 from gptjax.model.config import (  # noqa: F401

@@ -115,10 +115,6 @@ class ModelConfig:
                 self.lora_base_quant in LORA_BASE_QUANT,
                 f"lora_base_quant={self.lora_base_quant!r}: use one of {LORA_BASE_QUANT}",
             ),
-            (
-                not self.lora_base_quant or self.lora_rank > 0,
-                f"lora_base_quant={self.lora_base_quant!r} is for a LoRA role's frozen base: set lora_rank",
-            ),
             (self.lora_base_group_size > 0, f"lora_base_group_size={self.lora_base_group_size} must be > 0"),
             (self.logits_chunk_mb > 0, f"logits_chunk_mb={self.logits_chunk_mb} must be > 0"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),

@@ -9,6 +9,7 @@ and NF4, as pure functions over the params pytree.
     quant_bytes(qparams), quant_bytes(params)                      # memory of each form
     arrays = to_arrays(qparams)                                     # {'wq.q': ...} for np.savez; from_arrays
     qbase = quantize_base(cfg, params, "nf4", group_size=64)        # the params tree, weights quantised
+    quantized_base_shapes(cfg, "nf4"), quantized_base_shardings(cfg, mesh, "nf4")   # for a planner
     logits_BLV = model.apply(cfg, lora.combine(adapters, qbase), tokens_BL)   # QLoRA: a frozen 4-bit base
 
 Every function sees a weight as a matrix ``w_IO``: inputs I (the contracted dims, flattened) by outputs O,
@@ -48,67 +49,27 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gptjax.model import sharding, transformer
 from gptjax.model.config import ModelConfig, head_params
+from gptjax.model.qleaf import (  # noqa: F401 (the formats, re-exported: quant.Int8 etc.)
+    INT4_SCALE_DTYPE,
+    NF4,
+    NF4_LEVELS,
+    Int4,
+    Int8,
+    Quantized,
+    dense_layer,
+    dequantize,
+    has_quantized,
+    is_quantized,
+    unpack_nibbles,
+)
 
 Params = dict[str, Any]
 
-INT8_MAX = 127
-INT4_SCALE_DTYPE = (
-    jnp.float16
-)  # half-precision group scales (as GPTQ / QLoRA keep them): 0.5 bit a weight at g=32
-
-
-class Int8(NamedTuple):
-    """Symmetric int8, one scale per output channel: w ~ q * scale."""
-
-    q: jax.Array  # int8 [..., I, O]
-    scale: jax.Array  # float32 [..., 1, O]
-
-
-class Int4(NamedTuple):
-    """Group-wise 4-bit codes, two a byte: w ~ (code - zero) * scale, zero = 8 when symmetric."""
-
-    packed: jax.Array  # uint8 [..., I/2, O]
-    scale: jax.Array  # float16 [..., I/g, O]
-    zero: jax.Array | None  # uint8 [..., I/g, O] (asymmetric), or None (symmetric: codes -8..7 stored + 8)
-
-
-class NF4(NamedTuple):
-    """4-bit NormalFloat (QLoRA), two codes a byte: w ~ NF4_LEVELS[code] * absmax of the code's group."""
-
-    packed: jax.Array  # uint8 [..., I/2, O]
-    scale: jax.Array  # float16 [..., I/g, O]: each group's max |w|
-
-
-Quantized = Int8 | Int4 | NF4
 MODES = ("int8", "int4", "nf4")
-
-# QLoRA's NF4 levels (Dettmers et al. 2023, appendix E): quantiles of N(0, 1) scaled to [-1, 1], with an
-# exact 0. A weight's code is its nearest level after dividing by the group's absmax.
-NF4_LEVELS = np.array(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    np.float32,
-)
+INT8_MAX = 127
 
 
 class Matrix(NamedTuple):
@@ -203,31 +164,6 @@ def pack_nibbles(codes_IO: jax.Array) -> jax.Array:
     return c[..., 0::2, :] | (c[..., 1::2, :] << 4)
 
 
-@jax.jit
-def unpack_nibbles(packed: jax.Array) -> jax.Array:
-    """The inverse of ``pack_nibbles``: [..., I/2, O] -> uint8 codes [..., I, O]."""
-    lo, hi = packed & 0x0F, packed >> 4
-    *lead, half, n_out = packed.shape
-    return jnp.stack([lo, hi], axis=-2).reshape(*lead, 2 * half, n_out)
-
-
-@functools.partial(jax.jit, static_argnames="dtype")
-def dequantize(qt: Quantized, dtype: Any = jnp.float32) -> jax.Array:
-    """w_IO back from its quantised form, in ``dtype`` (computed in fp32, cast once at the end)."""
-    if isinstance(qt, Int8):
-        return (qt.q.astype(jnp.float32) * qt.scale).astype(dtype)
-    codes = unpack_nibbles(qt.packed)
-    *lead, n_in, n_out = codes.shape
-    groups = qt.scale.shape[-2]
-    if isinstance(qt, NF4):
-        levels_G = jnp.asarray(NF4_LEVELS)[codes].reshape(*lead, groups, n_in // groups, n_out)
-    else:
-        zero = 8.0 if qt.zero is None else qt.zero.astype(jnp.float32)[..., None, :]
-        levels_G = codes.astype(jnp.float32).reshape(*lead, groups, n_in // groups, n_out) - zero
-    w = levels_G * qt.scale.astype(jnp.float32)[..., None, :]
-    return w.reshape(*lead, n_in, n_out).astype(dtype)
-
-
 # ----------------------------------------------------------------------------------------------------
 # A model's params
 
@@ -309,23 +245,22 @@ def dequantize_params(cfg: ModelConfig, params: Params, quantized: dict[str, Int
 # A quantised frozen base (QLoRA): the params tree with quantised leaves
 
 
-def is_quantized(x: Any) -> bool:
-    return isinstance(x, (Int8, Int4, NF4))
-
-
-def has_quantized(tree: Any) -> bool:
-    """Whether any leaf of ``tree`` (a params tree, an nnx State, a layer's slice) is a quantised weight."""
-    return any(is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
-
-
-def quantize_base(cfg: ModelConfig, params: Params, mode: str, group_size: int = 64) -> Params:
+def quantize_base(
+    cfg: ModelConfig,
+    params: Params,
+    mode: str,
+    group_size: int = 64,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Params:
     """``params`` with each block matmul weight (``matrices(cfg)``) replaced by its quantised matrix view
     [layers, I, O] in ``mode`` ('int8', 'int4', 'nf4'); embeddings, norms, biases, heads and any LoRA
     adapters are the same arrays. ``model.apply`` / ``decode`` / ``sample.generate`` run on the result, alone
-    or under ``lora.combine(adapters, qbase)``."""
+    or under ``lora.combine(adapters, qbase)``. With a ``mesh`` the quantised weights are placed as
+    ``quantized_base_shardings`` says (what a step compiled from the abstract shapes expects)."""
+    shardings = None if mesh is None else quantized_base_shardings(cfg, mesh, mode, group_size)
     for m in matrices(cfg).values():
-        w = get(params, m.path)
-        params = replace(params, m.path, quantize_matrix(as_matrix(w, m), mode, group_size))
+        qt = quantize_matrix(as_matrix(get(params, m.path), m), mode, group_size)
+        params = replace(params, m.path, qt if mesh is None else jax.device_put(qt, get(shardings, m.path)))
     return params
 
 
@@ -352,7 +287,7 @@ def dequantize_base(cfg: ModelConfig, qparams: Params, dtype: Any = None) -> Par
 def dequantize_layer(cfg: ModelConfig, layer_params: Params) -> Params:
     """One block's params (a layer's slice of ``params['blocks']``, a pure dict) with each quantised weight
     dequantised in cfg.dtype, the dtype the layer computes in: what the layer loop merges into a Block."""
-    return _dequantized(cfg, layer_params, True, jnp.dtype(cfg.dtype))
+    return dense_layer(layer_params, transformer.param_shapes(cfg)["blocks"], cfg.dtype)
 
 
 def round_trip(cfg: ModelConfig, params: Params, mode: str, group_size: int = 64) -> Params:

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from gptjax import model as model_lib
+from gptjax.model import qleaf
 
 Params = dict[str, Any]
 
@@ -119,11 +120,14 @@ def cast_to_compute_dtype(cfg, params):
     dt = jnp.dtype(cfg.dtype)
 
     def cast(a, matrix_ndim):
+        if qleaf.is_quantized(a):  # a quantised base's weights: dequantised at use, scales kept exact
+            return a
         return a.astype(dt) if a.ndim >= matrix_ndim and jnp.issubdtype(a.dtype, jnp.floating) else a
 
+    q = qleaf.is_quantized
     stacked = not isinstance(params["blocks"], tuple)
-    out = {k: jax.tree.map(lambda a: cast(a, 2), v) for k, v in params.items() if k != "blocks"}
-    out["blocks"] = jax.tree.map(lambda a: cast(a, 3 if stacked else 2), params["blocks"])
+    out = {k: jax.tree.map(lambda a: cast(a, 2), v, is_leaf=q) for k, v in params.items() if k != "blocks"}
+    out["blocks"] = jax.tree.map(lambda a: cast(a, 3 if stacked else 2), params["blocks"], is_leaf=q)
     return out
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
-from gptjax.model import quant, sharding
+from gptjax.model import qleaf, sharding
 from gptjax.model.config import ModelConfig
 from gptjax.model.layers import Block, Norm, make_param
 
@@ -108,7 +108,7 @@ class GPT(nnx.Module):
     ):
         x_BLD = sharding.batch_sharded(self.embed_tokens(tokens_BL, positions_BL))
         graphdef, stacked = nnx.split(self.blocks)
-        quantized = quant.has_quantized(stacked)  # a quantised frozen base: static structure
+        quantized = qleaf.has_quantized(stacked)  # a quantised frozen base: static structure
         use_dropout = dropout_rng is not None and self.cfg.lora_rank > 0 and self.cfg.lora_dropout > 0
         keys_N = jax.random.split(dropout_rng, self.cfg.n_layers) if use_dropout else None
 
@@ -129,7 +129,7 @@ class GPT(nnx.Module):
         ``prefill``: see the function ``decode``."""
         x_BLD = self.embed_tokens(tokens_BL, positions_BL)
         graphdef, stacked = nnx.split(self.blocks)
-        quantized = quant.has_quantized(stacked if layers is None else layers)
+        quantized = qleaf.has_quantized(stacked if layers is None else layers)
 
         # The whole cache rides in the carry and each layer writes its own slots in place; as scanned xs/ys
         # it would be sliced out and stacked back (a copy of the cache per token).
@@ -172,11 +172,11 @@ def over_layers(cfg: ModelConfig, body, carry, xs, unstacked: bool = False):
 
 def _dense_layer(cfg: ModelConfig, layer_params, quantized: bool):
     """A layer's params as ``nnx.merge`` takes them: as they are, or with a quantised base's weights
-    dequantised (``quant.dequantize_layer``), one layer at a time inside the layer loop."""
+    dequantised in the compute dtype, one layer at a time inside the layer loop."""
     if not quantized:
         return layer_params
     pure = nnx.to_pure_dict(layer_params) if isinstance(layer_params, nnx.State) else layer_params
-    return quant.dequantize_layer(cfg, pure)
+    return qleaf.dense_layer(pure, param_shapes(cfg)["blocks"], cfg.dtype)
 
 
 def _remat(fn, policy: str, quantized: bool = False):

@@ -28,6 +28,7 @@ import numpy as np
 
 from gptjax.losses import logprobs as logprobs_lib
 from gptjax.model.sample_text import sample_batches
+from gptjax.research import report
 from gptjax.rl import reward
 
 GoldFn = Callable[..., float]  # gold(prompt, response, finished=bool) -> float
@@ -283,3 +284,213 @@ def sharpness(stats: Mapping[str, np.ndarray]) -> dict[str, float]:
         "logp": float(np.mean(stats["logp_P"])),
         "mode_share": float(np.mean(stats["mode_P"])),
     }
+
+
+RewardFn = Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]  # the evaluators' reward-model scorer
+
+
+def rm_scores(reward_fn: RewardFn, prompts: Sequence[str], answers: Answers) -> np.ndarray:
+    """rm_PN: the reward model's score of every answer (``gptjax.evals.gold.reward_fn``'s scorer)."""
+    return np.stack(reward_fn([(p, list(ts)) for p, ts in zip(prompts, answers.texts, strict=True)]))
+
+
+def analyse(
+    policies: Mapping[str, Policy],
+    vocab: Any,
+    prompts: Sequence[str],
+    gold: GoldFn,
+    reward_fn: RewardFn,
+    *,
+    temperatures: Sequence[float] = (0.0, 0.25, 0.5, 0.7, 1.0),
+    samples: int = 4,
+    base: str = "sft",
+    seed: int = 1,
+    max_new_tokens: int = 24,
+    batch_size: int = 128,
+    seq_len: int = 64,
+) -> dict[str, Any]:
+    """The four measurements, each policy against ``base`` on ``prompts``: ``temperature`` (``sweep_table``;
+    temperatures must include 0, and the highest one is "sampled" below), ``modes`` (``mode_agreement`` of
+    the greedy answers, overall and per kind; beside it the reward model's accuracy on the policies' i-th
+    samples at the highest temperature and on pairs of the base policy's own samples), ``kinds`` (``by_kind``
+    greedy and sampled) and ``sharpness`` (``response_stats`` along the policy's own greedy answers, the
+    base's greedy answers and its own samples). JSON-ready."""
+    if 0.0 not in temperatures:
+        raise ValueError(f"temperatures {list(temperatures)} must include 0 (the greedy answers)")
+    if base not in policies:
+        raise ValueError(f"base policy {base!r} is not among {sorted(policies)}")
+    hot = max(temperatures)
+    answers = sweep(
+        policies,
+        vocab,
+        prompts,
+        temperatures,
+        samples=samples,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    greedy, sampled = answers[0.0], answers[hot]
+    gold0 = {n: gold_scores(prompts, a, gold)[:, 0] for n, a in greedy.items()}
+    gold1 = {n: gold_scores(prompts, a, gold) for n, a in sampled.items()}
+    rm0 = {n: rm_scores(reward_fn, prompts, a)[:, 0] for n, a in greedy.items()}
+    rm1 = {n: rm_scores(reward_fn, prompts, a) for n, a in sampled.items()}
+    kinds_P = np.array([task_kind(p) for p in prompts])
+    out: dict[str, Any] = {
+        "prompts": len(prompts),
+        "samples": samples,
+        "base": base,
+        "sampled_temperature": hot,
+        "temperature": sweep_table(prompts, answers, gold, base),
+        "modes": {},
+        "kinds": {},
+        "sharpness": {},
+    }
+    half = samples // 2
+    if half:
+        out["rm_on_base_samples"] = rm_gold_accuracy(
+            gold1[base][:, :half], gold1[base][:, half : 2 * half], rm1[base][:, :half], rm1[base][:, half:]
+        )
+    for name, policy in policies.items():
+        if name != base:
+            same_P = np.array(
+                [a[0] == b[0] for a, b in zip(greedy[base].texts, greedy[name].texts, strict=True)]
+            )
+            args = (gold0[base], gold0[name], rm0[base], rm0[name], same_P)
+            out["modes"][name] = {
+                **mode_agreement(*args),
+                "rm_on_samples": rm_gold_accuracy(gold1[base], gold1[name], rm1[base], rm1[name]),
+                "by_kind": {
+                    str(k): mode_agreement(*(x[kinds_P == k] for x in args)) for k in sorted(set(kinds_P))
+                },
+            }
+            out["kinds"][name] = {
+                "greedy": by_kind(prompts, gold0[base], gold0[name]),
+                "sampled": by_kind(prompts, gold1[base].mean(axis=1), gold1[name].mean(axis=1)),
+            }
+        own = [t[0] for t in greedy[name].texts]
+        base_greedy = [t[0] for t in greedy[base].texts]
+        rep = [p for p in prompts for _ in range(sampled[name].samples)]
+        flat = [x for ts in sampled[name].texts for x in ts]
+        out["sharpness"][name] = {
+            "own_greedy": sharpness(response_stats(policy, vocab, prompts, own, seq_len=seq_len)),
+            f"{base}_greedy": sharpness(response_stats(policy, vocab, prompts, base_greedy, seq_len=seq_len)),
+            "own_samples": sharpness(response_stats(policy, vocab, rep, flat, seq_len=seq_len)),
+        }
+    return out
+
+
+def _pm(mean: float | None, err: float | None) -> str:
+    return "-" if mean is None else f"{mean:+.3f} +- {err:.3f}"
+
+
+def report_lines(res: Mapping[str, Any], rm_reference: Mapping[str, float] | None = None) -> list[str]:
+    """Markdown tables of ``analyse``'s result (``rm_reference``: the reward model's held-out pairwise
+    accuracy and gold agreement, ``gptjax.evals.rm_accuracy``'s, for comparison)."""
+    base, hot = res["base"], res["sampled_temperature"]
+    names = list(next(iter(res["temperature"].values())))
+    others = [n for n in names if n != base]
+    lines = [
+        f"Gold reward by sampling temperature ({res['prompts']} held-out prompts, {res['samples']} answers "
+        f"each, 1 at T = 0; differences from {base} paired by prompt; distinct: different answers per "
+        "prompt):",
+        "",
+        *report.table(
+            ["T", *(f"{n} gold" for n in names), *(f"{n} - {base}" for n in others), "distinct"],
+            [
+                [
+                    t,
+                    *(report.fmt(row[n]["gold"]) for n in names),
+                    *(_pm(row[n].get(f"vs_{base}"), row[n].get(f"vs_{base}_se")) for n in others),
+                    " / ".join(f"{row[n]['distinct']:.2f}" for n in names),
+                ]
+                for t, row in res["temperature"].items()
+            ],
+        ),
+        "",
+        f"Greedy answers against {base}'s, where they differ: how the reward model (RM) and the gold reward "
+        "judge the policy's answer against the base's (RM up: it scores the policy's higher); "
+        "RM accuracy: it orders the pair like the gold (gold ties left out); gold share: that cell's part of "
+        "the mean greedy gold difference over all prompts:",
+        "",
+    ]
+    cells = [(r, g) for r in ("up", "down") for g in ("up", "tie", "down")]
+    lines += report.table(
+        ["policy", "same", "differ", *(f"RM {r} / gold {g}" for r, g in cells), "RM accuracy"],
+        [
+            [
+                n,
+                m["same"],
+                m["differ"],
+                *(
+                    f"{m[f'rm_{r}_gold_{g}']} ({m[f'gold_diff_rm_{r}_gold_{g}']:+.3f})"
+                    if g != "tie"
+                    else str(m[f"rm_{r}_gold_{g}"])
+                    for r, g in cells
+                ),
+                f"{m['rm_accuracy']:.3f} ({m['gold_pairs']} pairs)",
+            ]
+            for n, m in res["modes"].items()
+        ],
+    )
+    ref = [
+        f"the policy's and {base}'s i-th samples at T = {hot:g}: "
+        + ", ".join(f"{n} {m['rm_on_samples']['rm_accuracy']:.3f}" for n, m in res["modes"].items())
+    ]
+    if "rm_on_base_samples" in res:
+        ref.append(f"pairs of {base}'s own samples: {res['rm_on_base_samples']['rm_accuracy']:.3f}")
+    if rm_reference:
+        ref.append(
+            f"held-out labelled rankings: {rm_reference['pairwise_accuracy']:.3f} like the labelers, "
+            f"{rm_reference['gold_agreement']:.3f} like the gold"
+        )
+    lines += ["", "RM accuracy elsewhere (ordering like the gold): " + "; ".join(ref) + ".", ""]
+    kinds = sorted(next(iter(res["kinds"].values()))["greedy"]) if res["kinds"] else []
+    header = ["kind", "n", f"{base} greedy"]
+    for n in others:
+        header += [f"{n} - {base} greedy", f"{n} - {base} T = {hot:g}", f"{n}: greedy changed", "RM acc."]
+    rows = []
+    for k in kinds:
+        first = res["kinds"][others[0]]["greedy"][k]
+        row = [k, first["n"], report.fmt(first["a"])]
+        for n in others:
+            g, s, m = (
+                res["kinds"][n]["greedy"][k],
+                res["kinds"][n]["sampled"][k],
+                res["modes"][n]["by_kind"][k],
+            )
+            row += [_pm(g["diff"], g["diff_se"]), _pm(s["diff"], s["diff_se"]), m["differ"]]
+            row.append(report.fmt(m["rm_accuracy"]))
+        rows.append(row)
+    lines += ["Per task kind (greedy gold and its change; RM acc.: at the changed greedy answers):", ""]
+    lines += [*report.table(header, rows), ""]
+    lines += [
+        f"Sharpness (temperature 1): mean per-token entropy (nats) and mean probability of the policy's own "
+        f"greedy answer, of {base}'s greedy answer, of its own T = {hot:g} samples; mode share: answers that "
+        "are the policy's greedy path:",
+        "",
+        *report.table(
+            [
+                "policy",
+                "entropy (own greedy)",
+                "p(own greedy)",
+                f"p({base} greedy)",
+                f"{base} greedy is mode",
+                "entropy (samples)",
+                "p(sample)",
+            ],
+            [
+                [
+                    n,
+                    report.fmt(s["own_greedy"]["entropy"]),
+                    report.fmt(s["own_greedy"]["prob"]),
+                    report.fmt(s[f"{base}_greedy"]["prob"]),
+                    report.fmt(s[f"{base}_greedy"]["mode_share"]),
+                    report.fmt(s["own_samples"]["entropy"]),
+                    report.fmt(s["own_samples"]["prob"]),
+                ]
+                for n, s in res["sharpness"].items()
+            ],
+        ),  # fmt: skip
+    ]
+    return lines

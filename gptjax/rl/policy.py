@@ -20,6 +20,7 @@ from typing import Any
 from gptjax import model
 from gptjax.interop import lora
 from gptjax.losses.ctx import Ctx, full_params
+from gptjax.model import quant
 
 GENERATION_MODES = ("adapters", "merged")
 
@@ -36,6 +37,8 @@ def generation_params(cfg: model.ModelConfig, params: Any, mode: str) -> Any:
     they are, or merged into plain weights (module doc)."""
     if cfg.lora_rank == 0 or mode == "adapters":
         return params
+    if quant.has_quantized(params):  # dequantised in the compute dtype: the copy is no wider than needed
+        params = quant.dequantize_base(cfg, params, cfg.dtype)
     return lora.merge(cfg, params)[1]
 
 

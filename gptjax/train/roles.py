@@ -76,6 +76,12 @@ def trained_roles(config: ConfigDict, stage: Stage) -> list[Role]:
         roles = [
             Role(SINGLE, cfg, t.init_from, t.get("init_role", ""), t.get("init_ema", False), config.optim)
         ]
+    for r, where in zip(roles, _model_sections(config), strict=True):
+        if r.cfg.lora_base_quant and not r.cfg.lora_rank:
+            raise ValueError(
+                f"{where}.lora_base_quant={r.cfg.lora_base_quant!r} quantises a LoRA role's frozen base: set "
+                f"{where}.lora_rank > 0 (or lora_base_quant='')"
+            )
     return [
         dataclasses.replace(
             r, cfg=checkpoint.load.resolve_model_config(r.cfg, r.init_from, r.init_role, where=w)
@@ -147,7 +153,7 @@ def _init_one(role: Role, mesh, rng) -> tuple[Any, Any]:
         head, base = lora.split(params, also=model.head_params(cfg))
         params = lora.combine(adapters, head)
     if base is not None and cfg.lora_base_quant:
-        base = quant.quantize_base(cfg, base, cfg.lora_base_quant, cfg.lora_base_group_size)
+        base = quant.quantize_base(cfg, base, cfg.lora_base_quant, cfg.lora_base_group_size, mesh=mesh)
     return params, base
 
 
