@@ -162,8 +162,16 @@ def _generate(
     # Layers unrolled, one cache buffer per layer: the attention (a Pallas kernel among others) then reads
     # its layer's cache in place, where a slice of a stacked [N, ...] cache is a copy of that layer's
     # cache per token (the whole cache copied every step). Weights sliced and cast once, not per token.
-    cfg = cfg.replace(scan_layers=False)
-    params = decode_params(cfg, params)
+    # A quantised base (QLoRA) keeps its layers scanned: each layer's weights are dequantised inside the
+    # layer loop, where unrolled layers would let the compiler dequantise all of them once, up front (a
+    # dense copy of the model).
+    quantized = qleaf.has_quantized(params)
+    if quantized:
+        cfg = cfg.replace(scan_layers=True)
+        params = cast_to_compute_dtype(cfg, params)
+    else:
+        cfg = cfg.replace(scan_layers=False)
+        params = decode_params(cfg, params)
 
     cache = model_lib.init_cache(cfg, B, P + T, dtype=cache_dtype)
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))

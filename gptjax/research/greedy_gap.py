@@ -311,7 +311,8 @@ def analyse(
 ) -> dict[str, Any]:
     """The four measurements, each policy against ``base`` on ``prompts``: ``temperature`` (``sweep_table``;
     temperatures must include 0, and the highest one is "sampled" below), ``modes`` (``mode_agreement`` of
-    the greedy answers, overall and per kind; beside it the reward model's accuracy on the policies' i-th
+    the greedy answers, overall and per kind, and where they differ each model's log-probability margin
+    for its own answer over the other's; beside it the reward model's accuracy on the policies' i-th
     samples at the highest temperature and on pairs of the base policy's own samples), ``kinds`` (``by_kind``
     greedy and sampled) and ``sharpness`` (``response_stats`` along the policy's own greedy answers, the
     base's greedy answers and its own samples). JSON-ready."""
@@ -351,14 +352,28 @@ def analyse(
         out["rm_on_base_samples"] = rm_gold_accuracy(
             gold1[base][:, :half], gold1[base][:, half : 2 * half], rm1[base][:, :half], rm1[base][:, half:]
         )
+    greedy_text = {n: [t[0] for t in a.texts] for n, a in greedy.items()}
+    # (whose model, whose greedy answers) -> response_stats: each model on its own and the base's answers,
+    # the base model on every policy's
+    pairs = dict.fromkeys(pair for n in policies for pair in ((n, n), (n, base), (base, n)))
+    along = {
+        (who, whose): response_stats(policies[who], vocab, prompts, greedy_text[whose], seq_len=seq_len)
+        for who, whose in pairs
+    }
     for name, policy in policies.items():
         if name != base:
-            same_P = np.array(
-                [a[0] == b[0] for a, b in zip(greedy[base].texts, greedy[name].texts, strict=True)]
-            )
+            same_P = np.array([a == b for a, b in zip(greedy_text[base], greedy_text[name], strict=True)])
             args = (gold0[base], gold0[name], rm0[base], rm0[name], same_P)
+            differ_P = ~same_P
             out["modes"][name] = {
                 **mode_agreement(*args),
+                # where the answers differ, how much more likely each model finds its own (nats)
+                "base_margin": _mean(
+                    along[base, base]["logp_P"][differ_P] - along[base, name]["logp_P"][differ_P]
+                ),
+                "policy_margin": _mean(
+                    along[name, name]["logp_P"][differ_P] - along[name, base]["logp_P"][differ_P]
+                ),
                 "rm_on_samples": rm_gold_accuracy(gold1[base], gold1[name], rm1[base], rm1[name]),
                 "by_kind": {
                     str(k): mode_agreement(*(x[kinds_P == k] for x in args)) for k in sorted(set(kinds_P))
@@ -368,16 +383,18 @@ def analyse(
                 "greedy": by_kind(prompts, gold0[base], gold0[name]),
                 "sampled": by_kind(prompts, gold1[base].mean(axis=1), gold1[name].mean(axis=1)),
             }
-        own = [t[0] for t in greedy[name].texts]
-        base_greedy = [t[0] for t in greedy[base].texts]
         rep = [p for p in prompts for _ in range(sampled[name].samples)]
         flat = [x for ts in sampled[name].texts for x in ts]
         out["sharpness"][name] = {
-            "own_greedy": sharpness(response_stats(policy, vocab, prompts, own, seq_len=seq_len)),
-            f"{base}_greedy": sharpness(response_stats(policy, vocab, prompts, base_greedy, seq_len=seq_len)),
+            "own_greedy": sharpness(along[name, name]),
+            f"{base}_greedy": sharpness(along[name, base]),
             "own_samples": sharpness(response_stats(policy, vocab, rep, flat, seq_len=seq_len)),
         }
     return out
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
 
 
 def _pm(mean: float | None, err: float | None) -> str:
@@ -445,6 +462,16 @@ def report_lines(res: Mapping[str, Any], rm_reference: Mapping[str, float] | Non
             f"{rm_reference['gold_agreement']:.3f} like the gold"
         )
     lines += ["", "RM accuracy elsewhere (ordering like the gold): " + "; ".join(ref) + ".", ""]
+    lines += [
+        "Where the greedy answers differ, how much more likely each model finds its own greedy answer than "
+        "the other's (log p, nats, mean over those prompts): "
+        + "; ".join(
+            f"{base} over {n}'s {m['base_margin']:.2f}, {n} over {base}'s {m['policy_margin']:.2f}"
+            for n, m in res["modes"].items()
+        )
+        + ".",
+        "",
+    ]
     kinds = sorted(next(iter(res["kinds"].values()))["greedy"]) if res["kinds"] else []
     header = ["kind", "n", f"{base} greedy"]
     for n in others:
