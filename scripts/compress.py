@@ -19,58 +19,62 @@ exactly the checkpoint's weights. Which weights: the blocks' matmul weights (``g
 
 SparseGPT calibrates on ``--calibration`` packed sequences of the run's pretraining text, training split (its
 PPO-ptx text, its own data for a pretraining run, else the tiny task's text), at the run's sequence length.
-A multi-role workdir needs ``--role``; LoRA adapters are merged into their base first.
+A multi-role workdir needs ``--role``; LoRA adapters are merged into their base first. --verbose: library logs
+and the traceback (gptjax/train/console.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from absl import app, flags
 
 from gptjax.research import compress
+from gptjax.train import console
+
+flags.DEFINE_string("checkpoint", None, "The workdir to compress.")
+flags.DEFINE_string("out", None, "The new workdir.")
+flags.DEFINE_enum("method", None, compress.METHODS, "How to compress.")
+flags.DEFINE_float("sparsity", 0.5, "Pruning: share of each matrix set to 0.")
+flags.DEFINE_string("pattern", None, "Pruning: N:M instead of --sparsity, e.g. 2:4.")
+flags.DEFINE_enum("scope", "matrix", ("matrix", "global"), "Magnitude: where the threshold is taken.")
+flags.DEFINE_integer("group_size", 64, "int4: inputs per scale.")
+flags.DEFINE_bool("zero_point", False, "int4: asymmetric groups (a zero point each).")
+flags.DEFINE_bool("embeddings", False, "Also the token embedding / LM head.")
+flags.DEFINE_integer("calibration", 128, "sparsegpt: calibration sequences.")
+flags.DEFINE_integer("block_size", 128, "sparsegpt: inputs per mask block.")
+flags.DEFINE_float("damp", 0.01, "sparsegpt: Hessian damping (x mean diagonal).")
+flags.DEFINE_string("role", None, "The role of a multi-role workdir (PPO's 'policy').")
+flags.DEFINE_bool("ema", False, "Its EMA weights.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_integer("seed", 0, "sparsegpt: calibration data order.")
+flags.register_validator("sparsity", lambda s: 0.0 <= s < 1.0, "must be in [0, 1)")
+flags.mark_flags_as_required(["checkpoint", "out", "method"])
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="the workdir to compress")
-    p.add_argument("--out", required=True, help="the new workdir")
-    p.add_argument("--method", required=True, choices=compress.METHODS)
-    p.add_argument("--sparsity", type=float, default=0.5, help="pruning: share of each matrix set to 0")
-    p.add_argument("--pattern", default=None, help="pruning: N:M instead of --sparsity, e.g. 2:4")
-    p.add_argument("--scope", default="matrix", choices=("matrix", "global"), help="magnitude: threshold")
-    p.add_argument("--group_size", type=int, default=64, help="int4: inputs per scale")
-    p.add_argument("--zero_point", action="store_true", help="int4: asymmetric groups (a zero point each)")
-    p.add_argument("--embeddings", action="store_true", help="also the token embedding / LM head")
-    p.add_argument("--calibration", type=int, default=128, help="sparsegpt: calibration sequences")
-    p.add_argument("--block_size", type=int, default=128, help="sparsegpt: inputs per mask block")
-    p.add_argument("--damp", type=float, default=0.01, help="sparsegpt: Hessian damping (x mean diagonal)")
-    p.add_argument("--role", default=None, help="the role of a multi-role workdir (PPO's 'policy')")
-    p.add_argument("--ema", action="store_true", help="its EMA weights")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--seed", type=int, default=0, help="sparsegpt: calibration data order")
-    args = p.parse_args(argv)
-    if not 0.0 <= args.sparsity < 1.0:
-        p.error(f"--sparsity {args.sparsity} must be in [0, 1)")
+def main(argv) -> dict:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    console.setup_logging()
     record = compress.compress_workdir(
-        args.checkpoint,
-        args.out,
-        args.method,
-        role=args.role,
-        ema=args.ema,
-        step=args.step,
-        calibration=args.calibration,
-        seed=args.seed,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        scope=args.scope,
-        group_size=args.group_size,
-        symmetric=not args.zero_point,
-        embeddings=args.embeddings,
-        block_size=args.block_size,
-        damp=args.damp,
+        FLAGS.checkpoint,
+        FLAGS.out,
+        FLAGS.method,
+        role=FLAGS.role,
+        ema=FLAGS.ema,
+        step=FLAGS.step,
+        calibration=FLAGS.calibration,
+        seed=FLAGS.seed,
+        sparsity=FLAGS.sparsity,
+        pattern=FLAGS.pattern,
+        scope=FLAGS.scope,
+        group_size=FLAGS.group_size,
+        symmetric=not FLAGS.zero_point,
+        embeddings=FLAGS.embeddings,
+        block_size=FLAGS.block_size,
+        damp=FLAGS.damp,
     )
     print(
-        f"{args.checkpoint} -> {args.out}: {args.method}, sparsity {record['sparsity']:.3f}, "
+        f"{FLAGS.checkpoint} -> {FLAGS.out}: {FLAGS.method}, sparsity {record['sparsity']:.3f}, "
         f"{record['bytes_compressed'] / 2**20:.2f} MiB compressed vs {record['bytes_fp32'] / 2**20:.2f} MiB "
         f"fp32 ({record['ratio_to_fp32']:.3f}), {record['seconds']:.1f} s"
     )
@@ -78,4 +82,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    console.main(main)

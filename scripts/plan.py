@@ -9,7 +9,7 @@ FLOPs per step and the step time expected at ``--mfu`` of ``--peak_tflops`` (def
 Fused attention is planned with its real footprint (see ``gptjax.research.plan``). RL configs (ppo, grpo,
 rloo) also plan the rollout: generation in its rollout layout and the experience pass
 (``gptjax.research.plan.plan_rollout``). Exits 1 naming the biggest consumers when a plan does not fit. Config
-overrides work as in scripts/train.py.
+overrides work as in scripts/train.py; --verbose: library logs and the traceback (gptjax/train/console.py).
 """
 
 import os
@@ -17,6 +17,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from gptjax.train import console  # imports neither JAX nor TensorFlow
 
 config_flags.DEFINE_config_file("config", None, "Python config file (with :arg).", lock_config=True)
 flags.DEFINE_integer("devices", 8, "Devices to plan for (simulated on CPU).")
@@ -32,6 +34,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    console.setup_logging()
     f = flags.FLAGS
     # Before the backend starts: N CPU devices stand in for the accelerators.
     os.environ["XLA_FLAGS"] = (
@@ -90,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.main(main)

@@ -6,7 +6,8 @@
 
 Writes ``<workdir>/<sweep>/report.md`` (the table), ``<sweep>.png`` (gold reward and KL against the swept
 value) and ``results.json``; each point's run and evaluation live in ``<workdir>/<sweep>/<point>/``. See
-``gptjax.research.sweep`` for what a point is and how it is evaluated.
+``gptjax.research.sweep`` for what a point is and how it is evaluated. --verbose: library logs and the
+traceback (gptjax/train/console.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import time
 
 from absl import app, flags, logging
 
-from gptjax import train
 from gptjax.research import report, sweep
+from gptjax.train import console
 
 flags.DEFINE_string("config", "configs/tiny.py", "Config file declaring get_sweeps() (no ':arg').")
 flags.DEFINE_string("sweep", None, "The sweep's name.")
@@ -40,7 +41,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
-    train.setup_logging()
+    console.setup_logging()
     if ":" in FLAGS.config:
         raise app.UsageError("--config takes the file alone; each sweep point sets its own arg")
     sw = sweep.load_sweep(FLAGS.config, FLAGS.sweep)
@@ -79,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.main(main)

@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from helpers import ROOT, random_params, save_workdir
 
 from gptjax import checkpoint, hf, model
@@ -266,7 +267,12 @@ def _script():
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main
+
+    def main(args):  # the command line as absl parses it (flags from defaults each time)
+        flags.FLAGS.unparse_flags()
+        return mod.main(flags.FLAGS(["compress.py", *args]))
+
+    return main
 
 
 def test_compress_script_end_to_end(tmp_path, monkeypatch):

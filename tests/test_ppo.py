@@ -346,10 +346,13 @@ def test_rollout_generates_in_calls_of_generate_rows_with_the_policy_moved_in_it
     config.rollout.update(temperature=0.8, max_new_tokens=10, generate_rows=4)
     src = rollout.RolloutSource.__new__(rollout.RolloutSource)  # only what _generate reads
     src.config, src.rollout_mesh, src.iteration, src.rng = config, rollout_mesh, 2, jax.random.key(7)
-    src.cfgs = {"policy": cfg}
+    src.cfgs, src.gen_cfg = {"policy": cfg}, cfg
+    src.ctx = step_lib.Ctx(
+        model_cfg=cfg, role_cfgs=(("policy", cfg),)
+    )  # no LoRA base: the params as they are
     src.rollout_shardings = model.param_shardings(cfg, rollout_mesh)
     src.vocab = type("V", (), {"eos_id": 258, "pad_id": 0})()
-    moved, _ = src._policy_for_rollout(params)
+    moved, _ = src._policy_for_rollout({"policy": params})
     assert moved["blocks"]["attn"]["wq"].dtype == jnp.bfloat16
     assert moved["blocks"]["attn_norm"]["scale"].dtype == jnp.float32  # kept as the model casts at use
     assert moved["blocks"]["attn"]["wq"].sharding.spec != params["blocks"]["attn"]["wq"].sharding.spec

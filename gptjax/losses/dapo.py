@@ -20,27 +20,10 @@ length_norm (``grpo.py``).
 
 from __future__ import annotations
 
-import jax
+from gptjax.losses import grpo
 
-from gptjax.losses import grpo, ppo
-from gptjax.losses.objective import Objective
-
-
-def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
-    del rng
-    opts = OBJECTIVE.options_of(ctx.loss_cfg)
-    return grpo.clipped_objective(params, batch, ctx, opts, opts.kl_coef)
-
-
-OBJECTIVE = Objective(
-    loss_fn=loss_fn,
-    data=("prompts",),
-    frozen=("ref", "reward"),
-    min_group=2,  # GRPO's group-standardised score
-    kl="loss",  # off by default (kl_coef 0); the rollout's reward has no KL penalty
-    denominators=ppo.denominators,
-    advantages=grpo.token_advantages,
-    options={
+OBJECTIVE = grpo.objective_with(
+    {
         "clip_low": 0.2,
         "clip_high": 0.28,
         "kl_coef": 0.0,
@@ -51,3 +34,4 @@ OBJECTIVE = Objective(
         "length_norm": 0.0,
     },
 )
+loss_fn = OBJECTIVE.loss_fn

@@ -30,10 +30,13 @@ length_norm (0: the rows' length); ``clip_low`` / ``clip_high`` (DAPO's clip-hig
 config.loss has them, else both = clip. The batch is an experience minibatch (tokens_BL, prompt_lengths_B,
 lengths_B, old_logp_BL, ref_logp_BL, advantages_BL, optionally is_weight_BL) and
 ``ctx.scalars['temperature']`` the sampling temperature. Dr. GRPO and DAPO are this loss with other defaults
-(``dr_grpo.py``, ``dapo.py``).
+(``dr_grpo.py``, ``dapo.py``: ``objective_with`` their options).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,23 +92,33 @@ def clipped_objective(params, batch: dict, ctx, opts, kl_coef: float = 0.0) -> t
     return loss, metrics
 
 
-def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
-    del rng
-    opts = OBJECTIVE.options_of(ctx.loss_cfg)
-    return clipped_objective(params, batch, ctx, opts, opts.kl_coef)
+def objective_with(options: Mapping[str, Any]) -> Objective:
+    """GRPO's declaration with ``options`` as the option defaults: the same loss (``clipped_objective`` with
+    ``kl_coef`` from the options), group advantages, denominators, frozen roles and KL placement. Dr. GRPO and
+    DAPO are this with their papers' defaults (``dr_grpo.py``, ``dapo.py``)."""
+
+    def loss_fn(params, batch: dict, rng: jax.Array, ctx) -> tuple[jax.Array, dict]:
+        del rng
+        opts = obj.options_of(ctx.loss_cfg)
+        return clipped_objective(params, batch, ctx, opts, opts.kl_coef)
+
+    obj = Objective(
+        loss_fn=loss_fn,
+        data=("prompts",),
+        frozen=("ref", "reward"),
+        min_group=2,  # a group's mean (and std) is the baseline
+        kl="loss",  # loss.kl_coef x the kl_estimator's term; the rollout's reward has no KL penalty
+        denominators=ppo.denominators,  # response tokens and responses of the full batch
+        advantages=token_advantages,  # reads std_normalize, std_eps
+        options=options,
+    )
+    return obj
 
 
 denominators = ppo.denominators  # the module's name for it (the objective declares it)
 
-OBJECTIVE = Objective(
-    loss_fn=loss_fn,
-    data=("prompts",),
-    frozen=("ref", "reward"),
-    min_group=2,  # a standardised score needs a group
-    kl="loss",  # loss.kl_coef x the kl_estimator's term; the rollout's reward has no KL penalty
-    denominators=ppo.denominators,  # response tokens and responses of the full batch
-    advantages=token_advantages,
-    options={
+OBJECTIVE = objective_with(
+    {
         "clip": 0.2,
         "kl_coef": 0.04,
         "kl_estimator": "k3",  # the paper's; biased (module doc): 'k2' has the exact gradient
@@ -113,5 +126,6 @@ OBJECTIVE = Objective(
         "std_normalize": True,
         "aggregation": "token_mean",  # the paper's is seq_mean_token_mean
         "length_norm": 0.0,
-    },
+    }
 )
+loss_fn = OBJECTIVE.loss_fn

@@ -38,7 +38,7 @@ from gptjax import data, model, rl
 from gptjax.losses.ctx import full_params
 from gptjax.model import sample, sharding
 from gptjax.rl import policy as policy_lib
-from gptjax.rl import reward_terms
+from gptjax.rl import reward_terms, sampling
 from gptjax.rl.rollout_config import (  # noqa: F401 (rollout.check_config etc.: the settings)
     ROLES,
     advantages_kwargs,
@@ -51,6 +51,7 @@ from gptjax.rl.rollout_config import (  # noqa: F401 (rollout.check_config etc.:
     roles_needed,
     score_rows,
 )
+from gptjax.rl.sampling import sampler_agreement  # also rollout.sampler_agreement
 
 
 @functools.partial(jax.jit, static_argnames=("cfgs", "opts", "advantages_fn", "loss_opts"))
@@ -264,104 +265,64 @@ class RolloutSource:
         joined = {k: np.concatenate([getattr(o, k) for o in outs]) for k in sample.Generation._fields[:-1]}
         return sample.Generation(**joined, steps=max(int(o.steps) for o in outs))
 
-    def _texts(self, prompts: dict, gen) -> tuple[list[str], list[str], dict[str, list]]:
-        """The rows' prompt strings, decoded responses and prompt records' other fields (lists by field)."""
-        texts = self.prompts.prompt_text(prompts["prompt_ids_B"])
-        responses = [
-            self.vocab.decode(toks[:n]) for toks, n in zip(gen.tokens_BT, gen.lengths_B, strict=True)
-        ]
-        fields_of = getattr(self.prompts, "prompt_fields", None)
-        fields = fields_of(prompts["prompt_ids_B"]) if fields_of is not None else {}
-        return texts, responses, dict(fields)
+    def _responses(self, gen) -> list[str]:
+        return [self.vocab.decode(toks[:n]) for toks, n in zip(gen.tokens_BT, gen.lengths_B, strict=True)]
 
-    def _function_scores(self, prompts: dict, gen) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """{term: [B] values} of the function terms and DAPO's overlong term; {term: seconds}."""
+    def _function_scores(self, prompts: dict, gen) -> sampling.Draw:
+        """The rows with their function terms' and DAPO's overlong term's values {term: [B]}, their seconds
+        and (when a function term reads them) the decoded responses."""
         r = self.config.rollout
-        values, seconds = {}, {}
+        values, seconds, responses = {}, {}, None
         if self.terms:
-            texts, responses, fields = self._texts(prompts, gen)
+            ids = prompts["prompt_ids_B"]
+            responses = self._responses(gen)
+            fields_of = getattr(self.prompts, "prompt_fields", None)
+            fields = dict(fields_of(ids)) if fields_of is not None else {}
             values, seconds = reward_terms.score_functions(
-                self.terms, texts, responses, fields, float(r.reward_fn_timeout_s)
+                self.terms, self.prompts.prompt_text(ids), responses, fields, float(r.reward_fn_timeout_s)
             )
         if r.overlong_buffer:
             values["overlong"] = reward_terms.overlong_penalty(
                 gen.lengths_B, gen.ended_B, r.max_new_tokens, r.overlong_buffer
             )
-        return values, seconds
+        return sampling.Draw(prompts, gen, values, seconds, responses)
 
-    def _extra_score(self, values: dict[str, np.ndarray], n: int) -> np.ndarray:
+    def _extra_score(self, values: dict[str, np.ndarray], n: int | None = None) -> np.ndarray:
+        """The function terms' weighted sum [n] (n: the rows of ``values``)."""
         r = self.config.rollout
+        n = len(next(iter(values.values()))) if n is None else n
         total = reward_terms.weighted_sum(self.terms, values, n)
         if "overlong" in values:
             total = total + np.float32(r.overlong_weight) * values["overlong"].astype(np.float32)
         return total
 
-    def _sample(self, policy) -> tuple[dict, sample.Generation, dict, dict, dict]:
-        """One rollout's prompts (each in samples_per_prompt adjacent rows: a group), responses, function
-        scores, their timings and the dynamic-sampling counts.
-
-        With ``rollout.dynamic_sampling`` (DAPO), groups whose scores all tie teach a group objective nothing:
-        they are dropped and replaced by groups of new prompts (up to ``max_extra_generations`` more generate
-        calls, the same number on every process); what is still missing is filled with dropped groups."""
-        r = self.config.rollout
-        G = r.samples_per_prompt
+    def _draw(self, policy, call: int = 0) -> sampling.Draw:
+        """The next prompts, each in samples_per_prompt adjacent rows (a group), their responses from
+        generate call ``call`` (``_generate``) and function scores."""
+        G = self.config.rollout.samples_per_prompt
         prompts = {k: np.repeat(v, G, axis=0) for k, v in next(self.prompts).items()}
-        gen = self._generate(policy, prompts)
-        values, seconds = self._function_scores(prompts, gen)
-        # every token generated this rollout, extra generations too (every process: rows split evenly)
-        counts = {"tokens_generated": float(np.sum(gen.lengths_B)) * jax.process_count()}
+        return self._function_scores(prompts, self._generate(policy, prompts, call=call))
+
+    def _sample(self, policy) -> tuple[sampling.Draw, dict[str, float]]:
+        """One rollout's rows and counts; with ``rollout.dynamic_sampling`` (DAPO) tied groups replaced
+        (``gptjax.rl.sampling``)."""
+        r = self.config.rollout
+        first = self._draw(policy)
         if not r.dynamic_sampling:
-            return prompts, gen, values, seconds, counts
-        parts = [(prompts, gen, values)]
-        rows = len(prompts["prompt_BP"])
-
-        def tied(values) -> np.ndarray:  # [groups] bool
-            total = self._extra_score(values, len(next(iter(values.values()))))
-            g = total.reshape(-1, G)
-            return np.all(g == g[:, :1], axis=1)
-
-        informative = int(np.sum(~tied(values)))
-        extra = 0
-        while extra < r.max_extra_generations and _any_process(informative < rows // G):
-            extra += 1
-            more = {k: np.repeat(v, G, axis=0) for k, v in next(self.prompts).items()}
-            more_gen = self._generate(policy, more, call=extra)
-            more_values, more_seconds = self._function_scores(more, more_gen)
-            seconds = {k: seconds.get(k, 0.0) + v for k, v in more_seconds.items()}
-            parts.append((more, more_gen, more_values))
-            informative += int(np.sum(~tied(more_values)))
-            counts["tokens_generated"] += float(np.sum(more_gen.lengths_B)) * jax.process_count()
-        # the informative groups in the order generated, then (if short) the first tied groups
-        keep, fill = [], []
-        for i, (_, _, vals) in enumerate(parts):
-            for g, t in enumerate(tied(vals)):
-                (fill if t else keep).append((i, g))
-        chosen = (keep + fill)[: rows // G]
-        counts |= {
-            "dynamic_sampling/tied_groups": float(int(np.sum(tied(values)))),
-            "dynamic_sampling/extra_generations": float(extra),
-            "dynamic_sampling/tied_groups_kept": float(sum(1 for c in chosen if c in fill)),
-        }
-
-        def take(getter):
-            return np.concatenate([getter(parts[i])[g * G : (g + 1) * G] for i, g in chosen])
-
-        prompts = {k: take(lambda p, k=k: p[0][k]) for k in prompts}
-        fields = sample.Generation._fields[:-1]
-        gen = sample.Generation(
-            **{k: take(lambda p, k=k: getattr(p[1], k)) for k in fields},
-            steps=max(int(p[1].steps) for p in parts),
+            return first, {"tokens_generated": sampling.tokens_generated(first.gen)}
+        more = functools.partial(self._draw, policy)
+        return sampling.dynamic_sampling(
+            first, more, self._extra_score, r.samples_per_prompt, r.max_extra_generations
         )
-        values = {k: take(lambda p, k=k: p[2][k]) for k in values}
-        return prompts, gen, values, seconds, counts
 
     def _rollout(self, train_state) -> None:
         r = self.config.rollout
         start = time.perf_counter()
         train_time = start - self._last_end if self._last_end is not None else 0.0
         policy, reshard_s = self._policy_for_rollout(train_state.params)
-        prompts, gen, values, fn_seconds, sampling_counts = self._sample(policy)
+        drawn, sampling_counts = self._sample(policy)
         del policy
+        prompts, gen, values, fn_seconds = drawn.prompts, drawn.gen, drawn.values, drawn.seconds
         generated = time.perf_counter()
         extra_score_B = self._extra_score(values, len(gen.lengths_B)) if values else None
 
@@ -403,7 +364,7 @@ class RolloutSource:
             self.buffer["is_weight_BL"] = is_weight_BL
         scored = time.perf_counter()
 
-        self.metrics = self._metrics(prompts, gen, rows, scalars)
+        self.metrics = self._metrics(prompts, gen, rows, scalars, drawn.responses)
         self.metrics.update({f"reward/{name}": float(np.mean(v)) for name, v in values.items()})
         self.metrics.update({f"time/reward/{name}": s for name, s in fn_seconds.items()})
         self.metrics.update({**agreement, **sampling_counts})
@@ -427,7 +388,8 @@ class RolloutSource:
         self.iteration += 1
         self._last_end = time.perf_counter()
 
-    def _metrics(self, prompts, gen, rows, scalars) -> dict[str, float]:
+    def _metrics(self, prompts, gen, rows, scalars, responses=None) -> dict[str, float]:
+        """The rollout's metrics; ``responses``: the rows' decoded responses where scoring decoded them."""
         out = {
             **({"reward/rm": float(np.mean(rows["rm_score_B"]))} if "rm_score_B" in rows else {}),
             "reward": float(np.mean(rows["score_B"])),
@@ -442,9 +404,10 @@ class RolloutSource:
             out.update(kl_penalty=float(np.mean(rows["kl_penalty_B"])), kl_coef=self.kl_coef)
         if self.gold is not None:
             texts = self.prompts.prompt_text(prompts["prompt_ids_B"])
+            responses = self._responses(gen) if responses is None else responses
             golds = [
-                self.gold(p, self.vocab.decode(toks[:n]), finished=bool(e))
-                for p, toks, n, e in zip(texts, gen.tokens_BT, gen.lengths_B, gen.ended_B, strict=True)
+                self.gold(p, resp, finished=bool(e))
+                for p, resp, e in zip(texts, responses, gen.ended_B, strict=True)
             ]
             out["gold_reward"] = float(np.mean(golds))
         logging.info(
@@ -456,45 +419,3 @@ class RolloutSource:
             f" gold {out['gold_reward']:.3f}" if "gold_reward" in out else "",
         )
         return out
-
-
-def _any_process(flag: bool) -> bool:
-    """Whether ``flag`` holds on any process (every process takes the same branch: generation is
-    collective)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
-def sampler_agreement(
-    trainer_logp_BL: np.ndarray,
-    sampler_logp_BT: np.ndarray,
-    prompt_lengths_B: np.ndarray,
-    gen_lengths_B: np.ndarray,
-    tis_cap: float = 0.0,
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """How far the sampler's log-probs of the sampled tokens (from generation) are from the trainer's (the
-    experience pass), over every sampled token: mean and max |log pi_sampler - log pi_trainer|; and, with
-    ``tis_cap`` > 0, truncated importance-sampling weights min(pi_trainer / pi_sampler, tis_cap) per token
-    [B, L] (1 off the sampled tokens). Response token t of row b sits at column prompt_length + t of the
-    trainer's row (the layout of ``gptjax.rl.experience``)."""
-    B, T = sampler_logp_BT.shape
-    cols_BT = np.asarray(prompt_lengths_B)[:, None] + np.arange(T)[None, :]
-    mask_BT = np.arange(T)[None, :] < np.asarray(gen_lengths_B)[:, None]
-    cols_BT = np.minimum(cols_BT, trainer_logp_BL.shape[1] - 1)
-    trainer_BT = np.take_along_axis(np.asarray(trainer_logp_BL, np.float64), cols_BT, axis=1)
-    diff_BT = trainer_BT - np.asarray(sampler_logp_BT, np.float64)
-    absdiff = np.abs(diff_BT[mask_BT])
-    metrics = {
-        "sampler_logp_diff_mean": float(absdiff.mean()) if absdiff.size else 0.0,
-        "sampler_logp_diff_max": float(absdiff.max()) if absdiff.size else 0.0,
-    }
-    if not tis_cap:
-        return metrics, None
-    w_BT = np.where(mask_BT, np.minimum(np.exp(diff_BT), tis_cap), 1.0)
-    w_BL = np.ones(trainer_logp_BL.shape, np.float32)
-    rows_BT = np.broadcast_to(np.arange(B)[:, None], (B, T))
-    w_BL[rows_BT[mask_BT], cols_BT[mask_BT]] = w_BT[mask_BT]
-    metrics["tis_weight_mean"] = float(w_BT[mask_BT].mean()) if mask_BT.any() else 1.0
-    metrics["tis_clipped_frac"] = float((np.exp(diff_BT[mask_BT]) > tis_cap).mean()) if mask_BT.any() else 0.0
-    return metrics, w_BL
