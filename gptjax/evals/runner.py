@@ -106,7 +106,9 @@ class Runner:
         # LoRA roles: adapters (the EMA's too) on their frozen base
         params = full_params(state.params, ctx)
         ema = {} if state.ema_params is None else full_params(state.ema_params, ctx)
-        if not self.run.keyed:
+        if self.run.keyed:  # copies: the frozen roles join them below, never the train state's own dict
+            params, ema = dict(params), dict(ema)
+        else:
             params, ema = {names[0]: params}, ({names[0]: ema} if ema else {})
         params.update(ctx.frozen_models())
         return Inputs(
