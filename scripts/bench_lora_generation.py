@@ -7,8 +7,8 @@ Each variant generates ``--rows`` responses of ``--new_tokens`` tokens from the 
 T=1 with one key, so every variant draws the same tokens where its logits agree); 'merged' includes the
 merge (``lora.merge``: once a rollout). Reported: compile seconds, the median of ``--repeats`` timed calls,
 tokens per second, the ratio to 'merged' on the same base, the bytes of the weights generation reads, and
-whether the tokens equal the 'adapters' run's on the same base. Variants run interleaved, ``--rounds`` times, so a
-noisy host shows in the spread between rounds rather than in one variant's favour.
+whether the tokens equal the 'adapters' run's on the same base. Variants run interleaved, ``--rounds`` times,
+so a noisy host shows in the spread between rounds rather than in one variant's favour.
 """
 
 from __future__ import annotations
