@@ -114,6 +114,7 @@ def test_on_models_temperatures_match_the_gold_evaluator_and_stats_a_forward_pas
     shares = sum(v for k, v in m.items() if k.startswith("gold_diff_"))
     assert shares == pytest.approx(res["temperature"]["0"]["letters"]["vs_sft"])
     assert sum(k["n"] for k in res["kinds"]["letters"]["greedy"].values()) == 6
+    assert sum(q["n"] * q["changed"] for q in m["by_base_prob"]) == pytest.approx(m["differ"])
     assert res["sharpness"]["sft"]["own_greedy"] == res["sharpness"]["sft"]["sft_greedy"]  # the same answers
 
     # response_stats against a plain forward pass (log p, entropy, argmax along BOS prompt response EOS) for
@@ -141,3 +142,13 @@ def test_on_models_temperatures_match_the_gold_evaluator_and_stats_a_forward_pas
         hits = logp_LV[pos].argmax(-1) == target
         assert bool(stats["mode_P"][i]) == bool(hits.all())
         assert hits[:-1].all()  # a greedy answer's own tokens are the argmax path (EOS, when it ended, too)
+
+
+def test_by_quantile_groups_prompts_by_a_score_low_to_high():
+    x = np.array([0.9, 0.1, 0.5, 0.2])  # sorted: prompts 1, 3 | 2, 0
+    a, b = np.array([1.0, 0.0, 0.5, 0.5]), np.array([1.0, 1.0, 0.0, 0.0])
+    same = np.array([True, False, False, False])
+    low, high = gg.by_quantile(x, a, b, same, bins=2)
+    assert (low["lo"], low["hi"], low["n"], low["changed"]) == (0.1, 0.2, 2, 1.0)
+    assert (low["a"], low["diff"]) == (0.25, 0.25) and low["diff_se"] == pytest.approx(0.75)
+    assert (high["lo"], high["hi"], high["changed"], high["a"], high["diff"]) == (0.5, 0.9, 0.5, 0.75, -0.25)

@@ -7,7 +7,8 @@ measurements ``scripts/greedy_gap.py`` tabulates on the tiny task's held-out pro
   (0 = greedy), the same prompts and keys for every policy, differences paired by prompt;
 - ``mode_agreement``: where two policies' greedy answers differ, whether the reward model and the gold reward
   agree on which is better (the reward model's accuracy at the mode, against its accuracy elsewhere);
-- ``by_kind``: a paired difference per task kind (the prompt's first word: sort, uniq, add, ...);
+- ``by_kind``: a paired difference per task kind (the prompt's first word: sort, uniq, add, ...), and
+  ``by_quantile`` the same per quartile of e.g. the base model's probability of its greedy answer;
 - ``response_stats`` / ``sharpness``: per-token entropy of a policy along given answers and the probability
   it gives them (how sharp its mode is).
 
@@ -227,6 +228,33 @@ def by_kind(prompts: Sequence[str], a_P: np.ndarray, b_P: np.ndarray) -> dict[st
     return out
 
 
+def by_quantile(
+    x_P: np.ndarray, a_P: np.ndarray, b_P: np.ndarray, same_P: np.ndarray, bins: int = 4
+) -> list[dict[str, float]]:
+    """Prompts split into ``bins`` equal-count groups by ``x_P`` (e.g. the base model's probability of its
+    own greedy answer), low to high: each group's range of x, size, share of prompts whose answers differ,
+    mean of a and b - a paired by prompt (``diff``, ``diff_se``)."""
+    x_P, a_P, b_P = (np.asarray(v, np.float64) for v in (x_P, a_P, b_P))
+    same_P = np.asarray(same_P, bool)
+    out = []
+    for idx in np.array_split(np.argsort(x_P, kind="stable"), bins):
+        if not len(idx):
+            continue
+        d, d_se = paired(b_P[idx], a_P[idx])
+        out.append(
+            {
+                "lo": float(x_P[idx].min()),
+                "hi": float(x_P[idx].max()),
+                "n": len(idx),
+                "changed": float(np.mean(~same_P[idx])),
+                "a": float(a_P[idx].mean()),
+                "diff": d,
+                "diff_se": d_se,
+            }
+        )
+    return out
+
+
 def _token_terms_fn(cfg, params, tokens_NL, prompt_lengths_N, lengths_N):
     """(logp_N, entropy_N, tokens_N, all_top_N) of each row's response tokens (EOS included)."""
     terms = logprobs_lib.next_token_terms(cfg, params, tokens_NL, entropy=True)
@@ -347,10 +375,11 @@ def analyse(
         "kinds": {},
         "sharpness": {},
     }
-    half = samples // 2
+    half = sampled[base].samples // 2  # sample i against sample half + i of the same prompt
     if half:
+        first, second = slice(0, half), slice(half, 2 * half)
         out["rm_on_base_samples"] = rm_gold_accuracy(
-            gold1[base][:, :half], gold1[base][:, half : 2 * half], rm1[base][:, :half], rm1[base][:, half:]
+            gold1[base][:, first], gold1[base][:, second], rm1[base][:, first], rm1[base][:, second]
         )
     greedy_text = {n: [t[0] for t in a.texts] for n, a in greedy.items()}
     # (whose model, whose greedy answers) -> response_stats: each model on its own and the base's answers,
@@ -373,6 +402,10 @@ def analyse(
                 ),
                 "policy_margin": _mean(
                     along[name, name]["logp_P"][differ_P] - along[name, base]["logp_P"][differ_P]
+                ),
+                # how sure the base model was of its greedy answer, against how often and how it changed
+                "by_base_prob": by_quantile(
+                    np.exp(along[base, base]["logp_P"]), gold0[base], gold0[name], same_P
                 ),
                 "rm_on_samples": rm_gold_accuracy(gold1[base], gold1[name], rm1[base], rm1[name]),
                 "by_kind": {
@@ -470,6 +503,23 @@ def report_lines(res: Mapping[str, Any], rm_reference: Mapping[str, float] | Non
             for n, m in res["modes"].items()
         )
         + ".",
+        "",
+    ]
+    quartiles = {n: res["modes"][n]["by_base_prob"] for n in others}
+    rows = []
+    for i, q in enumerate(quartiles[others[0]] if others else []):
+        row = [f"{q['lo']:.2f} - {q['hi']:.2f}", report.fmt(q["a"])]
+        row += [
+            f"{qs[i]['changed']:.2f} / {_pm(qs[i]['diff'], qs[i]['diff_se'])}" for qs in quartiles.values()
+        ]
+        rows.append(row)
+    lines += [
+        f"Greedy answers by how likely {base} found its own (quartiles of p({base} greedy answer)): share of "
+        f"prompts whose greedy answer changed, {base}'s greedy gold, the change:",
+        "",
+        *report.table(
+            [f"p({base} greedy)", f"{base} greedy", *(f"{n}: changed / gold change" for n in others)], rows
+        ),
         "",
     ]
     kinds = sorted(next(iter(res["kinds"].values()))["greedy"]) if res["kinds"] else []
