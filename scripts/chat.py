@@ -12,6 +12,8 @@ min(128, max_len / 2) tokens free for the reply. A conversation that no longer l
 oldest turns, saying so on stderr. Type 'exit' or Ctrl-D to quit; Ctrl-C stops a reply. With --prompt it runs
 those turns of one conversation, prints each reply (one a line) and exits. --verbose: library logs and
 tracebacks.
+A PPO run's greedy or low-temperature answers: take its EMA weights (--role policy --ema); the policy's own
+sharpen its sampled answers but can lose at the mode (docs/results.md, "PPO's greedy answers").
 """
 
 from __future__ import annotations

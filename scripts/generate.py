@@ -12,6 +12,8 @@ EMA weights. A reward model (scalar head) is refused. A completion takes --max_n
 default up to 64, fewer where the longest prompt leaves less of the model's context (max_len).
 The vocabulary is, in order: --vocab / --vocab_path, the HF dir's tokenizer, the workdir's training config
 (data.vocab), else bytes (0..255 plus PAD/BOS/EOS). --verbose: library logs and tracebacks.
+A PPO run's greedy or low-temperature answers: take its EMA weights (--role policy --ema); the policy's own
+sharpen its sampled answers but can lose at the mode (docs/results.md, "PPO's greedy answers").
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from absl import app, flags, logging
 
 from gptjax import checkpoint, evals, train
 from gptjax.data import get_vocabulary, tiny
+from gptjax.evals import evaluate
 from gptjax.research import iterate, report, rlvr
 from gptjax.train import defaults, provenance
 
@@ -97,6 +98,12 @@ def compare(stage: str, workdir: str, vocab) -> dict:
     )
 
 
+def greedy_vs_sft(policy_per_prompt: list, sft_per_prompt: list) -> dict[str, float]:
+    """A policy's greedy gold reward minus SFT's, paired by prompt: mean, standard error, z."""
+    diff, se = evaluate.paired_difference({"per_prompt": policy_per_prompt}, {"per_prompt": sft_per_prompt})
+    return {"greedy_vs_sft": diff, "greedy_vs_sft_se": se, "greedy_vs_sft_z": diff / max(se, 1e-12)}
+
+
 def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
     """The stage's numbers for the report, from the evaluators: gold reward of greedy and sampled answers
     (LM stages), or the reward model's held-out accuracy, gold agreement and the demonstrations' mean reward
@@ -111,16 +118,21 @@ def evaluate_stage(stage: str, config, workdir: str, vocab) -> dict:
         out["final_train_loss"] = report.last_row(workdir).get("policy_loss")
         out["rollouts"] = report.last_row(workdir, "rollout")
     policy = checkpoint.load_model(workdir, role=iterate.POLICY_ROLE.get(stage))
-    out.update(iterate.greedy(policy, vocab, FLAGS.eval_prompts if not FLAGS.quick else 40))
+    n_greedy = FLAGS.eval_prompts if not FLAGS.quick else 40
+    greedy = iterate.greedy(policy, vocab, n_greedy)
+    greedy_per_prompt = greedy.pop("greedy_per_prompt")
+    out.update(greedy)
     if stage == "sft":  # sampled answers: compared with each later policy on the same prompts and keys
         return out
     sampled = compare(stage, workdir, vocab)
     out.update({k: v for k, v in sampled.pop(stage).items() if k != "per_prompt"})
     out["compared"] = {name: {k: v for k, v in r.items() if k != "per_prompt"} for name, r in sampled.items()}
-    if stage == "ppo":
-        ema = checkpoint.load_model(workdir, role="policy", ema=True)
-        greedy = iterate.greedy(ema, vocab, FLAGS.eval_prompts if not FLAGS.quick else 40)
-        out["compared"]["ppo_ema"]["greedy_gold_reward"] = greedy["greedy_gold_reward"]
+    if stage == "ppo":  # greedy answers paired by prompt with SFT's: a greedy mean alone hides its error
+        sft = iterate.greedy(checkpoint.load_model(os.path.join(FLAGS.workdir, "sft")), vocab, n_greedy)
+        out.update(greedy_vs_sft(greedy_per_prompt, sft["greedy_per_prompt"]))
+        ema = iterate.greedy(checkpoint.load_model(workdir, role="policy", ema=True), vocab, n_greedy)
+        out["compared"]["ppo_ema"]["greedy_gold_reward"] = ema["greedy_gold_reward"]
+        out["compared"]["ppo_ema"].update(greedy_vs_sft(ema["greedy_per_prompt"], sft["greedy_per_prompt"]))
     if stage == "dpo":
         out["eval_margin"] = report.last_row(workdir, "eval").get("margin")
     return out
@@ -286,6 +298,13 @@ def write_report(results: dict) -> None:
             lines.append(
                 f"- {name} - SFT gold reward: {r['gold_vs_sft']:+.3f} +- {r['gold_vs_sft_se']:.3f} "
                 f"(paired by prompt; {r['gold_vs_sft_z']:.1f} standard errors)"
+            )
+        if "greedy_vs_sft" in r:
+            diff, se, z = (r[f"greedy_vs_sft{k}"] for k in ("", "_se", "_z"))
+            lines.append(
+                f"- {name} - SFT greedy gold reward: {diff:+.3f} +- {se:.3f} (paired by prompt; {z:.1f} "
+                'standard errors; docs/results.md, "PPO\'s greedy answers": why they can fall while the '
+                "samples improve, and why the EMA's hold)"
             )
     lines += [
         f"- the SFT demonstrations themselves score {demo_reward():.3f}; the ideal answer 1.0.",

@@ -31,7 +31,8 @@ def gold_reward_eval(
     batch_size: int = 100,
     keep_samples: int = 8,
 ) -> dict[str, Any]:
-    """Mean gold reward, EOS rate and mean length of sampled responses; a few samples for the report."""
+    """Mean gold reward, EOS rate and mean length of sampled responses (one per prompt); ``per_prompt``: each
+    prompt's gold reward (for pairing); a few samples for the report."""
     rewards, ended, lengths, samples = [], [], [], []
     batches = sample_batches(cfg, params, vocab, prompts, 1, rng, max_new_tokens, temperature, batch_size)
     for chunk, texts, ended_B, len_B, *_ in batches:
@@ -47,6 +48,7 @@ def gold_reward_eval(
         "eos_rate": float(np.mean(ended)),
         "mean_length": float(np.mean(lengths)),
         "n": len(rewards),
+        "per_prompt": [float(r) for r in rewards],
         "samples": samples,
     }
 
