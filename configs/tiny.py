@@ -209,7 +209,32 @@ def get_sweeps():
             sweep.Point("best-of-16 sampling", best_of_n=16, seed=s),
         ]
     ]
+    # LoRA (rank 16 on every projection, 10x the policy's learning rate) against full fine-tuning, on the
+    # base as loaded and quantised; the critic trains in full throughout
+    lora = {
+        "roles.policy.model.lora_rank": 16,
+        "roles.policy.model.lora_alpha": 32.0,
+        "roles.policy.model.lora_targets": ("wq", "wk", "wv", "wo", "w_in", "w_out"),
+        "roles.policy.optim.lr": 3e-4,
+    }
+    lora_points = [
+        p
+        for s in range(2)
+        for p in [
+            sweep.Point("full fine-tuning", seed=s),
+            sweep.Point("LoRA r16", overrides=tuple(lora.items()), seed=s),
+            *(
+                sweep.Point(
+                    f"LoRA r16, {q} base",
+                    overrides=(*lora.items(), ("roles.policy.model.lora_base_quant", q)),
+                    seed=s,
+                )
+                for q in ("int8", "nf4")
+            ),
+        ]
+    ]
     return {
+        "lora": sweep.Sweep(tuple(lora_points), title="PPO: LoRA and a quantised base vs full fine-tuning"),
         "kl_coef": dataclasses.replace(
             sweep.grid("rollout.kl_coef", [0.0, 0.01, 0.02, 0.1, 1.0], seeds=3), xlog_above=0.01
         ),
