@@ -214,26 +214,22 @@ def test_ppo_13b_lora_preset_plans_its_int8_base_once_on_one_device():
     """configs/ppo_13b_lora.py, cut to 2 of its 40 layers (the whole plan: README / the config's docstring):
     on one device the LoRA policy's state is its adapters, the frozen roles hold the int8 base once (the
     reference is that base) and the reward model, and every program of the iteration fits."""
+    c = defaults.load_config("configs/ppo_13b_lora.py")
+    c.unlock()
+    c.roles.policy.model.n_layers = 2
+    c.rollout.update(batch_size=32, generate_rows=8)
+    c.train.update(batch_size=8, micro_batches=4)
     one = jax.devices()[:1]
-    plans = {}
-    for quant in ("int8", ""):
-        c = defaults.load_config("configs/ppo_13b_lora.py")
-        c.unlock()
-        c.roles.policy.model.update(n_layers=2, lora_base_quant=quant)
-        c.rollout.update(batch_size=32, generate_rows=8)
-        c.train.update(batch_size=8, micro_batches=4)
-        plans[quant] = (plan_lib.plan(c, 80, devices=one), plan_lib.plan_rollout(c, 80, devices=one))
-    (update, rollout), (dense_update, _) = plans["int8"], plans[""]
+    update, rollout = plan_lib.plan(c, 80, devices=one), plan_lib.plan_rollout(c, 80, devices=one)
     d, layers, rank, vocab = 5120, 2, 64, 50272
     adapters = layers * rank * (4 * (d + d) + (d + 4 * d) + (4 * d + d))  # wq wk wv wo, w_in, w_out: A + B
     critic = model.num_params(roles.model_config(c.roles.value.model))
     assert update.params == adapters + critic
     assert update.devices == 1 and update.fits and all(p.fits for p in rollout.values())
-    # the base's block weights: 1 byte each in int8 vs 4 in fp32 (+ a scale per output channel); the
-    # embedding, positions and norms stay fp32; the reference adds nothing, the reward model its own size
+    # the base's block weights at 1 byte each (int8, + an fp32 scale per output channel), the embedding and
+    # learned positions in fp32, the reward model in fp32; the reference adds nothing (an fp32 base: +3 bytes
+    # a block weight; a second copy: the whole base again)
     block_weights = layers * 12 * d * d
-    saved = dense_update.frozen_bytes_per_device - update.frozen_bytes_per_device
-    assert 0.99 * 3 * block_weights < saved < 3 * block_weights
     embed = (vocab + 2050) * d * 4  # OPT: token and learned positions (2048 + 2), fp32
-    reward = 4 * critic
-    assert update.frozen_bytes_per_device < 1.05 * (block_weights + embed + reward)
+    held = block_weights + embed + 4 * critic
+    assert held < update.frozen_bytes_per_device < held + 0.01 * block_weights
