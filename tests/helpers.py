@@ -5,6 +5,7 @@ Test files import from here, never from each other."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +145,23 @@ def rank_batch(valid_counts, K=4, L=16, seed=0, vocab=250):
         "lengths_BK": lengths,
         "valid_BK": valid,
     }
+
+
+def killed_after(workdir, dst, step):
+    """A copy of ``workdir`` as a run killed right after step ``step``'s checkpoint leaves it: the later
+    checkpoints removed. Returns the copy's path."""
+    shutil.copytree(workdir, dst)
+    ckpts = os.path.join(dst, "checkpoints")
+    for name in os.listdir(ckpts):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(os.path.join(ckpts, name))
+    return str(dst)
+
+
+def assert_same_models(a, b, roles_ema, what):
+    """Every (role, ema) of ``roles_ema`` loads bitwise the same params from workdirs ``a`` and ``b``."""
+    for role, ema in roles_ema:
+        _, pa = checkpoint.load_model(a, role=role, ema=ema)
+        _, pb = checkpoint.load_model(b, role=role, ema=ema)
+        for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=f"{role} (EMA {ema}), {what}")

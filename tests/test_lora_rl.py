@@ -6,14 +6,13 @@ and GRPO train LoRA policies, and the export merges the adapters into an HF dire
 import importlib.util
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import random_params, rl_model_cfg, tiny_config
+from helpers import assert_same_models, killed_after, random_params, rl_model_cfg, tiny_config
 
 from gptjax import checkpoint, model, train
 from gptjax.interop import hf, lora
@@ -91,17 +90,9 @@ def test_lora_ppo_trains_adapters_resumes_bitwise_and_exports_merged(rl_base, tm
     assert abs(rollouts[0]["kl"]) < 1e-6  # the first rollout's policy is its base: KL to the reference 0
     assert rollouts[1]["kl"] != 0.0
     # killed after step 2, at the end of the first rollout (inside a rollout: tests/test_ppo.py): same end
-    for cut in (2,):
-        split = str(tmp_path / f"split{cut}")
-        shutil.copytree(whole, split)
-        for later in range(cut + 1, 5):
-            shutil.rmtree(os.path.join(split, "checkpoints", str(later)))
-        train.run(lora_ppo_config(sft, rm, 4), split)
-        for role, ema in (("policy", False), ("value", False), ("policy", True)):
-            _, a = checkpoint.load_model(whole, role=role, ema=ema)
-            _, b = checkpoint.load_model(split, role=role, ema=ema)
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-                np.testing.assert_array_equal(x, y, err_msg=f"{role} (EMA {ema}), resumed from step {cut}")
+    split = killed_after(whole, tmp_path / "split2", 2)
+    train.run(lora_ppo_config(sft, rm, 4), split)
+    assert_same_models(whole, split, (("policy", False), ("value", False), ("policy", True)), "resumed at 2")
     # load_model: the adapters on the SFT base; the base itself untouched; the EMA trails the policy
     _, start = checkpoint.load_model(sft)
     cfg, pol = checkpoint.load_model(whole, role="policy")

@@ -4,14 +4,13 @@ the experience's reward placement, and a tiny PPO-ptx run that checkpoints insid
 import json
 import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import rl_model_cfg
+from helpers import assert_same_models, killed_after, rl_model_cfg
 from ml_collections import FrozenConfigDict
 
 from gptjax import checkpoint, losses, model, rl, train
@@ -404,20 +403,10 @@ def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(rl_base, tmp_p
     last = train.run(tiny_ppo_config(sft, rm, 4), whole)  # 2 rollouts x 2 minibatches, a checkpoint a step
     # A run killed inside the second rollout (after step 3's checkpoint): its workdir without the later
     # checkpoints resumes to the same end (killed at the end of a rollout: tests/test_lora_rl.py)
-    splits = {}
-    for cut in (3,):
-        split = splits[cut] = str(tmp_path / f"split{cut}")
-        shutil.copytree(whole, split)
-        for later in range(cut + 1, 5):
-            shutil.rmtree(os.path.join(split, "checkpoints", str(later)))
-        assert checkpoint.load_meta(split)[0] == cut
-        train.run(tiny_ppo_config(sft, rm, 4), split)
-
-        for role, ema in (("policy", False), ("value", False), ("policy", True)):
-            _, a = checkpoint.load_model(whole, role=role, ema=ema)
-            _, b = checkpoint.load_model(split, role=role, ema=ema)
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-                np.testing.assert_array_equal(x, y, err_msg=f"{role}, resumed from step {cut}")
+    split = killed_after(whole, tmp_path / "split3", 3)
+    assert checkpoint.load_meta(split)[0] == 3
+    train.run(tiny_ppo_config(sft, rm, 4), split)
+    assert_same_models(whole, split, (("policy", False), ("value", False), ("policy", True)), "resumed at 3")
     # the policy moved, and the EMA trails it
     _, start = checkpoint.load_model(sft)
     _, pol = checkpoint.load_model(whole, role="policy")
@@ -426,12 +415,11 @@ def test_ppo_run_checkpoints_inside_a_rollout_and_resumes_exactly(rl_base, tmp_p
     d_ema = optax.tree.norm(jax.tree.map(jnp.subtract, ema, start))
     assert 0 < float(d_ema) < float(d_pol)
 
-    for split in splits.values():
-        rows = [json.loads(line) for line in open(os.path.join(split, "metrics.jsonl"))]
-        train_steps = [r["step"] for r in rows if r["split"] == "train"]
-        assert train_steps == [1, 2, 3, 4]
-        rollouts = [r for r in rows if r["split"] == "rollout"]
-        assert [r["iteration"] for r in rollouts] == [1.0, 2.0]
+    rows = [json.loads(line) for line in open(os.path.join(split, "metrics.jsonl"))]
+    train_steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4]
+    rollouts = [r for r in rows if r["split"] == "rollout"]
+    assert [r["iteration"] for r in rollouts] == [1.0, 2.0]
     for key in (
         "reward",
         "kl",

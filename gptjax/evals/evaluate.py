@@ -130,7 +130,7 @@ def policy_result(
         per_prompt = g.reshape(len(prompts), samples_per_prompt).mean(axis=1)
         res.update(
             gold_reward_mean=float(g.mean()),
-            gold_reward_se=_se(per_prompt),
+            gold_reward_se=standard_error(per_prompt),
             per_prompt=per_prompt.tolist(),
             examples=[
                 {"prompt": p, "response": x, "gold_reward": float(r)}
@@ -142,7 +142,7 @@ def policy_result(
     res.update(eos_rate=float(np.mean(ended)), mean_length=float(np.mean(lengths)), n_samples=len(texts))
     if kls:
         res["kl_to_ref"] = float(np.mean(kls))
-        res["kl_to_ref_se"] = _se(np.reshape(kls, (len(prompts), samples_per_prompt)).mean(axis=1))
+        res["kl_to_ref_se"] = standard_error(np.reshape(kls, (len(prompts), samples_per_prompt)).mean(axis=1))
     if reward_fn is not None:
         res["rm_reward_mean"] = float(
             np.mean(np.concatenate(reward_fn([(p, [x]) for p, x in zip(rep, texts, strict=True)])))
@@ -150,7 +150,7 @@ def policy_result(
     return res
 
 
-def _se(per_prompt: np.ndarray) -> float:
+def standard_error(per_prompt: np.ndarray) -> float:
     """Standard error of the mean over prompts (0 for one prompt)."""
     n = len(per_prompt)
     return float(np.std(per_prompt, ddof=1) / np.sqrt(n)) if n > 1 else 0.0

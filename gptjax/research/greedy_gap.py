@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.evals.evaluate import standard_error
 from gptjax.losses import logprobs as logprobs_lib
 from gptjax.model.sample_text import sample_batches
 from gptjax.research import report
@@ -92,16 +93,10 @@ def gold_scores(prompts: Sequence[str], answers: Answers, gold: GoldFn) -> np.nd
     ).reshape(len(prompts), answers.samples)
 
 
-def se(x_P: np.ndarray) -> float:
-    """Standard error of the mean over prompts (0 for fewer than 2)."""
-    x_P = np.asarray(x_P, np.float64)
-    return float(np.std(x_P, ddof=1) / np.sqrt(len(x_P))) if len(x_P) > 1 else 0.0
-
-
 def paired(a_P: np.ndarray, b_P: np.ndarray) -> tuple[float, float]:
     """(mean of a - b, its standard error), paired by prompt."""
     d_P = np.asarray(a_P, np.float64) - np.asarray(b_P, np.float64)
-    return float(d_P.mean()), se(d_P)
+    return float(d_P.mean()), standard_error(d_P)
 
 
 def sweep(
@@ -150,7 +145,7 @@ def sweep_table(
             a = per_policy[name]
             row[name] = {
                 "gold": float(g_P.mean()),
-                "gold_se": se(g_P),
+                "gold_se": standard_error(g_P),
                 "distinct": float(np.mean([len(set(ts)) for ts in a.texts])),
             }
             if base in per_prompt and name != base:
